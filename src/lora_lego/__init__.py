@@ -1,0 +1,23 @@
+"""lora-lego: merge LoRA adapters by clustering their rank-one units (LoRA-LEGO, ICLR 2025), and more."""
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    AdapterFormatError,
+    ClusteringWarning,
+    IncompatibleAdaptersError,
+    LoraLegoError,
+    LoraLegoWarning,
+    MethodError,
+    OutputError,
+)
+from .merge import merge, prune  # noqa: E402
+from .peft_io import load_adapter, save_adapter  # noqa: E402
+from .registry import available_methods, get_method, register  # noqa: E402
+from .types import Adapter, LoraFactors  # noqa: E402
+
+__all__ = [
+    "Adapter", "LoraFactors", "load_adapter", "save_adapter", "merge", "prune", "register", "get_method",
+    "available_methods", "LoraLegoError", "AdapterFormatError", "IncompatibleAdaptersError", "MethodError",
+    "OutputError", "LoraLegoWarning", "ClusteringWarning", "__version__",
+]

@@ -1,0 +1,158 @@
+"""The `lora-lego` command: a thin layer over the public API (merge, prune, methods, inspect)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .errors import LoraLegoError, MethodError
+from .inspect import describe_adapters, describe_report
+from .merge import merge
+from .peft_io import load_adapter, save_adapter
+from .registry import available_methods, get_method
+from .writing import check_output_path, dtype_from_name, write_json_atomic
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, like every other error
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lora-lego", description="Merge and prune LoRA adapters (PEFT folders).")
+    parser.add_argument("--version", action="version", version=f"lora-lego {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    merge_cmd = commands.add_parser("merge", help="merge several adapters into one")
+    merge_cmd.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT LoRA folders")
+    merge_cmd.add_argument("--method", default="lego", help="merge method (see `lora-lego methods`; default lego)")
+    merge_cmd.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per adapter")
+    _add_common(merge_cmd, rank_required=False)
+
+    prune_cmd = commands.add_parser("prune", help="reduce one adapter to a lower rank (lego on one adapter)")
+    prune_cmd.add_argument("adapters", nargs=1, metavar="ADAPTER", help="a PEFT LoRA folder")
+    prune_cmd.add_argument("--method", default="lego", help="method used to prune (default lego)")
+    _add_common(prune_cmd, rank_required=True)
+
+    commands.add_parser("methods", help="list the merge methods and their parameters")
+    inspect_cmd = commands.add_parser("inspect", help="describe adapters, or summarise a merge report (.json)")
+    inspect_cmd.add_argument("paths", nargs="+", metavar="ADAPTER_OR_REPORT")
+    return parser
+
+
+def _add_common(command: argparse.ArgumentParser, *, rank_required: bool) -> None:
+    command.add_argument("-o", "--output", required=True, help="output folder (must not exist unless --overwrite)")
+    command.add_argument("--rank", type=int, required=rank_required, help="output rank k (the method's rank parameter)")
+    command.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    command.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                         help="method parameter, repeatable (e.g. -p n_init=20)")
+    command.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="output dtype (default: the inputs')")
+    command.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    command.add_argument("--report", metavar="FILE.json", help="write the per-module merge report here")
+    command.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 2 bad input, 1 internal error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s: %(message)s")
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            args = build_parser().parse_args(argv)
+            return _COMMANDS[args.command](args)
+        except (LoraLegoError, _UsageError) as error:
+            if debug:
+                traceback.print_exc()
+            print(f"error: {_one_line(error)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            return 130
+        except Exception as error:  # a bug: still one line unless --debug
+            if debug:
+                traceback.print_exc()
+            print(f"error: internal error ({type(error).__name__}: {_one_line(error)}); "
+                  "run with --debug for the traceback", file=sys.stderr)
+            return 1
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    params = _parse_params(args.param)
+    if args.rank is not None:
+        params["rank"] = args.rank
+    if args.dtype:
+        dtype_from_name(args.dtype)
+    get_method(args.method).resolve(params)  # fail fast on a bad method or parameter, before loading
+    check_output_path(args.output, args.adapters, overwrite=args.overwrite)
+    started = time.perf_counter()
+    adapters = [load_adapter(path) for path in args.adapters]
+    weights = getattr(args, "weights", None)
+    merged = merge(adapters, args.method, weights=weights, seed=args.seed, progress=not args.quiet, **params)
+    save_adapter(merged, args.output, dtype=args.dtype, overwrite=args.overwrite)
+    if args.report:
+        write_json_atomic(args.report, {"provenance": merged.metadata["provenance"],
+                                        "modules": merged.metadata["report"]})
+    report = merged.metadata["report"].values()
+    ranks = sorted({entry["rank"] for entry in report})
+    error = sum(entry["relative_error"] for entry in report) / max(len(report), 1)
+    print(f"{args.command}: {len(adapters)} adapter(s) -> {args.output} with {args.method}: {len(merged)} modules, "
+          f"rank {'/'.join(map(str, ranks))}, {merged.num_parameters():,} parameters, mean relative error "
+          f"{error:.3g}, {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def _run_methods(args: argparse.Namespace) -> int:
+    for name in available_methods():
+        spec = get_method(name)
+        params = ", ".join(f"{p.name}={p.default!r}" for p in spec.parameters.values()) or "-"
+        aliases = ", ".join(f"--{alias} = {target}" for alias, target in spec.aliases.items())
+        print(f"{name}\n  {spec.summary}\n  parameters: {params}" + (f" ({aliases})" if aliases else ""))
+        if spec.paper:
+            print(f"  paper: {spec.paper}")
+    return 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    reports = [Path(p) for p in args.paths if Path(p).is_file()]
+    folders = [p for p in args.paths if not Path(p).is_file()]
+    for report in reports:
+        print(describe_report(report))
+    if folders:
+        print(describe_adapters([load_adapter(path) for path in folders]))
+    return 0
+
+
+def _parse_params(items: Sequence[str]) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise MethodError(f"method parameter {item!r} must look like key=value")
+        params[key.strip()] = value.strip()
+    return params
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {_one_line(message) if isinstance(message, Warning) else message}", file=sys.stderr)
+
+
+_COMMANDS = {"merge": _run_merge, "prune": _run_merge, "methods": _run_methods, "inspect": _run_inspect}

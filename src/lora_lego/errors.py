@@ -1,0 +1,29 @@
+"""Typed errors and warnings of lora-lego: every failure a user can cause is a `LoraLegoError`."""
+
+
+class LoraLegoError(Exception):
+    """Base of every error lora-lego raises on bad input."""
+
+
+class AdapterFormatError(LoraLegoError, ValueError):
+    """An adapter folder or file is missing, unreadable, or not a supported LoRA."""
+
+
+class IncompatibleAdaptersError(LoraLegoError, ValueError):
+    """Adapters cannot be merged together (e.g. the same module with different shapes)."""
+
+
+class MethodError(LoraLegoError, ValueError):
+    """Unknown merge method, or a parameter it does not accept or cannot use."""
+
+
+class OutputError(LoraLegoError, ValueError):
+    """The output location is refused (exists, lies inside an input, or cannot be written)."""
+
+
+class LoraLegoWarning(UserWarning):
+    """Base of lora-lego's warnings."""
+
+
+class ClusteringWarning(LoraLegoWarning):
+    """K-means produced empty or collapsed clusters."""

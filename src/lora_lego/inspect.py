@@ -1,0 +1,94 @@
+"""Human-readable descriptions: adapters (modules, ranks, scaling, size; shared modules and the cosine
+similarity of their deltas per module type) and merge reports."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Sequence
+
+from .errors import AdapterFormatError
+from .lowrank import frobenius_norm, inner
+from .types import Adapter
+
+
+def module_type(module: str) -> str:
+    """The last component of a module path, e.g. "q_proj"."""
+    return module.rsplit(".", 1)[-1]
+
+
+def describe_adapter(adapter: Adapter) -> str:
+    meta = adapter.metadata
+    config = meta.get("peft_config", {})
+    types = Counter(module_type(m) for m in adapter)
+    ranks = Counter(f.rank for f in adapter.modules.values())
+    scalings = sorted({round(s, 6) for s in meta.get("scaling", {}).values()})
+    lines = [
+        f"adapter {adapter.name}",
+        f"  base model: {meta.get('base_model_name_or_path')}   task: {meta.get('task_type')}   dtype: {meta.get('dtype')}",
+        f"  config: r={config.get('r')} lora_alpha={config.get('lora_alpha')} use_rslora={bool(config.get('use_rslora'))}"
+        f" rank_pattern={len(config.get('rank_pattern') or {})} alpha_pattern={len(config.get('alpha_pattern') or {})}"
+        f" fan_in_fan_out={bool(config.get('fan_in_fan_out'))}",
+        f"  modules: {len(adapter)} ({', '.join(f'{t}: {n}' for t, n in sorted(types.items()))})",
+        f"  ranks: {', '.join(f'{r} ({n} modules)' for r, n in sorted(ranks.items()))}",
+        f"  scaling: {', '.join(f'{s:g}' for s in scalings) or '-'}   parameters: {adapter.num_parameters():,}",
+    ]
+    return "\n".join(lines)
+
+
+def type_cosines(left: Adapter, right: Adapter) -> dict[str, float]:
+    """Per module type: cosine of the two adapters' deltas over all their shared modules of that type."""
+    dots: dict[str, float] = defaultdict(float)
+    norms: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for module in left:
+        if module in right and left[module].shape == right[module].shape:
+            kind = module_type(module)
+            dots[kind] += inner(left[module], right[module])
+            norms[kind][0] += frobenius_norm(left[module]) ** 2
+            norms[kind][1] += frobenius_norm(right[module]) ** 2
+    return {kind: dots[kind] / math.sqrt(a * b) if a * b > 0 else 0.0 for kind, (a, b) in norms.items()}
+
+
+def describe_adapters(adapters: Sequence[Adapter]) -> str:
+    parts = [describe_adapter(a) for a in adapters]
+    if len(adapters) > 1:
+        shared = set.intersection(*(set(a) for a in adapters))
+        union = set().union(*(set(a) for a in adapters))
+        parts.append(f"shared modules: {len(shared)} of {len(union)} in the union")
+        for i, left in enumerate(adapters):
+            for right in adapters[i + 1:]:
+                cosines = type_cosines(left, right)
+                shown = ", ".join(f"{t} {c:+.3f}" for t, c in sorted(cosines.items())) or "no shared modules"
+                parts.append(f"cosine of deltas, {left.name} vs {right.name}: {shown}")
+    return "\n".join(parts)
+
+
+def describe_report(path: str | Path) -> str:
+    """Summary of a report written by `merge --report`: ranks, errors, cluster sizes, sources per rank."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        modules = data["modules"]
+        provenance = data.get("provenance", {})
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise AdapterFormatError(f"report {str(path)!r}: not a lora-lego merge report ({error})") from None
+    errors = [entry["relative_error"] for entry in modules.values()]
+    ranks = Counter(entry["rank"] for entry in modules.values())
+    lines = [
+        f"report {path}: method {provenance.get('method')} params {provenance.get('params')} seed {provenance.get('seed')}",
+        f"  sources: {', '.join(provenance.get('sources', []))}",
+        f"  modules: {len(modules)}; ranks: {', '.join(f'{r} ({n})' for r, n in sorted(ranks.items()))}",
+        f"  relative error: mean {sum(errors) / max(len(errors), 1):.4f}, max {max(errors, default=0.0):.4f}",
+    ]
+    sizes = [s for entry in modules.values() for s in entry.get("cluster_sizes", [])]
+    if sizes:
+        lines.append(f"  cluster sizes: mean {sum(sizes) / len(sizes):.2f}, max {max(sizes)}, singletons "
+                     f"{sum(1 for s in sizes if s == 1)} of {len(sizes)}")
+    mixed = [per for entry in modules.values() for per in entry.get("sources_per_rank", [])]
+    if mixed:
+        shared = sum(1 for per in mixed if len(per) > 1)
+        lines.append(f"  merged ranks drawing on more than one adapter: {shared} of {len(mixed)}")
+    worst = sorted(modules.items(), key=lambda item: -item[1]["relative_error"])[:3]
+    lines += [f"  worst: {m} error {e['relative_error']:.4f} rank {e['rank']}" for m, e in worst]
+    return "\n".join(lines)

@@ -1,0 +1,95 @@
+"""Exact low-rank algebra on LoRA factors: concatenation, units, inner products and the truncated SVD
+of a sum of low-rank products, all without forming a dense (d_out, d_in) matrix."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .types import LoraFactors
+
+
+def scale_factors(factors: LoraFactors, weight: float) -> LoraFactors:
+    """Factors whose delta is `weight * B @ A`: sqrt(|weight|) on both sides, the sign on A."""
+    root = abs(weight) ** 0.5
+    sign = -1.0 if weight < 0 else 1.0
+    return LoraFactors(factors.A * (sign * root), factors.B * root, factors.kind)
+
+
+def concat_factors(factors: Sequence[LoraFactors], weights: Sequence[float] | None = None) -> LoraFactors:
+    """Stack ranks: A of shape (sum r_t, d_in), B of shape (d_out, sum r_t), delta = sum_t w_t B_t A_t exactly."""
+    if weights is not None:
+        factors = [scale_factors(f, w) for f, w in zip(factors, weights, strict=True)]
+    return LoraFactors(
+        torch.cat([f.A for f in factors], dim=0), torch.cat([f.B for f in factors], dim=1), factors[0].kind
+    )
+
+
+def to_units(factors: LoraFactors) -> torch.Tensor:
+    """Rank-one units [a_i ; b_i], one per rank, of shape (r, d_in + d_out)."""
+    return torch.cat([factors.A, factors.B.T], dim=1)
+
+
+def from_units(units: torch.Tensor, d_in: int, kind: str = "linear") -> LoraFactors:
+    """Inverse of `to_units`: units of shape (k, d_in + d_out) -> A (k, d_in), B (d_out, k)."""
+    return LoraFactors(units[:, :d_in].contiguous(), units[:, d_in:].T.contiguous(), kind)
+
+
+def factor_grams(factors: LoraFactors) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 Gram matrices (A A^T, B^T B), each of shape (r, r)."""
+    A, B = factors.A.double(), factors.B.double()
+    return A @ A.T, B.T @ B
+
+
+def inner(left: LoraFactors, right: LoraFactors) -> float:
+    """Frobenius inner product <B1 A1, B2 A2> = sum((A1 A2^T) * (B1^T B2)), in float64."""
+    cross_a = left.A.double() @ right.A.double().T
+    cross_b = left.B.double().T @ right.B.double()
+    return float((cross_a * cross_b).sum())
+
+
+def frobenius_norm(factors: LoraFactors) -> float:
+    """||B @ A||_F from the (r, r) Gram matrices."""
+    gram_a, gram_b = factor_grams(factors)
+    return float((gram_a * gram_b).sum().clamp_min(0.0)) ** 0.5
+
+
+def relative_error(approx: LoraFactors, target: LoraFactors) -> float:
+    """||delta_approx - delta_target||_F / ||delta_target||_F, in low-rank form (0 if both are zero)."""
+    difference = concat_factors([approx, target], [1.0, -1.0])
+    target_norm = frobenius_norm(target)
+    error = frobenius_norm(difference)
+    if target_norm == 0.0:
+        return 0.0 if error == 0.0 else float("inf")
+    return error / target_norm
+
+
+def cosine_similarity(left: LoraFactors, right: LoraFactors) -> float:
+    """Cosine of the angle between the two deltas (Frobenius), 0 if either is zero."""
+    denominator = frobenius_norm(left) * frobenius_norm(right)
+    return inner(left, right) / denominator if denominator > 0 else 0.0
+
+
+def truncated_svd(factors: LoraFactors, k: int) -> tuple[LoraFactors, torch.Tensor]:
+    """Best rank-k approximation of delta = B @ A without the dense matrix.
+
+    With B = Qb Rb and A^T = Qa Ra (reduced QR), delta = Qb (Rb Ra^T) Qa^T, so the SVD of the small
+    core Rb Ra^T (at most r x r) gives delta's singular values and vectors. Returns balanced factors
+    (sqrt of each singular value on each side) of rank min(k, r), A (k, d_in), B (d_out, k), and all
+    singular values (descending). Signs are fixed so that the largest-magnitude entry of each left
+    singular vector is positive, which makes the result unique when singular values are distinct.
+    """
+    dtype = factors.A.dtype
+    q_b, r_b = torch.linalg.qr(factors.B.double())
+    q_a, r_a = torch.linalg.qr(factors.A.double().T)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    k = min(k, s.shape[0])
+    left, right = q_b @ u[:, :k], vh[:k] @ q_a.T
+    pivot = left.abs().argmax(dim=0)
+    signs = torch.sign(left[pivot, torch.arange(k)])
+    signs[signs == 0] = 1.0
+    root = s[:k].sqrt()
+    B = (left * (signs * root)).to(dtype)
+    A = ((signs * root)[:, None] * right).to(dtype)
+    return LoraFactors(A, B, factors.kind), s.to(dtype)

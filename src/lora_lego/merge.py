@@ -1,0 +1,169 @@
+"""Orchestration: align modules across adapters, validate once, give each module its own generator,
+run the method module by module and assemble the merged adapter with its provenance and report."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import warnings
+from collections import Counter
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .errors import IncompatibleAdaptersError, LoraLegoError, LoraLegoWarning, MethodError
+from .lowrank import concat_factors, relative_error
+from .registry import get_method
+from .types import Adapter, LoraFactors
+
+log = logging.getLogger(__name__)
+
+
+def module_generator(seed: int, module: str) -> torch.Generator:
+    """A generator seeded from (seed, module name) by a stable hash, so modules are independent of order."""
+    digest = hashlib.blake2b(f"{seed}\x00{module}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    """Per-adapter weights as floats (default all 1): n finite values, not all zero."""
+    if weights is None:
+        return [1.0] * n
+    weights = list(weights)
+    if len(weights) != n:
+        raise MethodError(f"got {len(weights)} weights for {n} adapters; give one weight per adapter")
+    try:
+        values = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise MethodError(f"weights must be numbers; got {weights!r}") from None
+    if not all(math.isfinite(w) for w in values):
+        raise MethodError(f"weights must be finite numbers; got {values}")
+    if all(w == 0 for w in values):
+        raise MethodError("all weights are zero: the merge would be empty")
+    return values
+
+
+def align_modules(adapters: Sequence[Adapter]) -> dict[str, list[int]]:
+    """Union of modules (in order of first appearance) -> indices of the adapters that have each.
+
+    Raises IncompatibleAdaptersError when a module differs in shape or kind between adapters.
+    """
+    owners: dict[str, list[int]] = {}
+    for index, adapter in enumerate(adapters):
+        for module, factors in adapter.items():
+            holders = owners.setdefault(module, [])
+            if holders:
+                first = adapters[holders[0]][module]
+                if (first.shape, first.kind) != (factors.shape, factors.kind):
+                    raise IncompatibleAdaptersError(
+                        f"module {module!r}: adapter {adapter.name!r} has a {factors.kind} delta of shape "
+                        f"{factors.shape} but adapter {adapters[holders[0]].name!r} has a {first.kind} delta "
+                        f"of shape {first.shape} (adapters of different base models?)"
+                    )
+            holders.append(index)
+    if len(adapters) > 1:
+        for index, adapter in enumerate(adapters):
+            if adapter.modules and all(owners[m] == [index] for m in adapter):
+                warnings.warn(
+                    f"adapter {adapter.name!r} has no module in common with the other adapters; "
+                    "it is merged as a union (its modules are taken from it alone)",
+                    LoraLegoWarning,
+                    stacklevel=3,
+                )
+    return owners
+
+
+def merge(
+    adapters: Sequence[Adapter],
+    method: str = "lego",
+    *,
+    weights: Sequence[float] | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    **params: Any,
+) -> Adapter:
+    """Merge adapters module by module with a registered method.
+
+    A module that an adapter lacks contributes nothing from that adapter (union of modules).
+    `weights` are per adapter (default 1 each; negative values negate a task). The result's
+    metadata holds the provenance and a per-module report (rank, relative error against the exact
+    weighted sum, and what the method records, e.g. cluster sizes).
+    """
+    adapters = list(adapters)
+    if not adapters:
+        raise MethodError("merge needs at least one adapter")
+    spec = get_method(method)
+    resolved = spec.resolve(params)
+    weights = check_weights(weights, len(adapters))
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise MethodError(f"seed must be a non-negative integer; got {seed!r}")
+    owners = align_modules(adapters)
+    merged: dict[str, LoraFactors] = {}
+    report: dict[str, dict[str, Any]] = {}
+    for module, holders in tqdm(owners.items(), desc=f"merge ({method})", unit="module", disable=not progress):
+        factors = [adapters[i][module] for i in holders]
+        module_weights = [weights[i] for i in holders]
+        try:
+            result, info = spec(factors, module_weights, generator=module_generator(seed, module), **resolved)
+        except LoraLegoError as error:
+            raise type(error)(f"module {module!r}: {error}") from error
+        target = concat_factors(factors, module_weights)
+        merged[module] = result
+        report[module] = _module_report(result, factors, target, info, [adapters[i].name for i in holders])
+    return Adapter(merged, _merged_metadata(adapters, method, resolved, weights, seed, report), name="merged")
+
+
+def prune(adapter: Adapter, *, rank: int, method: str = "lego", seed: int = 0, **params: Any) -> Adapter:
+    """Reduce one adapter to rank `rank` per module (modules with fewer ranks keep theirs)."""
+    return merge([adapter], method, seed=seed, rank=rank, **params)
+
+
+def _module_report(result: LoraFactors, factors: list[LoraFactors], target: LoraFactors, info: dict,
+                   names: list[str]) -> dict[str, Any]:
+    """Rank, relative error vs the exact weighted sum, and the method's info (labels -> per-source counts)."""
+    entry: dict[str, Any] = {"rank": result.rank, "relative_error": relative_error(result, target)}
+    labels = info.pop("labels", None)
+    if labels is not None:
+        unit_sources = [name for name, f in zip(names, factors) for _ in range(f.rank)]
+        entry["sources_per_rank"] = _sources_per_rank(labels, unit_sources)
+    entry.update(info)
+    return entry
+
+
+def _sources_per_rank(labels: Sequence[int], unit_sources: Sequence[str]) -> list[dict[str, int]]:
+    """For each merged rank, how many units of each source adapter it gathers."""
+    counts: dict[int, Counter] = {}
+    for label, source in zip(labels, unit_sources, strict=True):
+        counts.setdefault(int(label), Counter())[source] += 1
+    return [dict(counts[label]) for label in sorted(counts)]
+
+
+def _merged_metadata(adapters, method, params, weights, seed, report) -> dict[str, Any]:
+    first = adapters[0].metadata
+    if len({bool(a.metadata.get("fan_in_fan_out", False)) for a in adapters}) > 1:
+        raise IncompatibleAdaptersError(
+            "adapters disagree on fan_in_fan_out (" + ", ".join(
+                f"{a.name!r}: {bool(a.metadata.get('fan_in_fan_out', False))}" for a in adapters) + "): different base layer types"
+        )
+    bases = {a.metadata.get("base_model_name_or_path") for a in adapters} - {None}
+    if len(bases) > 1:
+        warnings.warn(f"adapters name different base models: {sorted(bases)}", LoraLegoWarning, stacklevel=3)
+    return {
+        "base_model_name_or_path": first.get("base_model_name_or_path"),
+        "task_type": first.get("task_type"),
+        "fan_in_fan_out": first.get("fan_in_fan_out", False),
+        "dtype": first.get("dtype", "float32"),
+        "provenance": {
+            "tool": "lora-lego",
+            "version": __version__,
+            "method": method,
+            "params": params,
+            "seed": seed,
+            "weights": weights,
+            "sources": [a.name for a in adapters],
+        },
+        "report": report,
+    }

@@ -1,0 +1,248 @@
+"""The PEFT LoRA folder format: `load_adapter` reads adapter_config.json with adapter_model.safetensors
+(or .bin) into float32 factors with the scale folded in; `save_adapter` writes a folder PEFT loads unchanged."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import AdapterFormatError, LoraLegoWarning
+from .lowrank import scale_factors
+from .types import Adapter, LoraFactors
+from .writing import atomic_folder, dtype_from_name
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+_PREFIX = "base_model.model."
+_PARTS = {"lora_A.weight": ("A", "linear"), "lora_B.weight": ("B", "linear"),
+          "lora_embedding_A": ("A", "embedding"), "lora_embedding_B": ("B", "embedding")}
+_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
+
+
+def load_adapter(path: str | Path) -> Adapter:
+    """Read a PEFT LoRA folder. Factors are float32 with sqrt(scaling) folded into A and B.
+
+    Honours r, lora_alpha, use_rslora, rank_pattern / alpha_pattern (PEFT's matching rule),
+    fan_in_fan_out (kept as metadata: LoRA factors are stored (r, in) and (out, r) either way)
+    and embedding LoRAs. Raises AdapterFormatError naming the adapter (and module or keys).
+    """
+    folder = Path(path)
+    name = str(path)
+    config = read_config(folder)
+    tensors = _read_tensors(folder, name)
+    pairs = _group_keys(tensors, name)
+    modules: dict[str, LoraFactors] = {}
+    scalings: dict[str, float] = {}
+    for module, parts in pairs.items():
+        factors = _module_factors(module, parts, name)
+        scaling = module_scaling(config, module, factors.rank, name)
+        modules[module] = scale_factors(factors, scaling)
+        scalings[module] = scaling
+    if not modules:
+        raise AdapterFormatError(f"adapter {name!r}: no LoRA tensors in its weights file")
+    dtypes = [str(t.dtype).removeprefix("torch.") for t in tensors.values()]
+    metadata = {
+        "base_model_name_or_path": config.get("base_model_name_or_path"),
+        "task_type": config.get("task_type"),
+        "fan_in_fan_out": bool(config.get("fan_in_fan_out", False)),
+        "dtype": max(set(dtypes), key=dtypes.count),
+        "scaling": scalings,
+        "peft_config": config,
+    }
+    return Adapter(modules, metadata, name=name)
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """The adapter_config.json of a LoRA folder, checked for what lora-lego supports."""
+    name = str(folder)
+    if not folder.exists():
+        raise AdapterFormatError(f"adapter {name!r}: no such folder")
+    if not folder.is_dir():
+        raise AdapterFormatError(f"adapter {name!r}: not a folder (expected a PEFT adapter folder)")
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise AdapterFormatError(f"adapter {name!r}: no {CONFIG_NAME} in the folder")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AdapterFormatError(f"adapter {name!r}: {CONFIG_NAME} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"adapter {name!r}: {CONFIG_NAME} must hold a JSON object")
+    peft_type = config.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise AdapterFormatError(f"adapter {name!r}: peft_type is {peft_type!r}; only LoRA adapters are supported")
+    if config.get("use_dora"):
+        raise AdapterFormatError(f"adapter {name!r}: DoRA adapters (use_dora) are not supported")
+    if config.get("lora_bias"):
+        raise AdapterFormatError(f"adapter {name!r}: adapters with lora_bias are not supported")
+    for key in ("r", "lora_alpha"):
+        value = config.get(key, 8)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise AdapterFormatError(f"adapter {name!r}: {key} in {CONFIG_NAME} must be a number; got {value!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise AdapterFormatError(f"adapter {name!r}: {key} in {CONFIG_NAME} must be an object")
+    return config
+
+
+def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern rule: the first key k with re.match(rf"(.*\\.)?({k})$", module)."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def module_scaling(config: dict[str, Any], module: str, rank: int, name: str = "<adapter>") -> float:
+    """PEFT's scaling of one module: alpha / r, or alpha / sqrt(r) with use_rslora."""
+    expected = pattern_value(config.get("rank_pattern"), module, config.get("r", 8))
+    if expected != rank:
+        raise AdapterFormatError(
+            f"adapter {name!r}, module {module!r}: tensors have rank {rank} but the config says r={expected}"
+        )
+    alpha = pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def _read_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    for weights_name in WEIGHTS_NAMES:
+        weights_path = folder / weights_name
+        if not weights_path.is_file():
+            continue
+        try:
+            if weights_name.endswith(".safetensors"):
+                return load_file(weights_path)
+            tensors = torch.load(weights_path, map_location="cpu", weights_only=True)
+        except Exception as error:  # safetensors and torch raise many types for damaged files
+            raise AdapterFormatError(f"adapter {name!r}: cannot read {weights_name} ({error})") from None
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise AdapterFormatError(f"adapter {name!r}: {weights_name} does not hold a dict of tensors")
+        return tensors
+    raise AdapterFormatError(f"adapter {name!r}: no {' or '.join(WEIGHTS_NAMES)} in the folder")
+
+
+def _group_keys(tensors: dict[str, torch.Tensor], name: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Tensor keys -> {module: {"A"/"B": tensor, "kind": ...}}; refuses keys that are not plain LoRA."""
+    pairs: dict[str, dict[str, Any]] = {}
+    dora = [k for k in tensors if "lora_magnitude_vector" in k]
+    if dora:
+        raise AdapterFormatError(f"adapter {name!r}: DoRA magnitude vectors are not supported ({_some(dora)})")
+    bias = [k for k in tensors if re.search(r"lora_B(\.[^.]+)?\.bias$", k)]
+    if bias:
+        raise AdapterFormatError(f"adapter {name!r}: lora_bias tensors are not supported ({_some(bias)})")
+    base_layers = [k for k in tensors if k.endswith(".base_layer.weight")]
+    if base_layers:  # PEFT's save_embedding_layers: copies of base weights, not part of the LoRA update
+        warnings.warn(f"adapter {name!r}: ignoring {len(base_layers)} saved base-layer weight(s) "
+                      f"(copies of the base model, not LoRA factors): {_some(base_layers)}", LoraLegoWarning, stacklevel=4)
+    unknown = [k for k in tensors if not _KEY.match(k) and k not in base_layers]
+    if unknown:
+        raise AdapterFormatError(f"adapter {name!r}: tensor keys that are not LoRA factors: {_some(unknown)}")
+    for key, tensor in tensors.items():
+        match = _KEY.match(key)
+        if match is None:
+            continue
+        module = match["module"].removeprefix(_PREFIX)
+        side, kind = _PARTS[match["part"]]
+        entry = pairs.setdefault(module, {"kind": kind})
+        if entry["kind"] != kind:
+            raise AdapterFormatError(f"adapter {name!r}, module {module!r}: mixes linear and embedding LoRA keys")
+        entry[side] = tensor
+    return pairs
+
+
+def _module_factors(module: str, parts: dict[str, Any], name: str) -> LoraFactors:
+    """Checked float32 factors of one module (scale not yet folded)."""
+    where = f"adapter {name!r}, module {module!r}"
+    for side in ("A", "B"):
+        if side not in parts:
+            raise AdapterFormatError(f"{where}: has lora_{'B' if side == 'A' else 'A'} but no lora_{side}")
+        tensor = parts[side]
+        if not tensor.is_floating_point():
+            raise AdapterFormatError(f"{where}: lora_{side} has dtype {tensor.dtype}; expected a float tensor")
+        if tensor.ndim != 2:
+            raise AdapterFormatError(
+                f"{where}: lora_{side} has shape {tuple(tensor.shape)}; only 2-D (linear or embedding) LoRA is "
+                "supported (convolution LoRA is not)"
+            )
+    A, B = parts["A"].float(), parts["B"].float()
+    if A.shape[0] != B.shape[1]:
+        raise AdapterFormatError(
+            f"{where}: lora_A has shape {tuple(A.shape)} and lora_B {tuple(B.shape)}; expected (r, d_in) and (d_out, r)"
+        )
+    if A.shape[0] == 0:
+        raise AdapterFormatError(f"{where}: rank 0")
+    for side, tensor in (("A", A), ("B", B)):
+        if not torch.isfinite(tensor).all():
+            raise AdapterFormatError(f"{where}: lora_{side} contains NaN or Inf")
+    return LoraFactors(A, B, parts["kind"])
+
+
+def _some(keys: list[str], limit: int = 3) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def save_adapter(adapter: Adapter, path: str | Path, *, dtype: str | torch.dtype | None = None,
+                 overwrite: bool = False) -> Path:
+    """Write `adapter` as a PEFT LoRA folder, atomically (temporary folder, then rename).
+
+    Config: r = the most common module rank, lora_alpha = r (scaling 1), rank_pattern / alpha_pattern
+    for modules of other ranks, target_modules = exactly the written module paths. The provenance
+    goes to the safetensors metadata ("lora_lego"). `dtype` defaults to the adapter's metadata
+    dtype (the inputs'); an existing `path` is refused unless `overwrite`.
+    """
+    target = torch.float32 if dtype is None and "dtype" not in adapter.metadata else dtype_from_name(
+        dtype if dtype is not None else adapter.metadata["dtype"])
+    config = peft_config(adapter)
+    tensors: dict[str, torch.Tensor] = {}
+    for module, factors in adapter.items():
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if factors.kind == "embedding" else (
+            "lora_A.weight", "lora_B.weight")
+        tensors[f"{_PREFIX}{module}.{a_key}"] = factors.A.detach().to(target).contiguous()
+        tensors[f"{_PREFIX}{module}.{b_key}"] = factors.B.detach().to(target).contiguous()
+    metadata = {"format": "pt"}
+    if "provenance" in adapter.metadata:
+        metadata["lora_lego"] = json.dumps(adapter.metadata["provenance"], sort_keys=True)
+    with atomic_folder(path, overwrite=overwrite) as folder:
+        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        save_file(tensors, folder / WEIGHTS_NAMES[0], metadata=metadata)
+    return Path(path)
+
+
+def peft_config(adapter: Adapter) -> dict[str, Any]:
+    """The adapter_config.json that makes PEFT apply exactly delta = B @ A to every written module."""
+    ranks = [f.rank for f in adapter.modules.values()]
+    if not ranks:
+        raise AdapterFormatError(f"adapter {adapter.name!r}: nothing to save (no modules)")
+    if min(ranks) < 1:
+        empty = [m for m, f in adapter.items() if f.rank < 1]
+        raise AdapterFormatError(f"adapter {adapter.name!r}: modules of rank 0 cannot be saved ({_some(empty)})")
+    counts = {r: ranks.count(r) for r in set(ranks)}
+    r = max(counts, key=lambda rank: (counts[rank], rank))
+    pattern = {module: f.rank for module, f in adapter.items() if f.rank != r}
+    meta = adapter.metadata
+    return {
+        "peft_type": "LORA",
+        "task_type": meta.get("task_type"),
+        "base_model_name_or_path": meta.get("base_model_name_or_path"),
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "target_modules": sorted(adapter.modules),
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": bool(meta.get("fan_in_fan_out", False)),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }

@@ -1,0 +1,132 @@
+"""The one registry of merge methods. A method is a per-module pure function registered by name;
+its keyword-only parameters (with defaults and simple annotations) are its public parameters."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Sequence
+
+from .errors import MethodError
+from .types import LoraFactors
+
+# A method: fn(factors, weights, *, generator, **params) -> LoraFactors | (LoraFactors, info dict)
+MethodFn = Callable[..., "LoraFactors | tuple[LoraFactors, dict]"]
+_RESERVED = ("generator",)
+_METHODS: dict[str, "MethodSpec"] = {}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its function, one-line idea, paper link, parameters and aliases."""
+
+    name: str
+    fn: MethodFn
+    summary: str
+    paper: str | None
+    parameters: dict[str, inspect.Parameter]
+    aliases: dict[str, str]
+
+    def resolve(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Validate and coerce user parameters (values may be strings from the CLI); apply aliases."""
+        resolved: dict[str, Any] = {}
+        for given, value in params.items():
+            name = self.aliases.get(given, given)
+            if name not in self.parameters:
+                known = ", ".join(sorted(self.parameters)) or "none"
+                raise MethodError(f"method {self.name!r} has no parameter {given!r} (its parameters: {known})")
+            if name in resolved:
+                raise MethodError(f"method {self.name!r}: parameter {name!r} given twice (as {given!r} and its alias)")
+            resolved[name] = _coerce(self.name, name, value, self.parameters[name].annotation)
+        return resolved
+
+    def __call__(self, factors: Sequence[LoraFactors], weights: Sequence[float], *, generator, **params):
+        """Run on one module; always returns (LoraFactors, info dict)."""
+        result = self.fn(list(factors), list(weights), generator=generator, **params)
+        return result if isinstance(result, tuple) else (result, {})
+
+
+def register(name: str, *, paper: str | None = None, aliases: dict[str, str] | None = None):
+    """Decorator registering a per-module merge function under `name` (refuses duplicates)."""
+
+    def decorator(fn: MethodFn) -> MethodFn:
+        if name in _METHODS:
+            raise KeyError(f"merge method {name!r} is already registered")
+        signature = inspect.signature(fn)
+        hints = typing.get_type_hints(fn)
+        parameters = {
+            p.name: p.replace(annotation=hints.get(p.name, Any))
+            for p in signature.parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _RESERVED
+        }
+        summary = (inspect.getdoc(fn) or "").split("\n", 1)[0]
+        _METHODS[name] = MethodSpec(name, fn, summary, paper, parameters, dict(aliases or {}))
+        return fn
+
+    return decorator
+
+
+def get_method(name: str) -> MethodSpec:
+    """The spec of a registered method; `MethodError` listing the known ones otherwise."""
+    _load_builtin_methods()
+    if name not in _METHODS:
+        raise MethodError(f"unknown merge method {name!r} (available: {', '.join(available_methods())})")
+    return _METHODS[name]
+
+
+def available_methods() -> list[str]:
+    """Names of all registered methods, sorted."""
+    _load_builtin_methods()
+    return sorted(_METHODS)
+
+
+def _load_builtin_methods() -> None:
+    from . import methods  # noqa: F401  (importing registers them)
+
+
+def _coerce(method: str, name: str, value: Any, annotation: Any) -> Any:
+    """Convert `value` to the parameter's annotated type, or raise a MethodError saying what was expected."""
+    where = f"method {method!r} parameter {name!r}"
+    options = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Literal:
+        text = str(value).lower() if isinstance(value, (str, bool)) else value
+        for option in options:
+            if text == option or str(option).lower() == text:
+                return option
+        raise MethodError(f"{where} must be one of {', '.join(map(repr, options))}; got {value!r}")
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            if type(None) in options:
+                return None
+        inner = [option for option in options if option is not type(None)]
+        return _coerce(method, name, value, inner[0]) if len(inner) == 1 else value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise MethodError(f"{where} must be true or false; got {value!r}")
+    if annotation is int:
+        try:
+            number = float(value) if isinstance(value, str) else value
+        except ValueError:
+            number = None
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not float(number).is_integer():
+            raise MethodError(f"{where} must be an integer; got {value!r}")
+        return int(number)
+    if annotation is float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if isinstance(value, bool) or not math.isfinite(number):
+            raise MethodError(f"{where} must be a finite number; got {value!r}")
+        return number
+    if annotation is str:
+        if not isinstance(value, str):
+            raise MethodError(f"{where} must be a string; got {value!r}")
+        return value
+    return value

@@ -1,0 +1,122 @@
+"""Safe output: atomic folder writes (temporary folder, then rename), stale-temporary clean-up,
+output-path checks against the inputs, and dtype names."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .errors import OutputError
+
+DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+
+
+def dtype_from_name(dtype: str | torch.dtype) -> torch.dtype:
+    """torch dtype from "bf16" | "fp16" | "fp32" (or their long names, or a torch.dtype)."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise OutputError(f"unsupported output dtype {dtype!r} (use bf16, fp16 or fp32)")
+
+
+def check_output_path(output: str | Path, inputs: Sequence[str | Path], *, overwrite: bool) -> None:
+    """Refuse an output that exists (unless overwrite), equals or lies inside an input, or contains one."""
+    out = Path(output).resolve()
+    for source in inputs:
+        src = Path(source).resolve()
+        if out == src or src in out.parents:
+            raise OutputError(f"output {str(output)!r} lies inside input adapter {str(source)!r}")
+        if out in src.parents:
+            raise OutputError(f"output {str(output)!r} contains input adapter {str(source)!r}")
+    if out.exists() and not overwrite:
+        raise OutputError(f"output {str(output)!r} already exists (pass --overwrite / overwrite=True to replace it)")
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success it replaces `path`, on failure it is removed.
+
+    A run killed mid-write leaves only ".<name>.tmp-<pid>-*", which the next write to `path` deletes.
+    """
+    final = Path(path)
+    parent = final.parent
+    if final.exists() and not overwrite:
+        raise OutputError(f"output {str(path)!r} already exists (pass --overwrite / overwrite=True to replace it)")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(parent, final.name)
+        temporary = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=parent))
+    except OSError as error:
+        raise OutputError(f"cannot write output {str(path)!r}: {error.strerror or error}") from None
+    try:
+        yield temporary
+        _replace(temporary, final)
+    except OSError as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise OutputError(f"cannot write output {str(path)!r}: {error.strerror or error}") from None
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def _replace(temporary: Path, final: Path) -> None:
+    """Rename `temporary` to `final`; an existing `final` is moved aside first and deleted after."""
+    if not (final.exists() or final.is_symlink()):
+        os.replace(temporary, final)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{os.getpid()}-", dir=final.parent))
+    aside = old / "previous"
+    os.replace(final, aside)
+    try:
+        os.replace(temporary, final)
+    except OSError:
+        os.replace(aside, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale(parent: Path, name: str) -> None:
+    """Delete temporary folders of `name` left by processes that no longer run."""
+    for candidate in parent.glob(f".{name}.*-*-*"):
+        kind, _, rest = candidate.name[len(name) + 2:].partition("-")
+        pid = rest.partition("-")[0]
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(candidate, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_json_atomic(path: str | Path, data: object) -> None:
+    """Write JSON to `path` through a temporary file and a rename."""
+    final = Path(path)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(data, stream, indent=2, sort_keys=True)
+            stream.write("\n")
+        os.replace(temporary, final)
+    except OSError as error:
+        raise OutputError(f"cannot write {str(path)!r}: {error.strerror or error}") from None
