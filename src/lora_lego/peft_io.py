@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from .errors import AdapterFormatError, LoraLegoWarning
 from .lowrank import scale_factors
 from .types import Adapter, LoraFactors
-from .writing import atomic_folder, dtype_from_name
+from .writing import DTYPES, atomic_folder, dtype_from_name
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -47,12 +47,14 @@ def load_adapter(path: str | Path) -> Adapter:
         scalings[module] = scaling
     if not modules:
         raise AdapterFormatError(f"adapter {name!r}: no LoRA tensors in its weights file")
-    dtypes = [str(t.dtype).removeprefix("torch.") for t in tensors.values()]
+    # the dtype the LoRA factors were stored in (base-layer copies left out); ties go to the widest, deterministically
+    factor_dtypes = [parts[side].dtype for parts in pairs.values() for side in ("A", "B")]
+    stored = max(sorted(set(factor_dtypes), key=str), key=lambda d: (factor_dtypes.count(d), d.itemsize))
     metadata = {
         "base_model_name_or_path": config.get("base_model_name_or_path"),
         "task_type": config.get("task_type"),
         "fan_in_fan_out": bool(config.get("fan_in_fan_out", False)),
-        "dtype": max(set(dtypes), key=dtypes.count),
+        "dtype": str(stored).removeprefix("torch."),
         "scaling": scalings,
         "peft_config": config,
     }
@@ -198,8 +200,11 @@ def save_adapter(adapter: Adapter, path: str | Path, *, dtype: str | torch.dtype
     goes to the safetensors metadata ("lora_lego"). `dtype` defaults to the adapter's metadata
     dtype (the inputs'); an existing `path` is refused unless `overwrite`.
     """
-    target = torch.float32 if dtype is None and "dtype" not in adapter.metadata else dtype_from_name(
-        dtype if dtype is not None else adapter.metadata["dtype"])
+    if dtype is None:
+        dtype = adapter.metadata.get("dtype", "float32")
+        if dtype not in DTYPES and dtype not in DTYPES.values():  # e.g. float64 inputs: float32, as computed
+            dtype = "float32"
+    target = dtype_from_name(dtype)
     config = peft_config(adapter)
     tensors: dict[str, torch.Tensor] = {}
     for module, factors in adapter.items():
@@ -213,7 +218,24 @@ def save_adapter(adapter: Adapter, path: str | Path, *, dtype: str | torch.dtype
     with atomic_folder(path, overwrite=overwrite) as folder:
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         save_file(tensors, folder / WEIGHTS_NAMES[0], metadata=metadata)
+        _sort_header_metadata(folder / WEIGHTS_NAMES[0])
     return Path(path)
+
+
+def _sort_header_metadata(path: Path) -> None:
+    """Rewrite the safetensors header with its metadata keys sorted, in place (same length).
+
+    safetensors writes "__metadata__" in hash-map order, which varies from call to call, so the
+    same adapter would not give bitwise-identical files.
+    """
+    with open(path, "r+b") as stream:
+        size = int.from_bytes(stream.read(8), "little")
+        header = json.loads(stream.read(size))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) <= size:  # always in practice: the same content in another order
+            stream.seek(8)
+            stream.write(text.ljust(size, b" "))
 
 
 def peft_config(adapter: Adapter) -> dict[str, Any]:
