@@ -103,7 +103,8 @@ def merge(
     owners = align_modules(adapters)
     merged: dict[str, LoraFactors] = {}
     report: dict[str, dict[str, Any]] = {}
-    for module, holders in tqdm(owners.items(), desc=f"merge ({method})", unit="module", disable=not progress):
+    for module, holders in tqdm(owners.items(), desc=f"merge ({method})", unit="module",
+                                 disable=None if progress else True, leave=False):
         factors = [adapters[i][module] for i in holders]
         module_weights = [weights[i] for i in holders]
         try:
@@ -125,7 +126,7 @@ def _module_report(result: LoraFactors, factors: list[LoraFactors], target: Lora
                    names: list[str]) -> dict[str, Any]:
     """Rank, relative error vs the exact weighted sum, and the method's info (labels -> per-source counts)."""
     entry: dict[str, Any] = {"rank": result.rank, "relative_error": relative_error(result, target)}
-    labels = info.pop("labels", None)
+    labels = info.get("labels")
     if labels is not None:
         unit_sources = [name for name, f in zip(names, factors) for _ in range(f.rank)]
         entry["sources_per_rank"] = _sources_per_rank(labels, unit_sources)
@@ -137,6 +138,8 @@ def _sources_per_rank(labels: Sequence[int], unit_sources: Sequence[str]) -> lis
     """For each merged rank, how many units of each source adapter it gathers."""
     counts: dict[int, Counter] = {}
     for label, source in zip(labels, unit_sources, strict=True):
+        if label < 0:  # a unit the method left out (e.g. weight 0)
+            continue
         counts.setdefault(int(label), Counter())[source] += 1
     return [dict(counts[label]) for label in sorted(counts)]
 

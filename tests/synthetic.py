@@ -1,0 +1,31 @@
+"""Random adapters for tests that do not need PEFT: factors from an explicit generator."""
+
+from __future__ import annotations
+
+import torch
+
+from lora_lego.types import Adapter, LoraFactors
+
+SHAPES = {"q_proj": (24, 16), "v_proj": (8, 16), "down_proj": (16, 40)}  # module type -> (d_out, d_in)
+
+
+def random_factors(d_out: int, d_in: int, rank: int, generator: torch.Generator) -> LoraFactors:
+    return LoraFactors(torch.randn(rank, d_in, generator=generator), torch.randn(d_out, rank, generator=generator))
+
+
+def random_adapter(name: str, rank: int = 4, *, seed: int = 0, layers: int = 2,
+                   types: tuple[str, ...] = ("q_proj", "v_proj", "down_proj")) -> Adapter:
+    """An adapter over `layers` layers and the given module types, all of rank `rank`."""
+    generator = torch.Generator().manual_seed(seed)
+    modules = {
+        f"model.layers.{layer}.{kind}": random_factors(*SHAPES[kind], rank, generator)
+        for layer in range(layers)
+        for kind in types
+    }
+    return Adapter(modules, {"base_model_name_or_path": "tiny", "dtype": "float32"}, name=name)
+
+
+def dense_sum(adapters: list[Adapter], module: str, weights: list[float] | None = None) -> torch.Tensor:
+    """sum_t w_t B_t A_t of one module, densely (reference for tests)."""
+    weights = weights or [1.0] * len(adapters)
+    return sum(w * a[module].delta().double() for a, w in zip(adapters, weights) if module in a)

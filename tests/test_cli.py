@@ -1,0 +1,132 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lora_lego as ll
+from lora_lego.cli import main
+from synthetic import random_adapter
+
+
+@pytest.fixture()
+def folders(tmp_path):
+    paths = []
+    for seed, (name, rank) in enumerate([("a", 4), ("b", 4), ("c", 8)]):
+        path = tmp_path / name
+        ll.save_adapter(random_adapter(name, rank, seed=seed), path)
+        paths.append(str(path))
+    return paths
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, pattern):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert pattern in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+def test_methods_lists_the_registry(capsys):
+    code, out, _ = run(capsys, "methods")
+    assert code == 0
+    for name in ll.available_methods():
+        assert f"{name}\n" in out
+    assert "n_clusters=None" in out and "2409.16167" in out
+
+
+def test_merge_lego_writes_a_loadable_folder_and_report(capsys, folders, tmp_path):
+    out_dir, report = tmp_path / "out", tmp_path / "report.json"
+    code, out, err = run(capsys, "merge", *folders, "-o", str(out_dir), "--method", "lego", "--rank", "4",
+                         "--seed", "3", "-p", "n_init=2", "--report", str(report), "-q")
+    assert code == 0, err
+    assert "-> " in out and "rank 4" in out
+    merged = ll.load_adapter(out_dir)
+    assert {f.rank for f in merged.modules.values()} == {4}
+    data = json.loads(report.read_text())
+    assert data["provenance"]["params"] == {"n_clusters": 4, "n_init": 2} and data["provenance"]["seed"] == 3
+    module = next(iter(data["modules"].values()))
+    assert sum(module["cluster_sizes"]) == 16 and len(module["labels"]) == 16
+    code, out, _ = run(capsys, "inspect", str(report))
+    assert code == 0 and "method lego" in out and "cluster sizes" in out
+
+
+def test_concat_with_weights_is_exact(capsys, folders, tmp_path):
+    code, _, err = run(capsys, "merge", *folders, "-o", str(tmp_path / "out"), "--method", "concat",
+                       "--weights", "1", "-0.5", "2", "--dtype", "fp32", "-q")
+    assert code == 0, err
+    merged = ll.load_adapter(tmp_path / "out")
+    sources = [ll.load_adapter(f) for f in folders]
+    module = "model.layers.1.down_proj"
+    expected = sources[0][module].delta() - 0.5 * sources[1][module].delta() + 2 * sources[2][module].delta()
+    torch.testing.assert_close(merged[module].delta(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_prune(capsys, folders, tmp_path):
+    code, _, err = run(capsys, "prune", folders[2], "-o", str(tmp_path / "pruned"), "--rank", "3", "-q")
+    assert code == 0, err
+    assert {f.rank for f in ll.load_adapter(tmp_path / "pruned").modules.values()} == {3}
+    code, _, err = run(capsys, "prune", folders[2], "-o", str(tmp_path / "p2"))
+    assert_one_line_error(code, err, "--rank")
+
+
+def test_existing_output_needs_overwrite(capsys, folders, tmp_path):
+    out_dir = tmp_path / "out"
+    assert run(capsys, "merge", *folders, "-o", str(out_dir), "--method", "concat", "-q")[0] == 0
+    first = (out_dir / "adapter_model.safetensors").read_bytes()
+    code, _, err = run(capsys, "merge", *folders[:2], "-o", str(out_dir), "--method", "concat", "-q")
+    assert_one_line_error(code, err, "already exists")
+    assert (out_dir / "adapter_model.safetensors").read_bytes() == first
+    code, _, err = run(capsys, "merge", *folders[:2], "-o", str(out_dir), "--method", "concat", "--overwrite", "-q")
+    assert code == 0, err
+    assert ll.load_adapter(out_dir).max_rank == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c", "out"]  # nothing temporary left
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["merge", "{missing}", "-o", "{out}"], "no such folder"),
+    (["merge", "{a}", "-o", "{out}", "--method", "nope"], "unknown merge method 'nope'"),
+    (["merge", "{a}", "-o", "{out}", "-p", "n_init"], "key=value"),
+    (["merge", "{a}", "-o", "{out}", "-p", "bogus=1"], "no parameter 'bogus'"),
+    (["merge", "{a}", "-o", "{out}", "-p", "n_init=x"], "must be an integer"),
+    (["merge", "{a}", "-o", "{out}", "--rank", "0"], "must be an integer >= 1"),
+    (["merge", "{a}", "{b}", "-o", "{out}", "--weights", "1"], "2 adapters"),
+    (["merge", "{a}", "-o", "{a}/inner", "--method", "concat"], "lies inside input"),
+    (["merge", "{a}", "-o", "{out}", "--method", "concat", "--rank", "4"], "no parameter 'rank'"),
+    (["merge", "-o", "{out}"], "arguments are required"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_errors_are_one_line_exit_2(capsys, folders, tmp_path, argv, pattern):
+    values = {"a": folders[0], "b": folders[1], "missing": str(tmp_path / "missing"), "out": str(tmp_path / "out")}
+    code, _, err = run(capsys, *[arg.format(**values) for arg in argv])
+    assert_one_line_error(code, err, pattern)
+    assert not (tmp_path / "out").exists()
+
+
+def test_debug_shows_traceback(capsys, tmp_path):
+    code, _, err = run(capsys, "--debug", "merge", str(tmp_path / "missing"), "-o", str(tmp_path / "out"))
+    assert code == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_inspect_adapters(capsys, folders):
+    code, out, err = run(capsys, "inspect", *folders[:2])
+    assert code == 0, err
+    assert out.count("adapter ") >= 2 and "ranks: 4 (6 modules)" in out
+    assert "shared modules: 6 of 6" in out and "q_proj" in out and "cosine of deltas" in out
+    code, out, _ = run(capsys, "inspect", folders[0], folders[0])
+    assert "q_proj +1.000" in out
+
+
+def test_python_dash_m_entry_point(folders):
+    result = subprocess.run([sys.executable, "-m", "lora_lego", "inspect", folders[0]], capture_output=True, text=True)
+    assert result.returncode == 0 and "parameters:" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "lora_lego", "merge", "nowhere", "-o", "x"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip() == "error: adapter 'nowhere': no such folder"

@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from lora_lego.lowrank import (
+    concat_factors, cosine_similarity, frobenius_norm, from_units, inner, relative_error, scale_factors,
+    to_units, truncated_svd,
+)
+from lora_lego.types import LoraFactors
+from synthetic import random_factors
+
+
+def factors(d_out=30, d_in=20, rank=5, seed=0):
+    return random_factors(d_out, d_in, rank, torch.Generator().manual_seed(seed))
+
+
+def test_concat_equals_weighted_sum_of_deltas():
+    parts = [factors(rank=r, seed=s) for s, r in enumerate([2, 3, 5])]
+    weights = [0.5, -2.0, 1.25]
+    merged = concat_factors(parts, weights)
+    expected = sum(w * f.delta() for f, w in zip(parts, weights))
+    assert merged.rank == 10
+    torch.testing.assert_close(merged.delta(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_scale_factors_negative_weight_negates_delta():
+    f = factors()
+    torch.testing.assert_close(scale_factors(f, -3.0).delta(), -3.0 * f.delta(), rtol=1e-5, atol=1e-5)
+
+
+def test_units_round_trip_and_layout():
+    f = factors(d_out=7, d_in=4, rank=3)
+    units = to_units(f)
+    assert units.shape == (3, 11)
+    torch.testing.assert_close(units[1, :4], f.A[1])
+    torch.testing.assert_close(units[1, 4:], f.B[:, 1])
+    back = from_units(units, 4)
+    assert torch.equal(back.A, f.A) and torch.equal(back.B, f.B)
+
+
+def test_inner_norm_cosine_match_dense():
+    left, right = factors(seed=1), factors(seed=2)
+    dense_l, dense_r = left.delta().double(), right.delta().double()
+    assert inner(left, right) == pytest.approx(float((dense_l * dense_r).sum()), rel=1e-6)
+    assert frobenius_norm(left) == pytest.approx(float(dense_l.norm()), rel=1e-6)
+    assert cosine_similarity(left, right) == pytest.approx(
+        float((dense_l * dense_r).sum() / dense_l.norm() / dense_r.norm()), rel=1e-6)
+
+
+def test_relative_error_matches_dense_and_is_zero_for_exact():
+    target = concat_factors([factors(seed=1), factors(seed=2)])
+    approx = factors(seed=3)
+    expected = float((approx.delta() - target.delta()).norm() / target.delta().norm())
+    assert relative_error(approx, target) == pytest.approx(expected, rel=1e-5)
+    # the same delta in a different factorisation: exactly zero up to float32 rounding
+    reordered = LoraFactors(target.A.flip(0) * 2.0, target.B.flip(1) / 2.0)
+    assert relative_error(reordered, target) < 1e-6
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 10, 25])
+def test_truncated_svd_equals_dense_svd(k):
+    f = concat_factors([factors(seed=s, rank=5) for s in range(2)])  # rank 10, (30, 20)
+    approx, singular = truncated_svd(f, k)
+    dense = f.delta().double()
+    u, s, vh = torch.linalg.svd(dense)
+    torch.testing.assert_close(singular.double(), s[:10], rtol=1e-5, atol=1e-4)
+    kk = min(k, 10)
+    best = (u[:, :kk] * s[:kk]) @ vh[:kk]
+    assert approx.rank == kk
+    torch.testing.assert_close(approx.delta().double(), best, rtol=1e-4, atol=1e-4)
+    # balanced: both sides carry sqrt(s)
+    torch.testing.assert_close(approx.A.norm(dim=1), approx.B.norm(dim=0), rtol=1e-4, atol=1e-5)
+
+
+def test_truncated_svd_of_wide_rank_exceeding_dimension():
+    f = factors(d_out=6, d_in=5, rank=9)  # rank > both dimensions
+    approx, singular = truncated_svd(f, 9)
+    assert approx.rank == 5
+    torch.testing.assert_close(approx.delta(), f.delta(), rtol=1e-4, atol=1e-4)
+
+
+def test_truncated_svd_sign_rule_is_deterministic_under_factor_sign_flips():
+    f = factors(rank=4)
+    flipped = LoraFactors(-f.A, -f.B)
+    first, _ = truncated_svd(f, 3)
+    second, _ = truncated_svd(flipped, 3)
+    torch.testing.assert_close(first.A, second.A, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(first.B, second.B, rtol=1e-4, atol=1e-5)

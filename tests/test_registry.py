@@ -1,0 +1,49 @@
+import pytest
+
+from lora_lego.errors import MethodError
+from lora_lego.registry import available_methods, get_method, register
+
+
+def test_builtin_methods_are_listed():
+    assert {"concat", "lego"} <= set(available_methods())
+
+
+def test_lego_parameters_come_from_the_signature():
+    spec = get_method("lego")
+    assert {"n_clusters", "n_init", "max_iter", "tol", "param_norm", "output_reweight", "features"} <= set(spec.parameters)
+    assert "generator" not in spec.parameters
+    assert spec.paper and "2409.16167" in spec.paper
+    assert spec.summary
+
+
+@pytest.mark.parametrize("given, expected", [
+    ({"rank": "8"}, {"n_clusters": 8}),
+    ({"n_clusters": 8.0}, {"n_clusters": 8}),
+    ({"n_clusters": "none"}, {"n_clusters": None}),
+    ({"n_init": "3", "tol": "1e-3"}, {"n_init": 3, "tol": 1e-3}),
+    ({"param_norm": "L2"}, {"param_norm": "l2"}),
+    ({"output_reweight": "false"}, {"output_reweight": False}),
+    ({"output_reweight": True}, {"output_reweight": True}),
+])
+def test_parameters_are_coerced_from_strings(given, expected):
+    assert get_method("lego").resolve(given) == expected
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"rank": "2.5"}, "integer"),
+    ({"n_init": True}, "integer"),
+    ({"tol": "abc"}, "finite number"),
+    ({"tol": float("nan")}, "finite number"),
+    ({"param_norm": "l1"}, "one of"),
+    ({"output_reweight": "maybe"}, "true or false"),
+    ({"density": 0.5}, "no parameter 'density'"),
+    ({"rank": 4, "n_clusters": 4}, "given twice"),
+])
+def test_bad_parameters_raise_method_error(given, message):
+    with pytest.raises(MethodError, match=message):
+        get_method("lego").resolve(given)
+
+
+def test_duplicate_registration_is_refused():
+    with pytest.raises(KeyError, match="already registered"):
+        register("concat")(lambda factors, weights, *, generator: factors[0])
