@@ -37,9 +37,10 @@ def assert_one_line_error(code, err, pattern):
 def test_methods_lists_the_registry(capsys):
     code, out, _ = run(capsys, "methods")
     assert code == 0
-    for name in ll.available_methods():
-        assert f"{name}\n" in out
-    assert "n_clusters=None" in out and "2409.16167" in out
+    titles = [line for line in out.splitlines() if not line.startswith(" ")]
+    assert [t.split()[0].rstrip(",") for t in titles] == ll.available_methods()
+    assert "lego (default)" in titles and "task_arithmetic, also 'svd'" in titles
+    assert "n_clusters=None" in out and "2409.16167" in out and "density=0.5" in out
 
 
 def test_merge_lego_writes_a_loadable_folder_and_report(capsys, folders, tmp_path):

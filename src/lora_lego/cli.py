@@ -121,7 +121,8 @@ def _run_methods(args: argparse.Namespace) -> int:
         spec = get_method(name)
         params = ", ".join(f"{p.name}={p.default!r}" for p in spec.parameters.values()) or "-"
         aliases = ", ".join(f"--{alias} = {target}" for alias, target in spec.aliases.items())
-        print(f"{name}\n  {spec.summary}\n  parameters: {params}" + (f" ({aliases})" if aliases else ""))
+        title = name + (" (default)" if name == "lego" else "") + "".join(f", also {a!r}" for a in spec.method_aliases)
+        print(f"{title}\n  {spec.summary}\n  parameters: {params}" + (f" ({aliases})" if aliases else ""))
         if spec.paper:
             print(f"  paper: {spec.paper}")
     return 0

@@ -96,6 +96,7 @@ def merge(
     if not adapters:
         raise MethodError("merge needs at least one adapter")
     spec = get_method(method)
+    method = spec.name  # a method alias (e.g. "svd") is recorded under the registered name
     resolved = spec.resolve(params)
     weights = check_weights(weights, len(adapters))
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -110,7 +111,8 @@ def merge(
         try:
             result, info = spec(factors, module_weights, generator=module_generator(seed, module), **resolved)
         except LoraLegoError as error:
-            raise type(error)(f"module {module!r}: {error}") from error
+            names = ", ".join(repr(adapters[i].name) for i in holders)
+            raise type(error)(f"module {module!r} (adapters {names}): {error}") from error
         target = concat_factors(factors, module_weights)
         merged[module] = result
         report[module] = _module_report(result, factors, target, info, [adapters[i].name for i in holders])

@@ -17,6 +17,7 @@ from .types import LoraFactors
 MethodFn = Callable[..., "LoraFactors | tuple[LoraFactors, dict]"]
 _RESERVED = ("generator",)
 _METHODS: dict[str, "MethodSpec"] = {}
+_METHOD_ALIASES: dict[str, str] = {}  # another name users know -> registered name (e.g. PEFT's "svd")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class MethodSpec:
     paper: str | None
     parameters: dict[str, inspect.Parameter]
     aliases: dict[str, str]
+    method_aliases: tuple[str, ...] = ()
 
     def resolve(self, params: dict[str, Any]) -> dict[str, Any]:
         """Validate and coerce user parameters (values may be strings from the CLI); apply aliases."""
@@ -49,12 +51,18 @@ class MethodSpec:
         return result if isinstance(result, tuple) else (result, {})
 
 
-def register(name: str, *, paper: str | None = None, aliases: dict[str, str] | None = None):
-    """Decorator registering a per-module merge function under `name` (refuses duplicates)."""
+def register(name: str, *, paper: str | None = None, aliases: dict[str, str] | None = None,
+             method_aliases: Sequence[str] = ()):
+    """Decorator registering a per-module merge function under `name` (refuses duplicates).
+
+    `aliases` maps extra parameter names to the function's (e.g. rank -> n_clusters); `method_aliases`
+    are other names of the method itself (e.g. PEFT's "svd" for task_arithmetic).
+    """
 
     def decorator(fn: MethodFn) -> MethodFn:
-        if name in _METHODS:
-            raise KeyError(f"merge method {name!r} is already registered")
+        taken = [n for n in (name, *method_aliases) if n in _METHODS or n in _METHOD_ALIASES]
+        if taken:
+            raise KeyError(f"merge method {taken[0]!r} is already registered")
         signature = inspect.signature(fn)
         hints = typing.get_type_hints(fn)
         parameters = {
@@ -63,15 +71,17 @@ def register(name: str, *, paper: str | None = None, aliases: dict[str, str] | N
             if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _RESERVED
         }
         summary = (inspect.getdoc(fn) or "").split("\n", 1)[0]
-        _METHODS[name] = MethodSpec(name, fn, summary, paper, parameters, dict(aliases or {}))
+        _METHODS[name] = MethodSpec(name, fn, summary, paper, parameters, dict(aliases or {}), tuple(method_aliases))
+        _METHOD_ALIASES.update({alias: name for alias in method_aliases})
         return fn
 
     return decorator
 
 
 def get_method(name: str) -> MethodSpec:
-    """The spec of a registered method; `MethodError` listing the known ones otherwise."""
+    """The spec of a registered method (by its name or a method alias); `MethodError` listing the known ones otherwise."""
     _load_builtin_methods()
+    name = _METHOD_ALIASES.get(name, name)
     if name not in _METHODS:
         raise MethodError(f"unknown merge method {name!r} (available: {', '.join(available_methods())})")
     return _METHODS[name]

@@ -1,0 +1,167 @@
+"""Task arithmetic and its sparsified relatives (TIES, DARE, magnitude pruning), as LoRA baselines.
+
+One core: each task tensor is sparsified (`trim` by magnitude, `dare` random drop with rescale, or not
+at all), weighted, then combined by a sum or by TIES's sign election and disjoint mean. Task arithmetic
+needs no dense matrix (exact low-rank SVD of the weighted sum); the sparsifying methods work on the
+dense delta of one module at a time (freed before the next) and return rank k by a truncated SVD.
+
+Where we differ from PEFT's `add_weighted_adapter`: PEFT's ties / dare / magnitude_prune trim the
+factors A and B separately and then sum the A's and the B's, which creates cross terms B_s A_t and
+squares the weights; we trim the delta B A itself, as the TIES and DARE papers do for full weights,
+and only then go back to rank k (PEFT's *_svd variants do the same, and our ties / magnitude_prune with
+`exact_svd=true` match them). TIES signs are elected on the weighted deltas (as mergekit; PEFT elects on
+the unweighted ones, which differs only for unequal weights with the "total" rule, or negative weights).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from ..errors import MethodError
+from ..lowrank import concat_factors, dense_truncated_svd, scale_factors, truncated_svd
+from ..registry import register
+from ..types import LoraFactors
+
+TASK_ARITHMETIC = "https://arxiv.org/abs/2212.04089"
+TIES = "https://arxiv.org/abs/2306.01708"
+DARE = "https://arxiv.org/abs/2311.03099"
+
+
+# --- the shared core, on stacked task tensors of shape (n, ...) -------------------------------------
+
+def trim(tensor: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep exactly floor(density * numel) largest-magnitude entries of `tensor` (as PEFT), zero the rest.
+
+    Entries tied at the threshold are kept in flattened (row-major) order, so the count is exact and
+    the result deterministic. O(numel): one kthvalue, no sort.
+    """
+    keep = int(density * tensor.numel() + 1e-9)  # the epsilon keeps 0.29 * 100 at 29
+    if keep >= tensor.numel():
+        return tensor.clone()
+    if keep == 0:
+        return torch.zeros_like(tensor)
+    magnitude = tensor.abs().flatten()
+    threshold = magnitude.kthvalue(magnitude.numel() - keep + 1).values
+    above = magnitude > threshold
+    tied = magnitude == threshold
+    mask = above | (tied & (torch.cumsum(tied, 0) <= keep - int(above.sum())))
+    return torch.where(mask.reshape(tensor.shape), tensor, torch.zeros_like(tensor))
+
+
+def dare(tensor: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE: drop each entry with probability 1 - density (mask drawn from `generator`), rescale the rest by 1/density."""
+    if density >= 1.0:
+        return tensor.clone()
+    keep = torch.rand(tensor.shape, generator=generator) < density
+    return torch.where(keep, tensor / density, torch.zeros_like(tensor))
+
+
+def elect_sign(tensors: torch.Tensor, rule: Literal["total", "frequency"]) -> torch.Tensor:
+    """TIES sign election over the first axis: sign of the sum of values ("total") or of signs ("frequency"); ties -> +1."""
+    votes = tensors.sum(dim=0) if rule == "total" else tensors.sign().sum(dim=0)
+    return torch.where(votes >= 0, 1.0, -1.0).to(tensors.dtype)
+
+
+def disjoint_mean(tensors: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """Mean over the first axis of the entries whose sign agrees with `sign` (zero entries never agree)."""
+    agree = tensors.sign() == sign
+    count = agree.sum(dim=0).clamp_min(1)
+    return (tensors * agree).sum(dim=0) / count
+
+
+def combine(tensors: torch.Tensor, weights: list[float], *, sparsify: Literal["none", "trim", "dare"],
+            combine_by: Literal["sum", "ties"], density: float = 1.0, sign: Literal["total", "frequency"] = "total",
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sparsify each task tensor (n, ...), weight it, and combine to (...) by a sum or TIES (elect + disjoint mean)."""
+    if sparsify == "trim":
+        tensors = torch.stack([trim(t, density) for t in tensors])
+    elif sparsify == "dare":
+        tensors = torch.stack([dare(t, density, generator) for t in tensors])
+    weighted = tensors * torch.tensor(weights, dtype=tensors.dtype).reshape(-1, *[1] * (tensors.dim() - 1))
+    if combine_by == "sum":
+        return weighted.sum(dim=0)
+    return disjoint_mean(weighted, elect_sign(weighted, sign))
+
+
+def check_density(method: str, density: float) -> None:
+    if not 0.0 < density <= 1.0:
+        raise MethodError(f"{method}: density (the fraction of entries kept) must be in (0, 1]; got {density}")
+
+
+def default_rank(factors: list[LoraFactors], rank: int | None, method: str) -> int:
+    """The output rank: `rank`, or the largest input rank."""
+    if rank is None:
+        return max(f.rank for f in factors)
+    if rank < 1:
+        raise MethodError(f"{method}: rank must be an integer >= 1; got {rank}")
+    return rank
+
+
+# --- methods ------------------------------------------------------------------------------------------
+
+@register("task_arithmetic", paper=TASK_ARITHMETIC, method_aliases=("svd",))
+def task_arithmetic(factors: list[LoraFactors], weights: list[float], *, generator: torch.Generator,
+                    rank: int | None = None, scale: float = 1.0) -> tuple[LoraFactors, dict]:
+    """scale * sum_t w_t delta_t truncated to rank k by an exact low-rank SVD (PEFT's "svd"); no dense matrix.
+
+    Default k: the largest input rank. The report's `singular_values` are those of the full sum.
+    """
+    k = default_rank(factors, rank, "task_arithmetic")
+    summed = scale_factors(concat_factors(factors, weights), scale)
+    result, singular_values = truncated_svd(summed, k)
+    return result, {"singular_values": singular_values[: 2 * k].tolist()}
+
+
+def _dense_merge(factors: list[LoraFactors], weights: list[float], generator: torch.Generator, *, method: str,
+                 sparsify: str, combine_by: str, density: float, sign: str, rank: int | None, scale: float,
+                 exact_svd: bool) -> LoraFactors:
+    """The dense path: stack the module's deltas (n, d_out, d_in), combine, scale, back to rank k by SVD."""
+    check_density(method, density)
+    k = default_rank(factors, rank, method)
+    deltas = torch.stack([f.delta() for f in factors])
+    merged = combine(deltas, weights, sparsify=sparsify, combine_by=combine_by, density=density, sign=sign,
+                     generator=generator) * scale
+    del deltas
+    return dense_truncated_svd(merged, k, generator=generator, exact=exact_svd, kind=factors[0].kind)
+
+
+@register("ties", paper=TIES)
+def ties(factors: list[LoraFactors], weights: list[float], *, generator: torch.Generator, rank: int | None = None,
+         density: float = 0.5, sign: Literal["total", "frequency"] = "total", scale: float = 1.0,
+         exact_svd: bool = False) -> LoraFactors:
+    """TIES on the dense delta: trim each to `density`, elect signs, disjoint mean, then rank k by SVD.
+
+    Weights multiply the trimmed deltas before the election (as PEFT). `exact_svd=false` uses a
+    randomized SVD from the module's generator (near-optimal, ~50x faster on 4096-wide modules).
+    """
+    return _dense_merge(factors, weights, generator, method="ties", sparsify="trim", combine_by="ties",
+                        density=density, sign=sign, rank=rank, scale=scale, exact_svd=exact_svd)
+
+
+@register("dare_linear", paper=DARE)
+def dare_linear(factors: list[LoraFactors], weights: list[float], *, generator: torch.Generator,
+                rank: int | None = None, density: float = 0.5, scale: float = 1.0,
+                exact_svd: bool = False) -> LoraFactors:
+    """DARE on the dense delta: random drop to `density` with 1/density rescale, weighted sum, rank k by SVD."""
+    return _dense_merge(factors, weights, generator, method="dare_linear", sparsify="dare", combine_by="sum",
+                        density=density, sign="total", rank=rank, scale=scale, exact_svd=exact_svd)
+
+
+@register("dare_ties", paper=DARE)
+def dare_ties(factors: list[LoraFactors], weights: list[float], *, generator: torch.Generator,
+              rank: int | None = None, density: float = 0.5, sign: Literal["total", "frequency"] = "total",
+              scale: float = 1.0, exact_svd: bool = False) -> LoraFactors:
+    """DARE drop-and-rescale, then TIES sign election and disjoint mean, on the dense delta; rank k by SVD."""
+    return _dense_merge(factors, weights, generator, method="dare_ties", sparsify="dare", combine_by="ties",
+                        density=density, sign=sign, rank=rank, scale=scale, exact_svd=exact_svd)
+
+
+@register("magnitude_prune", paper=TIES)
+def magnitude_prune(factors: list[LoraFactors], weights: list[float], *, generator: torch.Generator,
+                    rank: int | None = None, density: float = 0.5, scale: float = 1.0,
+                    exact_svd: bool = False) -> LoraFactors:
+    """Trim each dense delta to its `density` largest entries, weighted sum, rank k by SVD."""
+    return _dense_merge(factors, weights, generator, method="magnitude_prune", sparsify="trim", combine_by="sum",
+                        density=density, sign="total", rank=rank, scale=scale, exact_svd=exact_svd)
