@@ -15,7 +15,7 @@ the unweighted ones, which differs only for unequal weights with the "total" rul
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Iterable, Literal
 
 import torch
 
@@ -44,10 +44,12 @@ def trim(tensor: torch.Tensor, density: float) -> torch.Tensor:
         return torch.zeros_like(tensor)
     magnitude = tensor.abs().flatten()
     threshold = magnitude.kthvalue(magnitude.numel() - keep + 1).values
-    above = magnitude > threshold
-    tied = magnitude == threshold
-    mask = above | (tied & (torch.cumsum(tied, 0) <= keep - int(above.sum())))
-    return torch.where(mask.reshape(tensor.shape), tensor, torch.zeros_like(tensor))
+    mask = magnitude >= threshold
+    excess = int(mask.sum()) - keep
+    if excess > 0:  # more entries tie at the threshold than fit: drop the last ones in row-major order
+        tied = torch.nonzero(magnitude == threshold).flatten()
+        mask[tied[tied.numel() - excess:]] = False
+    return torch.where(mask.reshape(tensor.shape), tensor, 0.0)
 
 
 def dare(tensor: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
@@ -55,33 +57,44 @@ def dare(tensor: torch.Tensor, density: float, generator: torch.Generator) -> to
     if density >= 1.0:
         return tensor.clone()
     keep = torch.rand(tensor.shape, generator=generator) < density
-    return torch.where(keep, tensor / density, torch.zeros_like(tensor))
+    return torch.where(keep, tensor / density, 0.0)
 
 
-def elect_sign(tensors: torch.Tensor, rule: Literal["total", "frequency"]) -> torch.Tensor:
-    """TIES sign election over the first axis: sign of the sum of values ("total") or of signs ("frequency"); ties -> +1."""
-    votes = tensors.sum(dim=0) if rule == "total" else tensors.sign().sum(dim=0)
-    return torch.where(votes >= 0, 1.0, -1.0).to(tensors.dtype)
+def elect_sign(tensors: Iterable[torch.Tensor], rule: Literal["total", "frequency"]) -> torch.Tensor:
+    """TIES sign election over tasks: sign of the sum of values ("total") or of signs ("frequency"); ties -> +1."""
+    votes = sum(t if rule == "total" else t.sign() for t in tensors)
+    return torch.where(votes >= 0, 1.0, -1.0).to(votes.dtype)
 
 
-def disjoint_mean(tensors: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """Mean over the first axis of the entries whose sign agrees with `sign` (zero entries never agree)."""
-    agree = tensors.sign() == sign
-    count = agree.sum(dim=0).clamp_min(1)
-    return (tensors * agree).sum(dim=0) / count
+def disjoint_mean(tensors: Iterable[torch.Tensor], sign: torch.Tensor) -> torch.Tensor:
+    """Per entry, the mean over tasks of the values whose sign agrees with `sign` (zeros never agree)."""
+    total, count = torch.zeros_like(sign), torch.zeros_like(sign)
+    for t in tensors:  # one task at a time: no (n, ...) intermediates
+        agree = (t * sign) > 0
+        total += torch.where(agree, t, 0.0)
+        count += agree
+    return total / count.clamp_min(1)
 
 
-def combine(tensors: torch.Tensor, weights: list[float], *, sparsify: Literal["none", "trim", "dare"],
+def combine(tensors: Iterable[torch.Tensor], weights: list[float], *, sparsify: Literal["none", "trim", "dare"],
             combine_by: Literal["sum", "ties"], density: float = 1.0, sign: Literal["total", "frequency"] = "total",
             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sparsify each task tensor (n, ...), weight it, and combine to (...) by a sum or TIES (elect + disjoint mean)."""
-    if sparsify == "trim":
-        tensors = torch.stack([trim(t, density) for t in tensors])
-    elif sparsify == "dare":
-        tensors = torch.stack([dare(t, density, generator) for t in tensors])
-    weighted = tensors * torch.tensor(weights, dtype=tensors.dtype).reshape(-1, *[1] * (tensors.dim() - 1))
+    """Sparsify each task tensor, weight it, and combine them by a sum or TIES (elect + disjoint mean).
+
+    `tensors` may be a lazy iterable (one dense delta at a time): the sum holds one task tensor at a
+    time, TIES holds the n sparsified tensors (the election needs them all).
+    """
+    def prepared():
+        for t, w in zip(tensors, weights, strict=True):
+            if sparsify == "trim":
+                t = trim(t, density)
+            elif sparsify == "dare":
+                t = dare(t, density, generator)
+            yield t * w
+
     if combine_by == "sum":
-        return weighted.sum(dim=0)
+        return sum(prepared())
+    weighted = list(prepared())
     return disjoint_mean(weighted, elect_sign(weighted, sign))
 
 
@@ -117,13 +130,11 @@ def task_arithmetic(factors: list[LoraFactors], weights: list[float], *, generat
 def _dense_merge(factors: list[LoraFactors], weights: list[float], generator: torch.Generator, *, method: str,
                  sparsify: str, combine_by: str, density: float, sign: str, rank: int | None, scale: float,
                  exact_svd: bool) -> LoraFactors:
-    """The dense path: stack the module's deltas (n, d_out, d_in), combine, scale, back to rank k by SVD."""
+    """The dense path: the module's deltas (d_out, d_in) one by one, combined, scaled, back to rank k by SVD."""
     check_density(method, density)
     k = default_rank(factors, rank, method)
-    deltas = torch.stack([f.delta() for f in factors])
-    merged = combine(deltas, weights, sparsify=sparsify, combine_by=combine_by, density=density, sign=sign,
-                     generator=generator) * scale
-    del deltas
+    merged = combine((f.delta() for f in factors), weights, sparsify=sparsify, combine_by=combine_by,
+                     density=density, sign=sign, generator=generator) * scale
     return dense_truncated_svd(merged, k, generator=generator, exact=exact_svd, kind=factors[0].kind)
 
 
