@@ -6,7 +6,7 @@ import torch
 import lora_lego as ll
 from lora_lego.errors import IncompatibleAdaptersError, LoraLegoWarning, MethodError
 from lora_lego.merge import module_generator
-from lora_lego.types import Adapter, LoraFactors
+from lora_lego.types import LoraFactors
 from synthetic import dense_sum, random_adapter
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -50,6 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("methods", help="list the merge methods and their parameters")
     inspect_cmd = commands.add_parser("inspect", help="describe adapters, or summarise a merge report (.json)")
     inspect_cmd.add_argument("paths", nargs="+", metavar="ADAPTER_OR_REPORT")
+
+    bench_cmd = commands.add_parser("bench", help="offline benchmark on SmolLM2-135M and real tasks (extra [bench])")
+    bench_cmd.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
+                           help="main, sweep, prune, hetero, seeds, heldout, or all")
+    bench_cmd.add_argument("--quick", action="store_true", help="2 tasks, 30 training steps, 100 test rows")
+    bench_cmd.add_argument("--cache", help="cache folder (default $LORA_LEGO_CACHE or ~/.cache/lora-lego)")
+    bench_cmd.add_argument("--out", help="results folder (default <cache>/runs/full or /quick)")
+    bench_cmd.add_argument("--tasks", nargs="+", metavar="TASK", help="built-in task names or .jsonl files")
+    bench_cmd.add_argument("--steps", type=int, help="training steps per task LoRA")
+    bench_cmd.add_argument("--n-test", type=int, help="test rows per task")
+    bench_cmd.add_argument("--model", help="a transformers causal-LM folder instead of SmolLM2 (e.g. for tests)")
     return parser
 
 
@@ -138,6 +148,20 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench(args: argparse.Namespace) -> int:
+    try:
+        from .bench import EXPERIMENTS, run
+    except ImportError as error:
+        raise LoraLegoError(f"lora-lego bench needs the bench extra (pip install -e \".[bench]\"): {error}") from None
+    unknown = [e for e in args.experiments if e != "all" and e not in EXPERIMENTS]
+    if unknown:
+        raise LoraLegoError(f"unknown experiment(s) {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)} or all")
+    out = run(args.experiments, cache=args.cache, out=args.out, tasks=args.tasks, quick=args.quick,
+              model_dir=args.model, steps=args.steps, n_test=args.n_test)
+    print(f"bench: results in {out / 'results.md'}")
+    return 0
+
+
 def _parse_params(items: Sequence[str]) -> dict[str, str]:
     params: dict[str, str] = {}
     for item in items:
@@ -156,4 +180,5 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {_one_line(message) if isinstance(message, Warning) else message}", file=sys.stderr)
 
 
-_COMMANDS = {"merge": _run_merge, "prune": _run_merge, "methods": _run_methods, "inspect": _run_inspect}
+_COMMANDS = {"merge": _run_merge, "prune": _run_merge, "methods": _run_methods, "inspect": _run_inspect,
+             "bench": _run_bench}

@@ -39,8 +39,9 @@ def kmeans(
     u, d = points.shape
     w = _check_weights(sample_weight, u, points.device)
     # float32 Gram (measured ~3.4x faster than float64 on 2 cores, and the largest single cost); float64
-    # input keeps float64. Iterations run in float64 on the (u, u) result. Distances are translation invariant, so centring first keeps G's entries at the size
-    # of the spread instead of the offset, which limits cancellation in G_ii - 2 G_ij + G_jj.
+    # input keeps float64. Iterations run in float64 on the (u, u) result. Distances are translation
+    # invariant, so centring first keeps G's entries at the size of the spread instead of the offset,
+    # which limits cancellation in G_ii - 2 G_ij + G_jj.
     x = points if points.dtype == torch.float64 else points.to(torch.float32)
     xc = x - (w / w.sum()).to(x.dtype) @ x
     gram = (xc @ xc.T).to(torch.float64)

@@ -119,7 +119,7 @@ def task_arithmetic(factors: list[LoraFactors], weights: list[float], *, generat
                     rank: int | None = None, scale: float = 1.0) -> tuple[LoraFactors, dict]:
     """scale * sum_t w_t delta_t truncated to rank k by an exact low-rank SVD (PEFT's "svd"); no dense matrix.
 
-    Default k: the largest input rank. The report's `singular_values` are those of the full sum.
+    Default k: the largest input rank. The report keeps the leading 2k singular values of the full sum.
     """
     k = default_rank(factors, rank, "task_arithmetic")
     summed = scale_factors(concat_factors(factors, weights), scale)

@@ -1,0 +1,195 @@
+"""The benchmark's experiments (the paper's, reproduced offline). Each returns a `Table` of accuracies.
+
+  main     all task LoRAs merged with every registered method (default ranks)   - the paper's main table
+  sweep    `lego` with k = 0.5r .. 6r, and the dual-reweighting ablation at k = r
+  prune    each LoRA pruned to r/2 and r/3: `lego` (prune) vs truncated SVD (task_arithmetic of one)
+  hetero   one task at 2r (alpha 2x), the others at r: every method that accepts mixed ranks
+  seeds    `lego` and `dare_ties` over 5 seeds: spread of the mean accuracy
+  heldout  merge n-1 LoRAs, evaluate on the left-out task (out of domain), against zero-shot
+
+Evaluations are cached in <out>/evaluations.json (key: what was evaluated), so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import lora_lego as ll
+
+from ..errors import LoraLegoError, LoraLegoWarning
+from ..registry import available_methods
+from .lm import TrainConfig, accuracy, applied, load_base
+from .pool import ensure_adapter, task_split
+from .tasks import Task
+
+NEEDS_RANK = {"concat", "ensemble", "average"}  # methods whose output rank is not a parameter
+
+
+@dataclass
+class Table:
+    """Rows of accuracies: row label -> {column -> accuracy}; plus notes shown under the table."""
+
+    title: str
+    columns: list[str]
+    rows: dict[str, dict[str, float]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+class Bench:
+    """The trained task LoRAs, the base model and a persistent cache of evaluations."""
+
+    def __init__(self, cache: Path, model_dir: Path, tasks: list[Task], out: Path, *,
+                 config: TrainConfig = TrainConfig(), n_test: int = 300, seed: int = 0):
+        self.cache, self.model_dir, self.tasks, self.out = cache, model_dir, tasks, out
+        self.config, self.n_test, self.seed = config, n_test, seed
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._evaluations_path = out / "evaluations.json"
+        self._evaluations = json.loads(self._evaluations_path.read_text()) if self._evaluations_path.exists() else {}
+        self._model = None
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def folder(self, task: Task, config: TrainConfig | None = None) -> Path:
+        return ensure_adapter(self.cache, self.model_dir, task, config or self.config, self.n_test)
+
+    def adapter(self, task: Task, config: TrainConfig | None = None) -> ll.Adapter:
+        adapter = ll.load_adapter(self.folder(task, config))
+        adapter.name = task.name
+        return adapter
+
+    def evaluate(self, key: str, adapter: Callable[[], ll.Adapter | None], tasks: list[Task]) -> dict[str, float]:
+        """Accuracy per task of the base model plus `adapter()` (built only if not cached under `key`)."""
+        key = f"{self.config.key()} n_test={self.n_test} {key}"  # evaluations of other settings never mix
+        missing = [t for t in tasks if f"{key} @ {t.name}" not in self._evaluations]
+        if missing:
+            if self._model is None:
+                self._model = load_base(self.model_dir)
+            model, tokenizer = self._model
+            with applied(model, adapter()):
+                for task in missing:
+                    _, test = task_split(self.cache, task, self.n_test)
+                    result = accuracy(model, tokenizer, task, test, max_length=self.config.max_length,
+                                      desc=f"{key} on {task.name}")
+                    self._evaluations[f"{key} @ {task.name}"] = result
+                    self._save()
+        return {t.name: self._evaluations[f"{key} @ {t.name}"] for t in tasks}
+
+    def _save(self) -> None:
+        partial = self._evaluations_path.with_suffix(".partial")
+        partial.write_text(json.dumps(self._evaluations, indent=1, sort_keys=True))
+        partial.replace(self._evaluations_path)
+
+    def merged(self, adapters: list[ll.Adapter], method: str, **params) -> ll.Adapter:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", LoraLegoWarning)
+            return ll.merge(adapters, method, seed=params.pop("seed", self.seed), **params)
+
+    def references(self, table: Table) -> None:
+        """Add the zero-shot row and the own-LoRA row (each task's LoRA on its own task) to `table`."""
+        table.rows["zero-shot (base model)"] = self.evaluate("base", lambda: None, self.tasks)
+        table.rows["own LoRA (upper reference)"] = {
+            t.name: self.evaluate(f"own {t.name}", lambda t=t: self.adapter(t), [t])[t.name] for t in self.tasks}
+
+
+def main_table(bench: Bench) -> Table:
+    table = Table("(a) Multi-task merge of all task LoRAs, every method at its default rank", bench.names)
+    bench.references(table)
+    adapters = [bench.adapter(t) for t in bench.tasks]
+    r = bench.config.rank
+    for method in available_methods():
+        label = method if method in NEEDS_RANK else f"{method} (k={r})"
+        table.rows[label] = bench.evaluate(f"merge {method}", lambda m=method: bench.merged(adapters, m), bench.tasks)
+    table.notes.append(f"{len(adapters)} LoRAs of rank {r}; weights 1; concat = sum of deltas (rank "
+                       f"{r * len(adapters)}), ensemble = their mean; rank-k methods default to k = r.")
+    return table
+
+
+def sweep_table(bench: Bench) -> Table:
+    table = Table("(b) lego: number of clusters k, and the dual-reweighting ablation", bench.names)
+    adapters = [bench.adapter(t) for t in bench.tasks]
+    r, units = bench.config.rank, bench.config.rank * len(bench.tasks)
+    for k in sorted({max(1, r // 2), r, 2 * r, 3 * r, units}):
+        table.rows[f"k={k}"] = bench.evaluate(f"lego k={k}", lambda k=k: bench.merged(adapters, "lego", rank=k),
+                                              bench.tasks)
+    for label, param_norm, output in [("no reweighting", "off", False), ("parameter only", "inf", False),
+                                      ("output only", "off", True), ("both (default)", "inf", True)]:
+        key = f"lego k={r} param_norm={param_norm} output_reweight={output}"
+        table.rows[f"k={r}, {label}"] = bench.evaluate(
+            key, lambda p=param_norm, o=output: bench.merged(adapters, "lego", rank=r, param_norm=p, output_reweight=o),
+            bench.tasks)
+    table.notes.append(f"k={units} is every unit in its own cluster: the exact sum, scaled by sqrt(r/k) when "
+                       "output reweighting is on.")
+    return table
+
+
+def prune_table(bench: Bench) -> Table:
+    r = bench.config.rank
+    ranks = sorted({max(1, r // 2), max(1, r // 3)}, reverse=True)
+    table = Table(f"(c) Pruning each LoRA from rank {r}: lego vs truncated SVD, on its own task", bench.names)
+    table.rows[f"original (r={r})"] = {
+        t.name: bench.evaluate(f"own {t.name}", lambda t=t: bench.adapter(t), [t])[t.name] for t in bench.tasks}
+    for k in ranks:
+        for method, label in [("lego", "lego"), ("task_arithmetic", "truncated SVD")]:
+            table.rows[f"{label}, r={k}"] = {
+                t.name: bench.evaluate(f"prune {method} k={k} {t.name}",
+                                       lambda t=t, m=method, k=k: bench.merged([bench.adapter(t)], m, rank=k), [t])[t.name]
+                for t in bench.tasks}
+    return table
+
+
+def hetero_table(bench: Bench) -> Table:
+    big = replace(bench.config, rank=2 * bench.config.rank, alpha=2 * bench.config.alpha)
+    first = bench.tasks[0]
+    table = Table(f"(d) Heterogeneous merge: {first.name} at r={big.rank} (alpha {big.alpha}), the others at "
+                  f"r={bench.config.rank}", bench.names)
+    adapters = [bench.adapter(first, big)] + [bench.adapter(t) for t in bench.tasks[1:]]
+    table.rows[f"own LoRA ({first.name} at r={big.rank})"] = {
+        first.name: bench.evaluate(f"own {first.name} r={big.rank}", lambda: adapters[0], [first])[first.name]}
+    for method in available_methods():
+        try:
+            table.rows[method] = bench.evaluate(f"hetero {method}", lambda m=method: bench.merged(adapters, m),
+                                                bench.tasks)
+        except LoraLegoError as error:
+            table.notes.append(f"{method}: refused ({error})")
+    table.notes.append(f"Rank-k methods default to k = the largest input rank, {big.rank}.")
+    return table
+
+
+def seeds_table(bench: Bench, seeds: int = 5) -> Table:
+    table = Table(f"(e) Seed variance over {seeds} seeds (mean accuracy over tasks)", ["mean", "std", "min", "max"])
+    adapters = [bench.adapter(t) for t in bench.tasks]
+    for method in ("lego", "dare_ties"):
+        means = []
+        for seed in range(seeds):
+            result = bench.evaluate(f"merge {method}" if seed == bench.seed else f"merge {method} seed={seed}",
+                                    lambda m=method, s=seed: bench.merged(adapters, m, seed=s), bench.tasks)
+            means.append(statistics.mean(result.values()))
+        table.rows[method] = {"mean": statistics.mean(means), "std": statistics.stdev(means) if seeds > 1 else 0.0,
+                              "min": min(means), "max": max(means)}
+    return table
+
+
+def heldout_table(bench: Bench, methods: tuple[str, ...] = ("lego", "ensemble", "task_arithmetic", "ties")) -> Table:
+    table = Table("(f) Held-out task: merge the other LoRAs, evaluate on the left-out task", bench.names)
+    table.rows["zero-shot (base model)"] = bench.evaluate("base", lambda: None, bench.tasks)
+    for method in methods:
+        row = {}
+        for task in bench.tasks:
+            others = [bench.adapter(t) for t in bench.tasks if t is not task]
+            row[task.name] = bench.evaluate(f"heldout {method} without {task.name}",
+                                            lambda m=method, o=others: bench.merged(o, m), [task])[task.name]
+        table.rows[method] = row
+    return table
+
+
+EXPERIMENTS: dict[str, Callable[[Bench], Table]] = {
+    "main": main_table, "sweep": sweep_table, "prune": prune_table, "hetero": hetero_table, "seeds": seeds_table,
+    "heldout": heldout_table,
+}

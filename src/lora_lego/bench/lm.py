@@ -1,0 +1,153 @@
+"""The language-model side of the benchmark: verbalizer scoring, LoRA training with PEFT, evaluation.
+
+Scoring: the prompt ends in "Answer:"; a label's score is the logit of the first token of " <word>" at
+the last position (rank classification; verbalizers are chosen so that first tokens differ). Training
+minimises the LM loss of that answer token. Evaluation adds the adapter's deltas into the base weights
+(exactly what PEFT's merge does) and restores the original weights afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..types import Adapter
+from .tasks import Rows, Task
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BASE_NAME = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a task LoRA is trained (the paper's setting by default: r=6, alpha=12, all linear layers)."""
+
+    rank: int = 6
+    alpha: int = 12
+    targets: tuple[str, ...] = ALL_LINEAR
+    steps: int = 150
+    batch: int = 16
+    lr: float = 1e-3
+    warmup: int = 10
+    seed: int = 0
+    max_length: int = 128
+
+    def key(self) -> str:
+        return hashlib.blake2b(json.dumps(asdict(self), sort_keys=True).encode(), digest_size=4).hexdigest()
+
+
+def load_base(model_dir: Path):
+    """(model, tokenizer) in eval mode; left padding so the last position is every prompt's end."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return model.eval(), tokenizer
+
+
+def label_token_ids(tokenizer, task: Task) -> torch.Tensor:
+    """First token id of " <word>" for each label of the task, in the task's label order."""
+    ids = [tokenizer(" " + word, add_special_tokens=False).input_ids[0] for word in task.verbalizers.values()]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"task {task.name}: verbalizers {list(task.verbalizers.values())} share a first token")
+    return torch.tensor(ids)
+
+
+def last_logits(model, tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
+    """Next-token logits after each prompt: (batch, vocab)."""
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    mask = encoded.attention_mask
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=encoded.input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+    return out.logits[:, -1].float()
+
+
+def accuracy(model, tokenizer, task: Task, rows: Rows, *, batch: int = 32, max_length: int = 128,
+             desc: str = "") -> float:
+    """Fraction of rows whose highest-scoring label is the true one."""
+    ids = label_token_ids(tokenizer, task)
+    labels = list(task.verbalizers)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths per batch: less padding
+    correct = 0
+    with torch.no_grad():
+        for start in tqdm(range(0, len(order), batch), desc=desc or f"eval {task.name}", leave=False, unit="batch"):
+            chunk = [rows[i] for i in order[start:start + batch]]
+            scores = last_logits(model, tokenizer, [task.prompt(t) for t, _ in chunk], max_length)[:, ids]
+            correct += sum(labels[int(p)] == label for p, (_, label) in zip(scores.argmax(-1), chunk))
+    return correct / len(rows)
+
+
+@contextlib.contextmanager
+def applied(model, adapter: Adapter | None):
+    """Add the adapter's deltas (B @ A, scale folded) into the model's weights; restore them on exit."""
+    saved = {}
+    try:
+        if adapter is not None:
+            modules = dict(model.named_modules())
+            with torch.no_grad():
+                for name, factors in adapter.items():
+                    weight = modules[name].weight
+                    saved[name] = weight.detach().clone()
+                    weight += (factors.B @ factors.A).to(weight.dtype)
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, original in saved.items():
+                dict(model.named_modules())[name].weight.copy_(original)
+
+
+def train_lora(model_dir: Path, task: Task, rows: Rows, config: TrainConfig, out: Path) -> dict:
+    """Train one PEFT LoRA on `rows` and save it to `out` (atomically); returns the training log."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = load_base(model_dir)
+    with torch.random.fork_rng(devices=[]):  # PEFT initialises A from the global generator: seed it, then restore
+        torch.manual_seed(config.seed)
+        peft_model = get_peft_model(model, LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
+                                                      target_modules=list(config.targets), task_type="CAUSAL_LM"))
+    peft_model.peft_config["default"].base_model_name_or_path = BASE_NAME
+    peft_model.train()
+    ids = label_token_ids(tokenizer, task)
+    label_index = {label: i for i, label in enumerate(task.verbalizers)}
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=config.lr,
+                                  weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / config.warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(step, config.steps) / config.steps)))
+    rng = random.Random(config.seed)
+    order: list[int] = []
+    losses, started = [], time.perf_counter()
+    for _ in tqdm(range(config.steps), desc=f"train {task.name}", unit="step"):
+        if len(order) < config.batch:
+            order += rng.sample(range(len(rows)), len(rows))
+        chunk = [rows[order.pop()] for _ in range(config.batch)]
+        logits = last_logits(peft_model, tokenizer, [task.prompt(t) for t, _ in chunk], config.max_length)
+        targets = ids[[label_index[label] for _, label in chunk]]
+        loss = torch.nn.functional.cross_entropy(logits, targets)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    log = {"task": task.name, "config": asdict(config), "train_rows": len(rows), "seconds": time.perf_counter() - started,
+           "loss_first_10": sum(losses[:10]) / 10, "loss_last_10": sum(losses[-10:]) / 10}
+    partial = out.with_name(out.name + ".partial")
+    peft_model.save_pretrained(partial, save_embedding_layers=False)  # no hub lookup of the base config
+    (partial / "train_log.json").write_text(json.dumps(log, indent=1))
+    if out.exists():
+        import shutil
+        shutil.rmtree(out)
+    partial.rename(out)
+    return log

@@ -1,0 +1,88 @@
+"""Smoke test of the benchmark pipeline end to end (train -> merge -> evaluate -> report) on a tiny Llama
+built from a config with a word-level tokenizer made in the test, and two user tasks from JSONL files.
+Nothing is downloaded; the real benchmark runs SmolLM2-135M (see docs/results.md)."""
+
+import json
+import random
+
+import pytest
+
+pytest.importorskip("matplotlib")
+from lora_lego.bench import EXPERIMENTS, run  # noqa: E402
+from lora_lego.bench.tasks import get_task  # noqa: E402
+from lora_lego.cli import main  # noqa: E402
+
+WORDS = "the a sky grass sun snow is looks very bright blue green red white dog cat runs sleeps".split()
+TASKS = {
+    "colour": {"blue": ["sky"], "green": ["grass"], "white": ["snow"]},
+    "animal": {"dog": ["runs"], "cat": ["sleeps"]},
+}
+
+
+def make_tasks(folder):
+    """Two JSONL tasks whose label is given away by one cue word in the text."""
+    rng = random.Random(0)
+    paths = []
+    for name, labels in TASKS.items():
+        lines = []
+        for i in range(60):
+            label = rng.choice(sorted(labels))
+            text = " ".join(rng.choice(WORDS) for _ in range(4)) + f" {labels[label][0]} {i}"
+            lines.append(json.dumps({"text": text, "label": label}))
+        path = folder / f"{name}.jsonl"
+        path.write_text("\n".join(lines))
+        paths.append(str(path))
+    return paths
+
+
+def make_model(folder):
+    """A 2-layer Llama (hidden 32) and a whitespace word-level tokenizer, saved as a transformers folder."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = ["<pad>", "<unk>", "<eos>", "Answer:", "Classify", "the", "following", "text."] + WORDS
+    vocab += [str(i) for i in range(60)]
+    vocab = {word: i for i, word in enumerate(dict.fromkeys(vocab))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                        eos_token="<eos>")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=len(vocab)))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_the_pipeline_runs_every_experiment_and_writes_reports(tmp_path):
+    tasks = make_tasks(tmp_path)
+    model = make_model(tmp_path / "model")
+    out = run(["all"], cache=tmp_path / "cache", out=tmp_path / "out", tasks=tasks, model_dir=model, steps=3,
+              n_test=20)
+    text = (out / "results.md").read_text()
+    for name in EXPERIMENTS:
+        assert (out / f"{name}.png").stat().st_size > 0
+        table = json.loads((out / f"{name}.json").read_text())
+        values = [v for row in table["rows"].values() for v in row.values()]
+        assert values and all(0.0 <= v <= 1.0 for v in values), name
+        assert table["title"] in text
+    main_table = json.loads((out / "main.json").read_text())
+    assert {"zero-shot (base model)", "own LoRA (upper reference)", "lego (k=6)", "concat"} <= set(main_table["rows"])
+    # trained once, evaluated once: a second run reuses the cached adapters and evaluations
+    adapters = sorted(p.name for p in (tmp_path / "cache" / "adapters").iterdir())
+    assert len(adapters) == 3  # two tasks at r=6, one at r=12 (hetero)
+    evaluations = (out / "evaluations.json").read_text()
+    run(["main"], cache=tmp_path / "cache", out=tmp_path / "out", tasks=tasks, model_dir=model, steps=3, n_test=20)
+    assert (out / "evaluations.json").read_text() == evaluations
+
+
+def test_user_task_errors_are_clear(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "x"}\n')
+    with pytest.raises(Exception, match="line 1 is not a JSON object with text and label"):
+        get_task(str(bad))
+    assert main(["bench", "nonsense", "--cache", str(tmp_path)]) == 2
+    assert "unknown experiment" in capsys.readouterr().err
