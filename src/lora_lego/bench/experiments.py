@@ -1,11 +1,13 @@
 """The benchmark's experiments (the paper's, reproduced offline). Each returns a `Table` of accuracies.
 
   main     all task LoRAs merged with every registered method (default ranks)   - the paper's main table
-  sweep    `lego` with k = 0.5r .. 6r, and the dual-reweighting ablation at k = r
+  sweep    `lego` and its variants with k = 0.5r .. 6r, and the dual-reweighting ablation at k = r
   prune    each LoRA pruned to r/2 and r/3: `lego` (prune) vs truncated SVD (task_arithmetic of one)
   hetero   one task at 2r (alpha 2x), the others at r: every method that accepts mixed ranks
-  seeds    `lego` and `dare_ties` over 5 seeds: spread of the mean accuracy
+  seeds    `lego`, its variants and `dare_ties` over 5 seeds: spread of the mean accuracy
   heldout  merge n-1 LoRAs, evaluate on the left-out task (out of domain), against zero-shot
+
+The `lego` variants (canonical="svd", lego_rank1) are beyond the paper (issue 7).
 
 Evaluations are cached in <out>/evaluations.json (key: what was evaluated), so an interrupted run resumes.
 """
@@ -28,6 +30,9 @@ from .pool import ensure_adapter, task_split
 from .tasks import Task
 
 NEEDS_RANK = {"concat", "ensemble", "average"}  # methods whose output rank is not a parameter
+# lego and its beyond-the-paper variants (issue 7): label -> (method, parameters)
+LEGO_VARIANTS = {"lego": ("lego", {}), "lego canonical=svd": ("lego", {"canonical": "svd"}),
+                 "lego_rank1": ("lego_rank1", {})}
 
 
 @dataclass
@@ -106,18 +111,21 @@ def main_table(bench: Bench) -> Table:
     for method in available_methods():
         label = method if method in NEEDS_RANK else f"{method} (k={r})"
         table.rows[label] = bench.evaluate(f"merge {method}", lambda m=method: bench.merged(adapters, m), bench.tasks)
+    table.rows[f"lego canonical=svd (k={r})"] = bench.evaluate(
+        "merge lego canonical=svd", lambda: bench.merged(adapters, "lego", canonical="svd"), bench.tasks)
     table.notes.append(f"{len(adapters)} LoRAs of rank {r}; weights 1; concat = sum of deltas (rank "
                        f"{r * len(adapters)}), ensemble = their mean; rank-k methods default to k = r.")
     return table
 
 
 def sweep_table(bench: Bench) -> Table:
-    table = Table("(b) lego: number of clusters k, and the dual-reweighting ablation", bench.names)
+    table = Table("(b) lego and its variants: number of clusters k; the dual-reweighting ablation", bench.names)
     adapters = [bench.adapter(t) for t in bench.tasks]
     r, units = bench.config.rank, bench.config.rank * len(bench.tasks)
-    for k in sorted({max(1, r // 2), r, 2 * r, 3 * r, units}):
-        table.rows[f"k={k}"] = bench.evaluate(f"lego k={k}", lambda k=k: bench.merged(adapters, "lego", rank=k),
-                                              bench.tasks)
+    for label, (method, params) in LEGO_VARIANTS.items():
+        for k in sorted({max(1, r // 2), r, 2 * r, 3 * r, units}):
+            table.rows[f"{label}, k={k}"] = bench.evaluate(
+                f"{label} k={k}", lambda k=k, m=method, p=params: bench.merged(adapters, m, rank=k, **p), bench.tasks)
     for label, param_norm, output in [("no reweighting", "off", False), ("parameter only", "inf", False),
                                       ("output only", "off", True), ("both (default)", "inf", True)]:
         key = f"lego k={r} param_norm={param_norm} output_reweight={output}"
@@ -165,27 +173,30 @@ def hetero_table(bench: Bench) -> Table:
 def seeds_table(bench: Bench, seeds: int = 5) -> Table:
     table = Table(f"(e) Seed variance over {seeds} seeds (mean accuracy over tasks)", ["mean", "std", "min", "max"])
     adapters = [bench.adapter(t) for t in bench.tasks]
-    for method in ("lego", "dare_ties"):
+    for label, (method, params) in {**LEGO_VARIANTS, "dare_ties": ("dare_ties", {})}.items():
         means = []
         for seed in range(seeds):
-            result = bench.evaluate(f"merge {method}" if seed == bench.seed else f"merge {method} seed={seed}",
-                                    lambda m=method, s=seed: bench.merged(adapters, m, seed=s), bench.tasks)
+            result = bench.evaluate(f"merge {label}" if seed == bench.seed else f"merge {label} seed={seed}",
+                                    lambda m=method, s=seed, p=params: bench.merged(adapters, m, seed=s, **p),
+                                    bench.tasks)
             means.append(statistics.mean(result.values()))
-        table.rows[method] = {"mean": statistics.mean(means), "std": statistics.stdev(means) if seeds > 1 else 0.0,
+        table.rows[label] = {"mean": statistics.mean(means), "std": statistics.stdev(means) if seeds > 1 else 0.0,
                               "min": min(means), "max": max(means)}
     return table
 
 
-def heldout_table(bench: Bench, methods: tuple[str, ...] = ("lego", "ensemble", "task_arithmetic", "ties")) -> Table:
+def heldout_table(bench: Bench) -> Table:
     table = Table("(f) Held-out task: merge the other LoRAs, evaluate on the left-out task", bench.names)
     table.rows["zero-shot (base model)"] = bench.evaluate("base", lambda: None, bench.tasks)
-    for method in methods:
+    methods = {**LEGO_VARIANTS, **{m: (m, {}) for m in ("ensemble", "task_arithmetic", "ties")}}
+    for label, (method, params) in methods.items():
         row = {}
         for task in bench.tasks:
             others = [bench.adapter(t) for t in bench.tasks if t is not task]
-            row[task.name] = bench.evaluate(f"heldout {method} without {task.name}",
-                                            lambda m=method, o=others: bench.merged(o, m), [task])[task.name]
-        table.rows[method] = row
+            row[task.name] = bench.evaluate(f"heldout {label} without {task.name}",
+                                            lambda m=method, o=others, p=params: bench.merged(o, m, **p),
+                                            [task])[task.name]
+        table.rows[label] = row
     return table
 
 

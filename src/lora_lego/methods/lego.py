@@ -10,8 +10,8 @@ from typing import Literal
 import torch
 
 from ..errors import ClusteringWarning, MethodError
-from ..kmeans import kmeans
-from ..lowrank import from_units, scale_factors, to_units
+from ..kmeans import kmeans, kmeans_gram
+from ..lowrank import concat_factors, from_units, scale_factors, to_units, truncated_svd
 from ..registry import register
 from ..types import LoraFactors
 
@@ -34,6 +34,7 @@ def lego(
     ref_rank: float | None = None,
     features: Literal["raw", "normalized"] = "raw",
     sample_weights: bool = False,
+    canonical: Literal["none", "svd"] = "none",
 ) -> tuple[LoraFactors, dict]:
     """Rank-wise clustering: K-means on the pooled units [a_i ; b_i], centroids as merged ranks, dual reweighting.
 
@@ -50,7 +51,12 @@ def lego(
     `features="normalized"` clusters per-half unit-normalised units (re-implementation #1) but
     still averages raw members; not confirmed by the paper. `sample_weights=True` also uses |w|
     as K-means sample weights and in the centroid and norm means (re-implementation #2).
+    `canonical="svd"` (beyond the paper) first re-expresses each adapter's factors through the exact
+    SVD of its delta (units sqrt(s_i) u_i, sqrt(s_i) v_i with a fixed sign rule), so that the units
+    no longer depend on how the adapter happened to split B A into ranks (order, signs, scales).
     """
+    if canonical == "svd":
+        factors = [canonical_factors(f) for f in factors]
     units, unit_weights, kept = _pool_units(factors, weights, sample_weights)
     d_in, kind, u = factors[0].d_in, factors[0].kind, units.shape[0]
     k = max(f.rank for f in factors) if n_clusters is None else n_clusters
@@ -76,6 +82,11 @@ def lego(
     all_labels[kept] = labels
     info = {"labels": all_labels.tolist(), "cluster_sizes": sizes, "inertia": inertia, "output_scale": scale}
     return from_units(centroids, d_in, kind), info
+
+
+def canonical_factors(factors: LoraFactors) -> LoraFactors:
+    """The same delta B A with balanced SVD factors (rank kept; sign rule of `truncated_svd`)."""
+    return truncated_svd(factors, factors.rank)[0]
 
 
 def _pool_units(factors: list[LoraFactors], weights: list[float], sample_weights: bool):
@@ -141,3 +152,60 @@ def output_scale(factors: list[LoraFactors], weights: list[float], k: int, ref_r
     elif ref_rank <= 0:
         raise MethodError(f"lego: ref_rank must be > 0; got {ref_rank}")
     return math.sqrt(ref_rank / k)
+
+
+@register("lego_rank1", paper=PAPER, aliases={"rank": "n_clusters"})
+def lego_rank1(
+    factors: list[LoraFactors],
+    weights: list[float],
+    *,
+    generator: torch.Generator,
+    n_clusters: int | None = None,
+    n_init: int = 10,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    param_norm: bool = True,
+    output_reweight: bool = True,
+    ref_rank: float | None = None,
+) -> tuple[LoraFactors, dict]:
+    """Beyond the paper: K-means on the rank-one updates b_i a_i^T themselves, centroids back to rank one.
+
+    The Frobenius inner product of two units is (a_i . a_j)(b_i . b_j), so Lloyd runs on the Gram
+    matrix (A A^T) * (B^T B) (element-wise, u x u) without forming any matrix; (b, a), (-b, -a) and
+    (c b, a / c) are the same point, so sign and scale flips of the inputs cannot split a cluster.
+    Each cluster's mean update (1/|C|) sum b_i a_i^T becomes its best rank-one approximation (exact
+    low-rank SVD); `param_norm` rescales it to the mean Frobenius norm |a_i| |b_i| of the members;
+    `output_reweight` multiplies by sqrt(ref_rank / k) as in `lego`.
+    """
+    pooled = concat_factors([f for f, w in zip(factors, weights) if w != 0], [w for w in weights if w != 0])
+    kept = torch.tensor([w != 0 for f, w in zip(factors, weights) for _ in range(f.rank)])
+    u = pooled.rank
+    k = max(f.rank for f in factors) if n_clusters is None else n_clusters
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise MethodError(f"lego_rank1: n_clusters (rank) must be an integer >= 1; got {n_clusters!r}")
+    A, B = pooled.A.double(), pooled.B.double()
+    gram = (A @ A.T) * (B.T @ B)
+    if k >= u:
+        labels, inertia = torch.arange(u), 0.0
+    else:
+        result = kmeans_gram(gram, k, generator=generator, n_init=n_init, max_iter=max_iter, tol=tol)
+        labels, inertia = result.labels, result.inertia
+    labels, sizes = _drop_empty(labels, min(k, u))
+    member_norms = (gram.diagonal().clamp_min(0).sqrt())  # |a_i| |b_i| = ||b_i a_i^T||_F
+    units = []
+    for cluster in range(len(sizes)):
+        members = (labels == cluster).nonzero().flatten()
+        mean = LoraFactors(pooled.A[members] / len(members), pooled.B[:, members], pooled.kind)
+        unit = truncated_svd(mean, 1)[0]
+        if param_norm:
+            norm = float(unit.A.norm() * unit.B.norm())
+            target = float(member_norms[members].mean())
+            unit = scale_factors(unit, target / norm if norm > _EPS else 0.0)
+        units.append(to_units(unit))
+    centroids = torch.cat(units)
+    scale = output_scale(factors, weights, len(sizes), ref_rank) if output_reweight else 1.0
+    centroids = centroids * math.sqrt(scale)
+    all_labels = torch.full((len(kept),), -1, dtype=torch.long)
+    all_labels[kept] = labels
+    info = {"labels": all_labels.tolist(), "cluster_sizes": sizes, "inertia": inertia, "output_scale": scale}
+    return from_units(centroids, pooled.d_in, pooled.kind), info
