@@ -6,6 +6,7 @@ import torch
 import lora_lego as ll
 from lora_lego.errors import ClusteringWarning, MethodError
 from lora_lego.lowrank import to_units
+from lora_lego.registry import get_method
 from lora_lego.types import Adapter, LoraFactors
 from synthetic import dense_sum, random_adapter, random_factors
 
@@ -125,8 +126,11 @@ def test_duplicate_units_leave_empty_clusters_dropped_with_warning():
 def test_zero_weight_adapter_is_left_out_and_negative_weight_negates():
     a, b = random_adapter("a", 4, seed=1), random_adapter("b", 4, seed=2)
     only_a = ll.merge([a, b], "lego", weights=[1.0, 0.0], rank=8, output_reweight=False)
-    assert only_a.metadata["report"][MODULE]["labels"][4:] == [-1] * 4
+    assert all(sources == {"a": 1} for sources in only_a.metadata["report"][MODULE]["sources_per_rank"])
     torch.testing.assert_close(only_a[MODULE].delta(), a[MODULE].delta(), rtol=1e-5, atol=1e-5)
+    # called directly, the method itself leaves zero-weight units out (label -1)
+    _, info = get_method("lego")([a[MODULE], b[MODULE]], [1.0, 0.0], generator=torch.Generator(), n_clusters=8)
+    assert info["labels"][4:] == [-1] * 4
     negated = ll.merge([a], "lego", weights=[-1.0], rank=4)
     torch.testing.assert_close(negated[MODULE].delta(), -a[MODULE].delta(), rtol=1e-5, atol=1e-5)
 

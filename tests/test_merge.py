@@ -118,3 +118,14 @@ def test_progress_bar_flag_runs_quietly_by_default(capsys):
         warnings.simplefilter("error")
         ll.merge([random_adapter("a")], "concat")
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("method", ll.available_methods())
+def test_zero_weight_adapters_are_left_out(method):
+    a = random_adapter("a", 4, seed=1, types=("q_proj", "v_proj"))
+    b = random_adapter("b", 4, seed=2, types=("q_proj",))
+    merged = ll.merge([a, b], method, weights=[0.0, 1.0])
+    alone = ll.merge([b], method)
+    assert set(merged) == set(b)  # v_proj only exists in the zero-weight adapter
+    for module in b:
+        torch.testing.assert_close(merged[module].delta(), alone[module].delta())

@@ -87,7 +87,8 @@ def merge(
 ) -> Adapter:
     """Merge adapters module by module with a registered method.
 
-    A module that an adapter lacks contributes nothing from that adapter (union of modules).
+    A module that an adapter lacks contributes nothing from that adapter (union of modules), and so
+    does an adapter of weight 0 (a module only such adapters have is left out of the result).
     `weights` are per adapter (default 1 each; negative values negate a task). The result's
     metadata holds the provenance and a per-module report (rank, relative error against the exact
     weighted sum, and what the method records, e.g. cluster sizes).
@@ -106,6 +107,9 @@ def merge(
     report: dict[str, dict[str, Any]] = {}
     for module, holders in tqdm(owners.items(), desc=f"merge ({method})", unit="module",
                                  disable=None if progress else True, leave=False):
+        holders = [i for i in holders if weights[i] != 0]  # a weight of 0 leaves the adapter out
+        if not holders:  # every adapter that has this module is weighted 0: its merged delta is zero
+            continue
         factors = [adapters[i][module] for i in holders]
         module_weights = [weights[i] for i in holders]
         try:
