@@ -17,7 +17,7 @@ from .inspect import describe_adapters, describe_report
 from .merge import merge
 from .peft_io import load_adapter, save_adapter
 from .registry import available_methods, get_method
-from .writing import check_output_path, dtype_from_name, write_json_atomic
+from .writing import check_output_path, check_report_path, dtype_from_name, write_json_atomic
 
 
 class _Parser(argparse.ArgumentParser):
@@ -109,6 +109,8 @@ def _run_merge(args: argparse.Namespace) -> int:
         dtype_from_name(args.dtype)
     get_method(args.method).resolve(params)  # fail fast on a bad method or parameter, before loading
     check_output_path(args.output, args.adapters, overwrite=args.overwrite)
+    if args.report:  # checked before any work: a report that cannot be written must not leave an output behind
+        check_report_path(args.report, args.adapters, args.output)
     started = time.perf_counter()
     adapters = [load_adapter(path) for path in args.adapters]
     weights = getattr(args, "weights", None)

@@ -16,8 +16,12 @@ from tqdm.auto import tqdm
 from . import __version__
 from .errors import IncompatibleAdaptersError, LoraLegoError, LoraLegoWarning, MethodError
 from .lowrank import concat_factors, relative_error
+from .peft_io import check_factor_values
 from .registry import get_method
 from .types import Adapter, LoraFactors
+from .writing import source_folders
+
+MAX_WEIGHT = 1e6  # largest |weight| of an adapter: task weights are O(1), larger ones overflow float32
 
 log = logging.getLogger(__name__)
 
@@ -28,22 +32,36 @@ def module_generator(seed: int, module: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
-def check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
-    """Per-adapter weights as floats (default all 1): n finite values, not all zero."""
+def check_weights(weights: Sequence[float] | None, n: int, names: Sequence[str] | None = None) -> list[float]:
+    """Per-adapter weights as floats (default all 1): n finite values with |w| <= MAX_WEIGHT, not all zero.
+
+    `names` (the adapters', in order) make the messages say which adapter's weight is wrong.
+    """
     if weights is None:
         return [1.0] * n
+    names = list(names) if names is not None else [f"#{i + 1}" for i in range(n)]
+    listed = ", ".join(repr(name) for name in names)
     weights = list(weights)
     if len(weights) != n:
-        raise MethodError(f"got {len(weights)} weights for {n} adapters; give one weight per adapter")
+        raise MethodError(f"got {len(weights)} weights for {n} adapters ({listed}); give one weight per adapter")
     try:
         values = [float(w) for w in weights]
-    except (TypeError, ValueError):
-        raise MethodError(f"weights must be numbers; got {weights!r}") from None
-    if not all(math.isfinite(w) for w in values):
-        raise MethodError(f"weights must be finite numbers; got {values}")
+    except (TypeError, ValueError, OverflowError):
+        raise MethodError(f"weights must be numbers; got {weights!r} for adapters {listed}") from None
+    for name, w in zip(names, values):
+        if not math.isfinite(w) or abs(w) > MAX_WEIGHT:
+            raise MethodError(f"adapter {name!r}: weight {w} is not a finite number with |w| <= {MAX_WEIGHT:g}; "
+                              f"got weights {values}")
     if all(w == 0 for w in values):
-        raise MethodError("all weights are zero: the merge would be empty")
+        raise MethodError(f"all weights are zero (adapters {listed}): the merge would be empty")
     return values
+
+
+def check_values(adapters: Sequence[Adapter]) -> None:
+    """Refuse factors with NaN / Inf or huge entries (adapters built in memory skip load_adapter's checks)."""
+    for adapter in adapters:
+        for module, factors in adapter.items():
+            check_factor_values(factors, f"adapter {adapter.name!r}, module {module!r}")
 
 
 def align_modules(adapters: Sequence[Adapter]) -> dict[str, list[int]]:
@@ -99,10 +117,11 @@ def merge(
     spec = get_method(method)
     method = spec.name  # a method alias (e.g. "svd") is recorded under the registered name
     resolved = spec.resolve(params)
-    weights = check_weights(weights, len(adapters))
+    weights = check_weights(weights, len(adapters), [a.name for a in adapters])
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise MethodError(f"seed must be a non-negative integer; got {seed!r}")
     owners = align_modules(adapters)
+    check_values(adapters)
     merged: dict[str, LoraFactors] = {}
     report: dict[str, dict[str, Any]] = {}
     for module, holders in tqdm(owners.items(), desc=f"merge ({method})", unit="module",
@@ -112,15 +131,27 @@ def merge(
             continue
         factors = [adapters[i][module] for i in holders]
         module_weights = [weights[i] for i in holders]
+        names = ", ".join(repr(adapters[i].name) for i in holders)
         try:
             result, info = spec(factors, module_weights, generator=module_generator(seed, module), **resolved)
         except LoraLegoError as error:
-            names = ", ".join(repr(adapters[i].name) for i in holders)
             raise type(error)(f"module {module!r} (adapters {names}): {error}") from error
+        except torch.linalg.LinAlgError as error:  # e.g. an SVD of values overflowed by a huge `scale`
+            raise MethodError(f"module {module!r} (adapters {names}): {method} failed numerically "
+                              f"({_first_line(error)}); check its parameters {resolved}") from error
+        if not (torch.isfinite(result.A).all() and torch.isfinite(result.B).all()):
+            raise MethodError(f"module {module!r} (adapters {names}): {method} produced NaN or Inf "
+                              f"(parameters {resolved}: a scale too large for float32?)")
+        if result.rank == 0:  # an exactly zero delta (e.g. all-zero inputs): one zero rank keeps it a valid LoRA
+            result = LoraFactors(result.A.new_zeros(1, result.d_in), result.B.new_zeros(result.d_out, 1), result.kind)
         target = concat_factors(factors, module_weights)
         merged[module] = result
         report[module] = _module_report(result, factors, target, info, [adapters[i].name for i in holders])
     return Adapter(merged, _merged_metadata(adapters, method, resolved, weights, seed, report), name="merged")
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def prune(adapter: Adapter, *, rank: int, method: str = "lego", seed: int = 0, **params: Any) -> Adapter:
@@ -165,6 +196,7 @@ def _merged_metadata(adapters, method, params, weights, seed, report) -> dict[st
         "task_type": first.get("task_type"),
         "fan_in_fan_out": first.get("fan_in_fan_out", False),
         "dtype": first.get("dtype", "float32"),
+        "input_folders": sorted({folder for a in adapters for folder in source_folders(a)}),
         "provenance": {
             "tool": "lora-lego",
             "version": __version__,

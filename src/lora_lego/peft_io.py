@@ -16,13 +16,14 @@ from safetensors.torch import load_file, save_file
 from .errors import AdapterFormatError, LoraLegoWarning
 from .lowrank import scale_factors
 from .types import Adapter, LoraFactors
-from .writing import DTYPES, atomic_folder, dtype_from_name
+from .writing import DTYPES, atomic_folder, check_output_path, dtype_from_name, source_folders
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 _PREFIX = "base_model.model."
 _PARTS = {"lora_A.weight": ("A", "linear"), "lora_B.weight": ("B", "linear"),
           "lora_embedding_A": ("A", "embedding"), "lora_embedding_B": ("B", "embedding")}
+MAX_ABS = 1e8  # largest |entry| of a factor (scale folded in); real LoRAs stay below ~1e2
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
 
 
@@ -44,6 +45,7 @@ def load_adapter(path: str | Path) -> Adapter:
         factors = _module_factors(module, parts, name)
         scaling = module_scaling(config, module, factors.rank, name)
         modules[module] = scale_factors(factors, scaling)
+        check_factor_values(modules[module], f"adapter {name!r}, module {module!r} (scaling {scaling:g} folded in)")
         scalings[module] = scaling
     if not modules:
         raise AdapterFormatError(f"adapter {name!r}: no LoRA tensors in its weights file")
@@ -57,6 +59,7 @@ def load_adapter(path: str | Path) -> Adapter:
         "dtype": str(stored).removeprefix("torch."),
         "scaling": scalings,
         "peft_config": config,
+        "folder": str(folder.resolve()),  # what save_adapter must never write into (see writing.source_folders)
     }
     return Adapter(modules, metadata, name=name)
 
@@ -73,7 +76,7 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise AdapterFormatError(f"adapter {name!r}: no {CONFIG_NAME} in the folder")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: bad UTF-8, bad JSON, a too-long integer
         raise AdapterFormatError(f"adapter {name!r}: {CONFIG_NAME} is not valid JSON ({error})") from None
     if not isinstance(config, dict):
         raise AdapterFormatError(f"adapter {name!r}: {CONFIG_NAME} must hold a JSON object")
@@ -86,12 +89,40 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise AdapterFormatError(f"adapter {name!r}: adapters with lora_bias are not supported")
     for key in ("r", "lora_alpha"):
         value = config.get(key, 8)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not _is_number(value):
             raise AdapterFormatError(f"adapter {name!r}: {key} in {CONFIG_NAME} must be a number; got {value!r}")
+    for key in ("use_rslora", "fan_in_fan_out"):
+        if config.get(key) not in (None, True, False):
+            raise AdapterFormatError(
+                f"adapter {name!r}: {key} in {CONFIG_NAME} must be true or false; got {config[key]!r}")
     for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
-            raise AdapterFormatError(f"adapter {name!r}: {key} in {CONFIG_NAME} must be an object")
+        _check_pattern(config.get(key) or {}, key, name)
     return config
+
+
+def _check_pattern(patterns: Any, key: str, name: str) -> None:
+    """rank_pattern / alpha_pattern: an object of regular expressions -> numbers (integers for ranks)."""
+    if not isinstance(patterns, dict):
+        raise AdapterFormatError(f"adapter {name!r}: {key} in {CONFIG_NAME} must be an object")
+    for pattern, value in patterns.items():
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise AdapterFormatError(
+                f"adapter {name!r}: {key} key {pattern!r} is not a regular expression ({error})") from None
+        if not _is_number(value) or (key == "rank_pattern" and value != int(value)):
+            expected = "an integer" if key == "rank_pattern" else "a number"
+            raise AdapterFormatError(f"adapter {name!r}: {key}[{pattern!r}] must be {expected}; got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    """A finite JSON number: not a bool, not NaN / Infinity, not an integer too large for a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
@@ -179,11 +210,28 @@ def _module_factors(module: str, parts: dict[str, Any], name: str) -> LoraFactor
             f"{where}: lora_A has shape {tuple(A.shape)} and lora_B {tuple(B.shape)}; expected (r, d_in) and (d_out, r)"
         )
     if A.shape[0] == 0:
-        raise AdapterFormatError(f"{where}: rank 0")
+        raise AdapterFormatError(f"{where}: rank 0 (lora_A has shape {tuple(A.shape)}); expected r >= 1")
+    if A.shape[1] == 0 or B.shape[0] == 0:
+        raise AdapterFormatError(f"{where}: lora_A has shape {tuple(A.shape)} and lora_B {tuple(B.shape)}; "
+                                 "expected d_in >= 1 and d_out >= 1")
     for side, tensor in (("A", A), ("B", B)):
         if not torch.isfinite(tensor).all():
             raise AdapterFormatError(f"{where}: lora_{side} contains NaN or Inf")
     return LoraFactors(A, B, parts["kind"])
+
+
+def check_factor_values(factors: LoraFactors, where: str) -> None:
+    """Refuse factors with NaN / Inf or entries above MAX_ABS: their products would overflow float32.
+
+    `where` names the adapter and module ("adapter 'x', module 'y'").
+    """
+    for side, tensor in (("A", factors.A), ("B", factors.B)):
+        if not torch.isfinite(tensor).all():
+            raise AdapterFormatError(f"{where}: lora_{side} contains NaN or Inf")
+        peak = float(tensor.abs().max()) if tensor.numel() else 0.0
+        if peak > MAX_ABS:
+            raise AdapterFormatError(f"{where}: lora_{side} has entries up to {peak:.3g}; expected |values| <= "
+                                     f"{MAX_ABS:g} (larger ones make float32 products overflow)")
 
 
 def _some(keys: list[str], limit: int = 3) -> str:
@@ -198,8 +246,10 @@ def save_adapter(adapter: Adapter, path: str | Path, *, dtype: str | torch.dtype
     Config: r = the most common module rank, lora_alpha = r (scaling 1), rank_pattern / alpha_pattern
     for modules of other ranks, target_modules = exactly the written module paths. The provenance
     goes to the safetensors metadata ("lora_lego"). `dtype` defaults to the adapter's metadata
-    dtype (the inputs'); an existing `path` is refused unless `overwrite`.
+    dtype (the inputs'); an existing `path` is refused unless `overwrite`, and so is a `path` that
+    equals, lies inside or contains a folder the adapter (or its merge inputs) was read from.
     """
+    check_output_path(path, source_folders(adapter), overwrite=overwrite)  # never into (or over) an input
     if dtype is None:
         dtype = adapter.metadata.get("dtype", "float32")
         if dtype not in DTYPES and dtype not in DTYPES.values():  # e.g. float64 inputs: float32, as computed

@@ -4,6 +4,7 @@ output-path checks against the inputs, and dtype names."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .errors import OutputError
+from .types import Adapter
 
 DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -42,6 +44,37 @@ def check_output_path(output: str | Path, inputs: Sequence[str | Path], *, overw
             raise OutputError(f"output {str(output)!r} contains input adapter {str(source)!r}")
     if out.exists() and not overwrite:
         raise OutputError(f"output {str(output)!r} already exists (pass --overwrite / overwrite=True to replace it)")
+    check_writable(out.parent, f"output {str(output)!r}")
+
+
+def check_report_path(report: str | Path, inputs: Sequence[str | Path], output: str | Path) -> None:
+    """Refuse a report file inside an input adapter, at the output folder or an existing folder, or not writable."""
+    path = Path(report).resolve()
+    for source in inputs:
+        if Path(source).resolve() in (path, *path.parents):
+            raise OutputError(f"report {str(report)!r} lies inside input adapter {str(source)!r}")
+    if path == Path(output).resolve():
+        raise OutputError(f"report {str(report)!r} is the output folder; expected a .json file path beside it")
+    if path.is_dir():
+        raise OutputError(f"report {str(report)!r} is a folder; expected a .json file path")
+    check_writable(path.parent, f"report {str(report)!r}")
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Refuse to write under `folder` when its nearest existing ancestor is not a writable folder."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot write {what}: {str(existing)!r} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {what}: {str(existing)!r} is not writable")
+
+
+def source_folders(adapter: Adapter) -> list[str]:
+    """The folders `adapter` was read from: its own (load_adapter) or its inputs' (merge), resolved."""
+    meta = adapter.metadata
+    return [meta["folder"]] if "folder" in meta else list(meta.get("input_folders", []))
 
 
 @contextlib.contextmanager
@@ -89,7 +122,7 @@ def _replace(temporary: Path, final: Path) -> None:
 
 def _remove_stale(parent: Path, name: str) -> None:
     """Delete temporary folders of `name` left by processes that no longer run."""
-    for candidate in parent.glob(f".{name}.*-*-*"):
+    for candidate in parent.glob(f".{glob.escape(name)}.*-*-*"):
         kind, _, rest = candidate.name[len(name) + 2:].partition("-")
         pid = rest.partition("-")[0]
         if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):

@@ -185,6 +185,8 @@ def lego_rank1(
         raise MethodError(f"lego_rank1: n_clusters (rank) must be an integer >= 1; got {n_clusters!r}")
     A, B = pooled.A.double(), pooled.B.double()
     gram = (A @ A.T) * (B.T @ B)
+    if n_init < 1 or max_iter < 1 or tol < 0:
+        raise MethodError(f"lego_rank1: need n_init >= 1, max_iter >= 1, tol >= 0; got {n_init}, {max_iter}, {tol}")
     if k >= u:
         labels, inertia = torch.arange(u), 0.0
     else:
