@@ -29,7 +29,7 @@ def main() -> None:
         folder = ensure_adapter(cache, model, get_task(name), CONFIG)
         target = Path(__file__).parent / name
         shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(folder, target)
+        shutil.copytree(folder, target, ignore=shutil.ignore_patterns("README.md"))  # not PEFT's model card
         print(f"{name}: {target}")
 
 
