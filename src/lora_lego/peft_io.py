@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 import warnings
 from pathlib import Path
@@ -15,10 +14,10 @@ from safetensors.torch import load_file, save_file
 
 from .errors import AdapterFormatError, LoraLegoWarning
 from .lowrank import scale_factors
+from .peft_config import CONFIG_NAME, module_scaling, pattern_value, read_config  # noqa: F401  (re-exported)
 from .types import Adapter, LoraFactors
 from .writing import DTYPES, atomic_folder, check_output_path, dtype_from_name, source_folders
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 _PREFIX = "base_model.model."
 _PARTS = {"lora_A.weight": ("A", "linear"), "lora_B.weight": ("B", "linear"),
@@ -62,86 +61,6 @@ def load_adapter(path: str | Path) -> Adapter:
         "folder": str(folder.resolve()),  # what save_adapter must never write into (see writing.source_folders)
     }
     return Adapter(modules, metadata, name=name)
-
-
-def read_config(folder: Path) -> dict[str, Any]:
-    """The adapter_config.json of a LoRA folder, checked for what lora-lego supports."""
-    name = str(folder)
-    if not folder.exists():
-        raise AdapterFormatError(f"adapter {name!r}: no such folder")
-    if not folder.is_dir():
-        raise AdapterFormatError(f"adapter {name!r}: not a folder (expected a PEFT adapter folder)")
-    config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
-        raise AdapterFormatError(f"adapter {name!r}: no {CONFIG_NAME} in the folder")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as error:  # ValueError: bad UTF-8, bad JSON, a too-long integer
-        raise AdapterFormatError(f"adapter {name!r}: {CONFIG_NAME} is not valid JSON ({error})") from None
-    if not isinstance(config, dict):
-        raise AdapterFormatError(f"adapter {name!r}: {CONFIG_NAME} must hold a JSON object")
-    peft_type = config.get("peft_type", "LORA")
-    if str(peft_type).upper() != "LORA":
-        raise AdapterFormatError(f"adapter {name!r}: peft_type is {peft_type!r}; only LoRA adapters are supported")
-    if config.get("use_dora"):
-        raise AdapterFormatError(f"adapter {name!r}: DoRA adapters (use_dora) are not supported")
-    if config.get("lora_bias"):
-        raise AdapterFormatError(f"adapter {name!r}: adapters with lora_bias are not supported")
-    for key in ("r", "lora_alpha"):
-        value = config.get(key, 8)
-        if not _is_number(value):
-            raise AdapterFormatError(f"adapter {name!r}: {key} in {CONFIG_NAME} must be a number; got {value!r}")
-    for key in ("use_rslora", "fan_in_fan_out"):
-        if config.get(key) not in (None, True, False):
-            raise AdapterFormatError(
-                f"adapter {name!r}: {key} in {CONFIG_NAME} must be true or false; got {config[key]!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        _check_pattern(config.get(key) or {}, key, name)
-    return config
-
-
-def _check_pattern(patterns: Any, key: str, name: str) -> None:
-    """rank_pattern / alpha_pattern: an object of regular expressions -> numbers (integers for ranks)."""
-    if not isinstance(patterns, dict):
-        raise AdapterFormatError(f"adapter {name!r}: {key} in {CONFIG_NAME} must be an object")
-    for pattern, value in patterns.items():
-        try:
-            re.compile(pattern)
-        except re.error as error:
-            raise AdapterFormatError(
-                f"adapter {name!r}: {key} key {pattern!r} is not a regular expression ({error})") from None
-        if not _is_number(value) or (key == "rank_pattern" and value != int(value)):
-            expected = "an integer" if key == "rank_pattern" else "a number"
-            raise AdapterFormatError(f"adapter {name!r}: {key}[{pattern!r}] must be {expected}; got {value!r}")
-
-
-def _is_number(value: Any) -> bool:
-    """A finite JSON number: not a bool, not NaN / Infinity, not an integer too large for a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
-def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
-    """PEFT's rank_pattern / alpha_pattern rule: the first key k with re.match(rf"(.*\\.)?({k})$", module)."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def module_scaling(config: dict[str, Any], module: str, rank: int, name: str = "<adapter>") -> float:
-    """PEFT's scaling of one module: alpha / r, or alpha / sqrt(r) with use_rslora."""
-    expected = pattern_value(config.get("rank_pattern"), module, config.get("r", 8))
-    if expected != rank:
-        raise AdapterFormatError(
-            f"adapter {name!r}, module {module!r}: tensors have rank {rank} but the config says r={expected}"
-        )
-    alpha = pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
 def _read_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
 from ..errors import ClusteringWarning, MethodError
-from ..kmeans import kmeans, kmeans_gram
+from ..kmeans import KMeansResult, kmeans, kmeans_gram
 from ..lowrank import concat_factors, from_units, scale_factors, to_units, truncated_svd
 from ..registry import register
 from ..types import LoraFactors
@@ -58,19 +58,11 @@ def lego(
     if canonical == "svd":
         factors = [canonical_factors(f) for f in factors]
     units, unit_weights, kept = _pool_units(factors, weights, sample_weights)
-    d_in, kind, u = factors[0].d_in, factors[0].kind, units.shape[0]
-    k = max(f.rank for f in factors) if n_clusters is None else n_clusters
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise MethodError(f"lego: n_clusters (rank) must be an integer >= 1; got {n_clusters!r}")
-    if n_init < 1 or max_iter < 1 or tol < 0:
-        raise MethodError(f"lego: need n_init >= 1, max_iter >= 1, tol >= 0; got {n_init}, {max_iter}, {tol}")
-    if k >= u:
-        labels, inertia = torch.arange(u), 0.0
-    else:
-        result = kmeans(_features(units, d_in, features), k, generator=generator, sample_weight=unit_weights,
-                        n_init=n_init, max_iter=max_iter, tol=tol)
-        labels, inertia = result.labels, result.inertia
-    labels, sizes = _drop_empty(labels, min(k, u))
+    d_in, kind = factors[0].d_in, factors[0].kind
+    labels, sizes, inertia = _clusters(
+        "lego", factors, units.shape[0], n_clusters, n_init, max_iter, tol,
+        lambda k: kmeans(_features(units, d_in, features), k, generator=generator, sample_weight=unit_weights,
+                         n_init=n_init, max_iter=max_iter, tol=tol))
     centroids = weighted_centroids(units, labels, unit_weights, len(sizes))
     if param_norm != "off":
         centroids = restore_member_norms(centroids, units, labels, unit_weights, param_norm)
@@ -78,10 +70,35 @@ def lego(
     if output_reweight:
         scale = output_scale(factors, weights, len(sizes), ref_rank)
         centroids = centroids * math.sqrt(scale)
+    return from_units(centroids, d_in, kind), _info(labels, kept, sizes, inertia, scale)
+
+
+def _clusters(method: str, factors: list[LoraFactors], u: int, n_clusters: int | None, n_init: int, max_iter: int,
+              tol: float, run_kmeans: Callable[[int], KMeansResult]) -> tuple[torch.Tensor, list[int], float]:
+    """Labels (u,) over k' non-empty clusters, their sizes, and the inertia.
+
+    k = `n_clusters` (default: the largest input rank), validated with the K-means parameters;
+    `run_kmeans(k)` clusters the u units unless k >= u, where every unit is its own cluster.
+    """
+    k = max(f.rank for f in factors) if n_clusters is None else n_clusters
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise MethodError(f"{method}: n_clusters (rank) must be an integer >= 1; got {n_clusters!r}")
+    if n_init < 1 or max_iter < 1 or tol < 0:
+        raise MethodError(f"{method}: need n_init >= 1, max_iter >= 1, tol >= 0; got {n_init}, {max_iter}, {tol}")
+    if k >= u:
+        labels, inertia = torch.arange(u), 0.0
+    else:
+        result = run_kmeans(k)
+        labels, inertia = result.labels, result.inertia
+    labels, sizes = _drop_empty(labels, min(k, u))
+    return labels, sizes, inertia
+
+
+def _info(labels: torch.Tensor, kept: torch.Tensor, sizes: list[int], inertia: float, scale: float) -> dict:
+    """The report entry: a label per input unit (-1 for units left out), cluster sizes, inertia, output scale."""
     all_labels = torch.full((len(kept),), -1, dtype=torch.long)
     all_labels[kept] = labels
-    info = {"labels": all_labels.tolist(), "cluster_sizes": sizes, "inertia": inertia, "output_scale": scale}
-    return from_units(centroids, d_in, kind), info
+    return {"labels": all_labels.tolist(), "cluster_sizes": sizes, "inertia": inertia, "output_scale": scale}
 
 
 def canonical_factors(factors: LoraFactors) -> LoraFactors:
@@ -179,21 +196,12 @@ def lego_rank1(
     """
     pooled = concat_factors([f for f, w in zip(factors, weights) if w != 0], [w for w in weights if w != 0])
     kept = torch.tensor([w != 0 for f, w in zip(factors, weights) for _ in range(f.rank)])
-    u = pooled.rank
-    k = max(f.rank for f in factors) if n_clusters is None else n_clusters
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise MethodError(f"lego_rank1: n_clusters (rank) must be an integer >= 1; got {n_clusters!r}")
     A, B = pooled.A.double(), pooled.B.double()
     gram = (A @ A.T) * (B.T @ B)
-    if n_init < 1 or max_iter < 1 or tol < 0:
-        raise MethodError(f"lego_rank1: need n_init >= 1, max_iter >= 1, tol >= 0; got {n_init}, {max_iter}, {tol}")
-    if k >= u:
-        labels, inertia = torch.arange(u), 0.0
-    else:
-        result = kmeans_gram(gram, k, generator=generator, n_init=n_init, max_iter=max_iter, tol=tol)
-        labels, inertia = result.labels, result.inertia
-    labels, sizes = _drop_empty(labels, min(k, u))
-    member_norms = (gram.diagonal().clamp_min(0).sqrt())  # |a_i| |b_i| = ||b_i a_i^T||_F
+    labels, sizes, inertia = _clusters(
+        "lego_rank1", factors, pooled.rank, n_clusters, n_init, max_iter, tol,
+        lambda k: kmeans_gram(gram, k, generator=generator, n_init=n_init, max_iter=max_iter, tol=tol))
+    member_norms = gram.diagonal().clamp_min(0).sqrt()  # |a_i| |b_i| = ||b_i a_i^T||_F
     units = []
     for cluster in range(len(sizes)):
         members = (labels == cluster).nonzero().flatten()
@@ -207,7 +215,4 @@ def lego_rank1(
     centroids = torch.cat(units)
     scale = output_scale(factors, weights, len(sizes), ref_rank) if output_reweight else 1.0
     centroids = centroids * math.sqrt(scale)
-    all_labels = torch.full((len(kept),), -1, dtype=torch.long)
-    all_labels[kept] = labels
-    info = {"labels": all_labels.tolist(), "cluster_sizes": sizes, "inertia": inertia, "output_scale": scale}
-    return from_units(centroids, pooled.d_in, pooled.kind), info
+    return from_units(centroids, pooled.d_in, pooled.kind), _info(labels, kept, sizes, inertia, scale)
