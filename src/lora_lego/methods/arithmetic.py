@@ -103,6 +103,13 @@ def check_density(method: str, density: float) -> None:
         raise MethodError(f"{method}: density (the fraction of entries kept) must be in (0, 1]; got {density}")
 
 
+def check_max_error(method: str, max_error: float) -> None:
+    """Refuse a tolerance outside [0, 1) for choosing k (0 = k fixed; an error of 1 is met even by k = 0)."""
+    if isinstance(max_error, bool) or not isinstance(max_error, (int, float)) or not 0 <= max_error < 1:
+        raise MethodError(f"{method}: max_error (relative error tolerance; 0 = off) must be a number in [0, 1); "
+                          f"got {max_error!r}")
+
+
 def default_rank(factors: list[LoraFactors], rank: int | None, method: str) -> int:
     """The output rank: `rank`, or the largest input rank."""
     if rank is None:
@@ -116,15 +123,37 @@ def default_rank(factors: list[LoraFactors], rank: int | None, method: str) -> i
 
 @register("task_arithmetic", paper=TASK_ARITHMETIC, method_aliases=("svd",))
 def task_arithmetic(factors: list[LoraFactors], weights: list[float], *, generator: torch.Generator,
-                    rank: int | None = None, scale: float = 1.0) -> tuple[LoraFactors, dict]:
+                    rank: int | None = None, scale: float = 1.0, max_error: float = 0.0) -> tuple[LoraFactors, dict]:
     """scale * sum_t w_t delta_t truncated to rank k by an exact low-rank SVD (PEFT's "svd"); no dense matrix.
 
-    Default k: the largest input rank. The report keeps the leading 2k singular values of the full sum.
+    Default k: the largest input rank. `max_error` > 0 makes k the cap and keeps the smallest rank whose
+    relative Frobenius error sqrt(sum_{i>k} s_i^2 / sum_i s_i^2) is <= max_error (exact, from the
+    singular values). The report keeps the leading 2k singular values of the full sum (k: the cap).
     """
     k = default_rank(factors, rank, "task_arithmetic")
+    check_max_error("task_arithmetic", max_error)
     summed = scale_factors(concat_factors(factors, weights), scale)
     result, singular_values = truncated_svd(summed, k)
-    return result, {"singular_values": singular_values[: 2 * k].tolist()}
+    if max_error > 0:
+        chosen = smallest_rank(singular_values, max_error, result.rank)
+        # balanced_factors treats each rank on its own, so the first ranks are the rank-`chosen` truncation
+        result = LoraFactors(result.A[:chosen].contiguous(), result.B[:, :chosen].contiguous(), result.kind)
+    return result, {"singular_values": singular_values[: 2 * k].tolist(), "chosen_rank": result.rank,
+                    "max_error": max_error}
+
+
+def smallest_rank(singular_values: torch.Tensor, max_error: float, cap: int) -> int:
+    """The smallest k in [1, cap] with sqrt(sum_{i>k} s_i^2 / sum_i s_i^2) <= max_error, else the cap; s (r,) descending."""
+    energy = singular_values.double().pow(2)
+    total = float(energy.sum())
+    if total == 0.0:
+        return 1
+    # tail[k - 1] = sum_{i>k} s_i^2 (flipped cumulative sums: exact zeros at the end, no cancellation)
+    tail = energy.flip(0).cumsum(0).flip(0)[1:].tolist() + [0.0]
+    for k in range(1, cap + 1):
+        if (tail[k - 1] / total) ** 0.5 <= max_error:
+            return k
+    return cap
 
 
 def _dense_merge(factors: list[LoraFactors], weights: list[float], generator: torch.Generator, *, method: str,
