@@ -6,6 +6,7 @@
   hetero   one task at 2r (alpha 2x), the others at r: every method that accepts mixed ranks
   seeds    `lego`, its variants and `dare_ties` over 5 seeds: spread of the mean accuracy
   heldout  merge n-1 LoRAs, evaluate on the left-out task (out of domain), against zero-shot
+  autorank the `lego` variants choosing k per module (max_error, cap 3r) against fixed k = r and 3r
 
 The `lego` variants (canonical="svd", lego_rank1) are beyond the paper (issue 7).
 
@@ -204,7 +205,36 @@ def heldout_table(bench: Bench) -> Table:
     return table
 
 
+AUTORANK_ERRORS = (0.5, 0.35, 0.2)  # max_error: relative unit error left by the clustering
+
+
+def autorank_table(bench: Bench) -> Table:
+    """The lego variants with k chosen per module (issue 7): smallest k whose clustering meets `max_error`,
+    capped at 3r, against fixed k = r and k = 3r (the `sweep` rows, same cache keys); label: mean k."""
+    table = Table("(g) Choosing k per module: max_error with cap k = 3r, against fixed k", bench.names)
+    adapters = [bench.adapter(t) for t in bench.tasks]
+    r = bench.config.rank
+    cap = min(3 * r, r * len(adapters))  # k >= the number of units is every unit its own cluster
+    for label, (method, params) in LEGO_VARIANTS.items():
+        runs = [(f"k={k}", f"{label} k={k}", {"rank": k}) for k in (r, 3 * r)]
+        runs += [(f"max_error={e}", f"{label} k<={3 * r} max_error={e}", {"rank": 3 * r, "max_error": e})
+                 for e in AUTORANK_ERRORS]
+        for name, key, extra in runs:
+            merged = bench.merged(adapters, method, **params, **extra)
+            ranks = [entry["rank"] for entry in merged.metadata["report"].values()]
+            row = f"{label}, {name} (mean k {statistics.mean(ranks):.1f})"
+            table.rows[row] = bench.evaluate(key, lambda m=merged: m, bench.tasks)
+            if "max_error" in extra:
+                table.notes.append(f"{label}, {name}: k per module {min(ranks)}-{max(ranks)}, mean "
+                                   f"{statistics.mean(ranks):.2f}, at the cap {cap} in "
+                                   f"{sum(k == cap for k in ranks)} of {len(ranks)} modules")
+    table.notes.append(f"{len(adapters)} LoRAs of rank r={r}; k is the smallest rank whose clustering leaves a "
+                       "relative unit error sqrt(inertia / energy) <= max_error (binary search), capped at 3r; "
+                       "mean k is over modules (merged adapter's report). Fixed-k rows are the `sweep` ones.")
+    return table
+
+
 EXPERIMENTS: dict[str, Callable[[Bench], Table]] = {
     "main": main_table, "sweep": sweep_table, "prune": prune_table, "hetero": hetero_table, "seeds": seeds_table,
-    "heldout": heldout_table,
+    "heldout": heldout_table, "autorank": autorank_table,
 }
