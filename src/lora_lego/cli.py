@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_cmd = commands.add_parser("bench", help="offline benchmark on SmolLM2-135M and real tasks (extra [bench])")
     bench_cmd.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
-                           help="main, sweep, prune, hetero, seeds, heldout, or all")
+                           help="main, sweep, prune, hetero, seeds, heldout, autorank, or all")
     bench_cmd.add_argument("--quick", action="store_true", help="2 tasks, 30 training steps, 100 test rows")
     bench_cmd.add_argument("--cache", help="cache folder (default $LORA_LEGO_CACHE or ~/.cache/lora-lego)")
     bench_cmd.add_argument("--out", help="results folder (default <cache>/runs/full or /quick)")
@@ -112,7 +112,7 @@ def _run_merge(args: argparse.Namespace) -> int:
     if args.report:  # checked before any work: a report that cannot be written must not leave an output behind
         check_report_path(args.report, args.adapters, args.output)
     started = time.perf_counter()
-    adapters = [load_adapter(path) for path in args.adapters]
+    adapters = [load_adapter(path, lazy=True) for path in args.adapters]  # read module by module while merging
     weights = getattr(args, "weights", None)
     merged = merge(adapters, args.method, weights=weights, seed=args.seed, progress=not args.quiet, **params)
     save_adapter(merged, args.output, dtype=args.dtype, overwrite=args.overwrite)

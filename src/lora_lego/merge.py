@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import IncompatibleAdaptersError, LoraLegoError, LoraLegoWarning, MethodError
-from .lowrank import concat_factors, relative_error
+from .lowrank import concat_factors, factor_grams, relative_error_from_grams
 from .peft_io import check_factor_values
 from .registry import get_method
 from .types import Adapter, LoraFactors
@@ -57,13 +57,6 @@ def check_weights(weights: Sequence[float] | None, n: int, names: Sequence[str] 
     return values
 
 
-def check_values(adapters: Sequence[Adapter]) -> None:
-    """Refuse factors with NaN / Inf or huge entries (adapters built in memory skip load_adapter's checks)."""
-    for adapter in adapters:
-        for module, factors in adapter.items():
-            check_factor_values(factors, f"adapter {adapter.name!r}, module {module!r}")
-
-
 def align_modules(adapters: Sequence[Adapter]) -> dict[str, list[int]]:
     """Union of modules (in order of first appearance) -> indices of the adapters that have each.
 
@@ -71,10 +64,11 @@ def align_modules(adapters: Sequence[Adapter]) -> dict[str, list[int]]:
     """
     owners: dict[str, list[int]] = {}
     for index, adapter in enumerate(adapters):
-        for module, factors in adapter.items():
+        for module in adapter:
+            factors = adapter.info(module)  # shape and kind only: a lazy adapter's factors are not read here
             holders = owners.setdefault(module, [])
             if holders:
-                first = adapters[holders[0]][module]
+                first = adapters[holders[0]].info(module)
                 if (first.shape, first.kind) != (factors.shape, factors.kind):
                     raise IncompatibleAdaptersError(
                         f"module {module!r}: adapter {adapter.name!r} has a {factors.kind} delta of shape "
@@ -121,7 +115,6 @@ def merge(
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise MethodError(f"seed must be a non-negative integer; got {seed!r}")
     owners = align_modules(adapters)
-    check_values(adapters)
     merged: dict[str, LoraFactors] = {}
     report: dict[str, dict[str, Any]] = {}
     for module, holders in tqdm(owners.items(), desc=f"merge ({method})", unit="module",
@@ -129,7 +122,7 @@ def merge(
         holders = [i for i in holders if weights[i] != 0]  # a weight of 0 leaves the adapter out
         if not holders:  # every adapter that has this module is weighted 0: its merged delta is zero
             continue
-        factors = [adapters[i][module] for i in holders]
+        factors = [_read(adapters[i], module) for i in holders]  # a lazy adapter reads the module from disk here
         module_weights = [weights[i] for i in holders]
         names = ", ".join(repr(adapters[i].name) for i in holders)
         try:
@@ -144,10 +137,17 @@ def merge(
                               f"(parameters {resolved}: a scale too large for float32?)")
         if result.rank == 0:  # an exactly zero delta (e.g. all-zero inputs): one zero rank keeps it a valid LoRA
             result = LoraFactors(result.A.new_zeros(1, result.d_in), result.B.new_zeros(result.d_out, 1), result.kind)
-        target = concat_factors(factors, module_weights)
         merged[module] = result
-        report[module] = _module_report(result, factors, target, info, [adapters[i].name for i in holders])
+        report[module] = _module_report(result, factors, module_weights, info, [adapters[i].name for i in holders])
     return Adapter(merged, _merged_metadata(adapters, method, resolved, weights, seed, report), name="merged")
+
+
+def _read(adapter: Adapter, module: str) -> LoraFactors:
+    """The module's factors; values checked here unless a lazy adapter's reader already checked them."""
+    factors = adapter[module]
+    if not adapter.lazy:  # adapters built in memory skip load_adapter's checks
+        check_factor_values(factors, f"adapter {adapter.name!r}, module {module!r}")
+    return factors
 
 
 def _first_line(error: BaseException) -> str:
@@ -159,10 +159,18 @@ def prune(adapter: Adapter, *, rank: int, method: str = "lego", seed: int = 0, *
     return merge([adapter], method, seed=seed, rank=rank, **params)
 
 
-def _module_report(result: LoraFactors, factors: list[LoraFactors], target: LoraFactors, info: dict,
+def _module_report(result: LoraFactors, factors: list[LoraFactors], weights: list[float], info: dict,
                    names: list[str]) -> dict[str, Any]:
-    """Rank, relative error vs the exact weighted sum, and the method's info (labels -> per-source counts)."""
-    entry: dict[str, Any] = {"rank": result.rank, "relative_error": relative_error(result, target)}
+    """Rank, relative error vs the exact weighted sum, and the method's info (labels -> per-source counts).
+
+    A method that already holds the Grams of the pooled factors reports "relative_error" in its info.
+    """
+    info = dict(info)
+    error = info.pop("relative_error", None)
+    if error is None:
+        target = concat_factors(factors, weights)
+        error = relative_error_from_grams(result, target, *factor_grams(target, exact=False))
+    entry: dict[str, Any] = {"rank": result.rank, "relative_error": error}
     labels = info.get("labels")
     if labels is not None:
         unit_sources = [name for name, f in zip(names, factors) for _ in range(f.rank)]

@@ -7,15 +7,15 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .errors import AdapterFormatError, LoraLegoWarning
-from .lowrank import scale_factors
 from .peft_config import CONFIG_NAME, module_scaling, pattern_value, read_config  # noqa: F401  (re-exported)
-from .types import Adapter, LoraFactors
+from .tensorfile import TensorFileError, TensorInfo, read_header, read_tensor
+from .types import Adapter, LazyModules, LoraFactors, ModuleInfo
 from .writing import DTYPES, atomic_folder, check_output_path, dtype_from_name, source_folders
 
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -26,28 +26,29 @@ MAX_ABS = 1e8  # largest |entry| of a factor (scale folded in); real LoRAs stay 
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
 
 
-def load_adapter(path: str | Path) -> Adapter:
+def load_adapter(path: str | Path, *, lazy: bool = False) -> Adapter:
     """Read a PEFT LoRA folder. Factors are float32 with sqrt(scaling) folded into A and B.
 
     Honours r, lora_alpha, use_rslora, rank_pattern / alpha_pattern (PEFT's matching rule),
     fan_in_fan_out (kept as metadata: LoRA factors are stored (r, in) and (out, r) either way)
     and embedding LoRAs. Raises AdapterFormatError naming the adapter (and module or keys).
+    `lazy=True` reads the config and the safetensors header now and each module's factors when it
+    is accessed (never cached), so a merge holds one module per adapter at a time; values (NaN, Inf,
+    huge entries) are then checked on access. A .bin weights file is always read whole.
     """
     folder = Path(path)
     name = str(path)
     config = read_config(folder)
-    tensors = _read_tensors(folder, name)
-    pairs = _group_keys(tensors, name)
-    modules: dict[str, LoraFactors] = {}
-    scalings: dict[str, float] = {}
-    for module, parts in pairs.items():
-        factors = _module_factors(module, parts, name)
-        scaling = module_scaling(config, module, factors.rank, name)
-        modules[module] = scale_factors(factors, scaling)
-        check_factor_values(modules[module], f"adapter {name!r}, module {module!r} (scaling {scaling:g} folded in)")
-        scalings[module] = scaling
-    if not modules:
+    entries, fetch = _open_weights(folder, name)
+    pairs = _group_keys(entries, name)
+    infos = {module: _check_parts(module, parts, name) for module, parts in pairs.items()}
+    if not infos:
         raise AdapterFormatError(f"adapter {name!r}: no LoRA tensors in its weights file")
+    scalings = {module: module_scaling(config, module, info.rank, name) for module, info in infos.items()}
+
+    def read(module: str) -> LoraFactors:
+        return _read_factors(pairs[module], scalings[module], fetch, f"adapter {name!r}, module {module!r}")
+
     # the dtype the LoRA factors were stored in (base-layer copies left out); ties go to the widest, deterministically
     factor_dtypes = [parts[side].dtype for parts in pairs.values() for side in ("A", "B")]
     stored = max(sorted(set(factor_dtypes), key=str), key=lambda d: (factor_dtypes.count(d), d.itemsize))
@@ -60,28 +61,40 @@ def load_adapter(path: str | Path) -> Adapter:
         "peft_config": config,
         "folder": str(folder.resolve()),  # what save_adapter must never write into (see writing.source_folders)
     }
+    modules = LazyModules(infos, read) if lazy else {module: read(module) for module in infos}
     return Adapter(modules, metadata, name=name)
 
 
-def _read_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
+def _open_weights(folder: Path, name: str) -> tuple[dict[str, Any], Callable[[Any], torch.Tensor]]:
+    """The weights file's entries by key (safetensors: header infos; .bin: the tensors) and how to read one."""
     for weights_name in WEIGHTS_NAMES:
         weights_path = folder / weights_name
         if not weights_path.is_file():
             continue
+        if weights_name.endswith(".safetensors"):
+            try:
+                infos, _ = read_header(weights_path)
+            except (OSError, TensorFileError) as error:
+                raise AdapterFormatError(f"adapter {name!r}: cannot read {weights_name} ({error})") from None
+
+            def fetch(info: TensorInfo) -> torch.Tensor:
+                try:
+                    return read_tensor(weights_path, info)
+                except (OSError, TensorFileError) as error:
+                    raise AdapterFormatError(f"adapter {name!r}: cannot read {weights_name} ({error})") from None
+            return infos, fetch
         try:
-            if weights_name.endswith(".safetensors"):
-                return load_file(weights_path)
             tensors = torch.load(weights_path, map_location="cpu", weights_only=True)
-        except Exception as error:  # safetensors and torch raise many types for damaged files
+        except Exception as error:  # torch raises many types for damaged files
             raise AdapterFormatError(f"adapter {name!r}: cannot read {weights_name} ({error})") from None
         if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
             raise AdapterFormatError(f"adapter {name!r}: {weights_name} does not hold a dict of tensors")
-        return tensors
+        return tensors, lambda tensor: tensor.clone()  # a copy: factors are scaled in place after reading
     raise AdapterFormatError(f"adapter {name!r}: no {' or '.join(WEIGHTS_NAMES)} in the folder")
 
 
-def _group_keys(tensors: dict[str, torch.Tensor], name: str) -> dict[str, dict[str, torch.Tensor]]:
-    """Tensor keys -> {module: {"A"/"B": tensor, "kind": ...}}; refuses keys that are not plain LoRA."""
+def _group_keys(tensors: dict[str, Any], name: str) -> dict[str, dict[str, Any]]:
+    """Tensor keys -> {module: {"A"/"B": entry, "kind": ...}}; refuses keys that are not plain LoRA."""
     pairs: dict[str, dict[str, Any]] = {}
     dora = [k for k in tensors if "lora_magnitude_vector" in k]
     if dora:
@@ -109,48 +122,60 @@ def _group_keys(tensors: dict[str, torch.Tensor], name: str) -> dict[str, dict[s
     return pairs
 
 
-def _module_factors(module: str, parts: dict[str, Any], name: str) -> LoraFactors:
-    """Checked float32 factors of one module (scale not yet folded)."""
+def _check_parts(module: str, parts: dict[str, Any], name: str) -> ModuleInfo:
+    """Check one module's two entries (tensors or header infos: dtype and shape) and return its info."""
     where = f"adapter {name!r}, module {module!r}"
     for side in ("A", "B"):
         if side not in parts:
             raise AdapterFormatError(f"{where}: has lora_{'B' if side == 'A' else 'A'} but no lora_{side}")
-        tensor = parts[side]
-        if not tensor.is_floating_point():
-            raise AdapterFormatError(f"{where}: lora_{side} has dtype {tensor.dtype}; expected a float tensor")
-        if tensor.ndim != 2:
+        entry = parts[side]
+        if not entry.dtype.is_floating_point:
+            raise AdapterFormatError(f"{where}: lora_{side} has dtype {entry.dtype}; expected a float tensor")
+        if len(entry.shape) != 2:
             raise AdapterFormatError(
-                f"{where}: lora_{side} has shape {tuple(tensor.shape)}; only 2-D (linear or embedding) LoRA is "
+                f"{where}: lora_{side} has shape {tuple(entry.shape)}; only 2-D (linear or embedding) LoRA is "
                 "supported (convolution LoRA is not)"
             )
-    A, B = parts["A"].float(), parts["B"].float()
-    if A.shape[0] != B.shape[1]:
+    a_shape, b_shape = tuple(parts["A"].shape), tuple(parts["B"].shape)
+    if a_shape[0] != b_shape[1]:
         raise AdapterFormatError(
-            f"{where}: lora_A has shape {tuple(A.shape)} and lora_B {tuple(B.shape)}; expected (r, d_in) and (d_out, r)"
+            f"{where}: lora_A has shape {a_shape} and lora_B {b_shape}; expected (r, d_in) and (d_out, r)"
         )
-    if A.shape[0] == 0:
-        raise AdapterFormatError(f"{where}: rank 0 (lora_A has shape {tuple(A.shape)}); expected r >= 1")
-    if A.shape[1] == 0 or B.shape[0] == 0:
-        raise AdapterFormatError(f"{where}: lora_A has shape {tuple(A.shape)} and lora_B {tuple(B.shape)}; "
+    if a_shape[0] == 0:
+        raise AdapterFormatError(f"{where}: rank 0 (lora_A has shape {a_shape}); expected r >= 1")
+    if a_shape[1] == 0 or b_shape[0] == 0:
+        raise AdapterFormatError(f"{where}: lora_A has shape {a_shape} and lora_B {b_shape}; "
                                  "expected d_in >= 1 and d_out >= 1")
-    for side, tensor in (("A", A), ("B", B)):
-        if not torch.isfinite(tensor).all():
-            raise AdapterFormatError(f"{where}: lora_{side} contains NaN or Inf")
-    return LoraFactors(A, B, parts["kind"])
+    return ModuleInfo((b_shape[0], a_shape[1]), a_shape[0], parts["kind"])
+
+
+def _read_factors(parts: dict[str, Any], scaling: float, fetch: Callable[[Any], torch.Tensor], where: str) -> LoraFactors:
+    """Read one module's factors as float32 with sqrt(scaling) folded into each, and check their values."""
+    root = abs(scaling) ** 0.5  # as lowrank.scale_factors: the sign (a negative alpha) goes on A
+    A = fetch(parts["A"]).to(torch.float32).mul_(root if scaling >= 0 else -root)
+    B = fetch(parts["B"]).to(torch.float32).mul_(root)
+    factors = LoraFactors(A, B, parts["kind"])
+    check_factor_values(factors, f"{where} (scaling {scaling:g} folded in)")
+    return factors
 
 
 def check_factor_values(factors: LoraFactors, where: str) -> None:
     """Refuse factors with NaN / Inf or entries above MAX_ABS: their products would overflow float32.
 
-    `where` names the adapter and module ("adapter 'x', module 'y'").
+    `where` names the adapter and module ("adapter 'x', module 'y'"). One pass per factor: NaN
+    propagates through the min / max, and so does Inf.
     """
     for side, tensor in (("A", factors.A), ("B", factors.B)):
+        if not tensor.numel():
+            continue
+        low, high = torch.aminmax(tensor)
+        peak = max(-float(low), float(high))
+        if peak <= MAX_ABS:  # False for NaN
+            continue
         if not torch.isfinite(tensor).all():
             raise AdapterFormatError(f"{where}: lora_{side} contains NaN or Inf")
-        peak = float(tensor.abs().max()) if tensor.numel() else 0.0
-        if peak > MAX_ABS:
-            raise AdapterFormatError(f"{where}: lora_{side} has entries up to {peak:.3g}; expected |values| <= "
-                                     f"{MAX_ABS:g} (larger ones make float32 products overflow)")
+        raise AdapterFormatError(f"{where}: lora_{side} has entries up to {peak:.3g}; expected |values| <= "
+                                 f"{MAX_ABS:g} (larger ones make float32 products overflow)")
 
 
 def _some(keys: list[str], limit: int = 3) -> str:
@@ -209,15 +234,16 @@ def _sort_header_metadata(path: Path) -> None:
 
 def peft_config(adapter: Adapter) -> dict[str, Any]:
     """The adapter_config.json that makes PEFT apply exactly delta = B @ A to every written module."""
-    ranks = [f.rank for f in adapter.modules.values()]
+    module_ranks = adapter.ranks
+    ranks = list(module_ranks.values())
     if not ranks:
         raise AdapterFormatError(f"adapter {adapter.name!r}: nothing to save (no modules)")
     if min(ranks) < 1:
-        empty = [m for m, f in adapter.items() if f.rank < 1]
+        empty = [m for m, rank in module_ranks.items() if rank < 1]
         raise AdapterFormatError(f"adapter {adapter.name!r}: modules of rank 0 cannot be saved ({_some(empty)})")
     counts = {r: ranks.count(r) for r in set(ranks)}
     r = max(counts, key=lambda rank: (counts[rank], rank))
-    pattern = {module: f.rank for module, f in adapter.items() if f.rank != r}
+    pattern = {module: rank for module, rank in module_ranks.items() if rank != r}
     meta = adapter.metadata
     return {
         "peft_type": "LORA",

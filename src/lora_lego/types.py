@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -51,6 +51,44 @@ class LoraFactors:
         return self.B @ self.A
 
 
+@dataclass(frozen=True)
+class ModuleInfo:
+    """What is known of a module without reading its factors: delta shape (d_out, d_in), rank and kind."""
+
+    shape: tuple[int, int]
+    rank: int
+    kind: str = "linear"
+
+    @classmethod
+    def of(cls, factors: LoraFactors) -> "ModuleInfo":
+        return cls(factors.shape, factors.rank, factors.kind)
+
+
+class LazyModules(Mapping[str, LoraFactors]):
+    """Module path -> factors read on each access by `read(module)` (never cached), so a merge that
+    walks the modules one at a time holds one module per adapter in memory. `infos` are known up front."""
+
+    def __init__(self, infos: Mapping[str, ModuleInfo], read: Callable[[str], LoraFactors]):
+        self._infos, self._read = dict(infos), read
+
+    def __getitem__(self, module: str) -> LoraFactors:
+        if module not in self._infos:
+            raise KeyError(module)
+        return self._read(module)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __contains__(self, module: object) -> bool:
+        return module in self._infos
+
+    def info(self, module: str) -> ModuleInfo:
+        return self._infos[module]
+
+
 @dataclass
 class Adapter:
     """An ordered mapping module path -> `LoraFactors`, plus metadata.
@@ -61,7 +99,7 @@ class Adapter:
     (its folder) for error messages and reports.
     """
 
-    modules: dict[str, LoraFactors]
+    modules: Mapping[str, LoraFactors]  # a dict, or LazyModules (read from disk module by module)
     metadata: dict[str, Any] = field(default_factory=dict)
     name: str = "<adapter>"
 
@@ -81,12 +119,21 @@ class Adapter:
         return self.modules.items()
 
     @property
+    def lazy(self) -> bool:
+        """True when factors are read from disk on each access (load_adapter(..., lazy=True))."""
+        return isinstance(self.modules, LazyModules)
+
+    def info(self, module: str) -> ModuleInfo:
+        """Shape, rank and kind of a module, without reading a lazy adapter's factors."""
+        return self.modules.info(module) if isinstance(self.modules, LazyModules) else ModuleInfo.of(self.modules[module])
+
+    @property
     def ranks(self) -> Mapping[str, int]:
-        return {m: f.rank for m, f in self.modules.items()}
+        return {m: self.info(m).rank for m in self.modules}
 
     @property
     def max_rank(self) -> int:
-        return max((f.rank for f in self.modules.values()), default=0)
+        return max(self.ranks.values(), default=0)
 
     def num_parameters(self) -> int:
-        return sum(f.A.numel() + f.B.numel() for f in self.modules.values())
+        return sum(i.rank * (i.shape[0] + i.shape[1]) for i in map(self.info, self.modules))
