@@ -13,7 +13,8 @@ from conftest import assert_matches_peft, lora_layers, load_peft, peft_deltas
 from lora_lego.errors import MethodError
 from lora_lego.lowrank import from_units, to_units
 from lora_lego.methods.arithmetic import task_arithmetic
-from lora_lego.methods.lego import lego, lego_rank1
+from lora_lego.methods.lego import lego
+from lora_lego.methods.lego_rank1 import lego_rank1
 from lora_lego.types import Adapter, LoraFactors
 from synthetic import random_factors
 

@@ -10,8 +10,8 @@ from typing import Callable, Literal
 import torch
 
 from ..errors import ClusteringWarning, MethodError
-from ..kmeans import KMeansResult, kmeans, kmeans_gram
-from ..lowrank import concat_factors, from_units, scale_factors, to_units, truncated_svd
+from ..kmeans import KMeansResult, kmeans_gram
+from ..lowrank import concat_factors, factor_grams, relative_error_from_grams, scale_factors, truncated_svd
 from ..registry import register
 from ..types import LoraFactors
 from .arithmetic import check_max_error
@@ -61,23 +61,27 @@ def lego(
     """
     if canonical == "svd":
         factors = [canonical_factors(f) for f in factors]
-    units, unit_weights, kept = _pool_units(factors, weights, sample_weights)
-    d_in, kind = factors[0].d_in, factors[0].kind
-    points = _features(units, d_in, features)
-    energy = float(unit_weights.double() @ points.double().pow(2).sum(dim=1))
+    pooled, unit_weights, kept = _pool(factors, weights, sample_weights)
+    gram_a, gram_b = factor_grams(pooled, exact=False)  # the one O(u^2 d) step; the rest works on (u, u)
+    gram = _feature_gram(gram_a, gram_b, features)
+    p = unit_weights.double() / unit_weights.double().sum()
+    # scikit-learn's tolerance scale: the mean per-feature (weighted) variance of the points
+    tol_scale = max(float(p @ gram.diagonal() - p @ gram @ p), 0.0) / (pooled.d_in + pooled.d_out)
     labels, sizes, inertia, search = _clusters(
-        "lego", factors, units.shape[0], n_clusters, n_init, max_iter, tol,
-        lambda k: kmeans(points, k, generator=generator, sample_weight=unit_weights,
-                         n_init=n_init, max_iter=max_iter, tol=tol),
-        max_error=max_error, energy=energy, generator=generator)
-    centroids = weighted_centroids(units, labels, unit_weights, len(sizes))
+        "lego", factors, pooled.rank, n_clusters, n_init, max_iter, tol,
+        lambda k: kmeans_gram(gram, k, generator=generator, sample_weight=unit_weights, n_init=n_init,
+                              max_iter=max_iter, tol=tol, tol_scale=tol_scale),
+        max_error=max_error, energy=float(unit_weights.double() @ gram.diagonal()), generator=generator)
+    centroids = weighted_centroids(pooled, labels, unit_weights, len(sizes))
     if param_norm != "off":
-        centroids = restore_member_norms(centroids, units, labels, unit_weights, param_norm)
+        centroids = restore_member_norms(centroids, pooled, labels, unit_weights, param_norm)
     scale = 1.0
     if output_reweight:
         scale = output_scale(factors, weights, len(sizes), ref_rank)
-        centroids = centroids * math.sqrt(scale)
-    return from_units(centroids, d_in, kind), _info(labels, kept, sizes, inertia, scale, search)
+        centroids = scale_factors(centroids, scale)  # sqrt(scale) on each half of every unit
+    info = _info(labels, kept, sizes, inertia, scale, search)
+    info["relative_error"] = relative_error_from_grams(centroids, pooled, gram_a, gram_b)  # saves merge a Gram
+    return centroids, info
 
 
 def _clusters(method: str, factors: list[LoraFactors], u: int, n_clusters: int | None, n_init: int, max_iter: int,
@@ -157,26 +161,25 @@ def canonical_factors(factors: LoraFactors) -> LoraFactors:
     return truncated_svd(factors, factors.rank)[0]
 
 
-def _pool_units(factors: list[LoraFactors], weights: list[float], sample_weights: bool):
-    """Units of all adapters with their weights folded in, (u,) K-means weights, and which units were kept.
-
-    Units of adapters with weight 0 contribute nothing and are left out of the pool.
-    """
-    parts, unit_weights, kept = [], [], []
-    for f, w in zip(factors, weights, strict=True):
-        kept += [w != 0] * f.rank
-        if w != 0:
-            parts.append(to_units(scale_factors(f, w)))
-            unit_weights += [abs(w) if sample_weights else 1.0] * f.rank
-    return torch.cat(parts), torch.tensor(unit_weights, dtype=parts[0].dtype), torch.tensor(kept)
+def _pool(factors: list[LoraFactors], weights: list[float], sample_weights: bool):
+    """Pooled factors of all adapters with their weights folded in (unit i = row i of A with column i of B,
+    u units in all), the (u,) K-means weights, and which input units were kept (weight-0 adapters are left out)."""
+    used = [(f, w) for f, w in zip(factors, weights, strict=True) if w != 0]
+    pooled = concat_factors([f for f, _ in used], [w for _, w in used])
+    unit_weights = torch.tensor([abs(w) if sample_weights else 1.0 for f, w in used for _ in range(f.rank)],
+                                dtype=pooled.A.dtype)
+    kept = torch.tensor([w != 0 for f, w in zip(factors, weights) for _ in range(f.rank)])
+    return pooled, unit_weights, kept
 
 
-def _features(units: torch.Tensor, d_in: int, features: str) -> torch.Tensor:
-    """Units as clustered: raw, or each half divided by its L2 norm (+1e-8)."""
+def _feature_gram(gram_a: torch.Tensor, gram_b: torch.Tensor, features: str) -> torch.Tensor:
+    """(u, u) Gram of the points clustered: raw units [a_i ; b_i] give G_A + G_B; "normalized" divides each
+    half of a unit by its L2 norm (+1e-8) first, i.e. each Gram by the outer product of those norms."""
     if features == "raw":
-        return units
-    a, b = units[:, :d_in], units[:, d_in:]
-    return torch.cat([a / (a.norm(dim=1, keepdim=True) + 1e-8), b / (b.norm(dim=1, keepdim=True) + 1e-8)], dim=1)
+        return gram_a + gram_b
+    norm_a = gram_a.diagonal().clamp_min(0).sqrt() + 1e-8
+    norm_b = gram_b.diagonal().clamp_min(0).sqrt() + 1e-8
+    return gram_a / torch.outer(norm_a, norm_a) + gram_b / torch.outer(norm_b, norm_b)
 
 
 def _drop_empty(labels: torch.Tensor, k: int) -> tuple[torch.Tensor, list[int]]:
@@ -190,26 +193,31 @@ def _drop_empty(labels: torch.Tensor, k: int) -> tuple[torch.Tensor, list[int]]:
     return remap[labels], counts[present].tolist()
 
 
-def weighted_centroids(units: torch.Tensor, labels: torch.Tensor, unit_weights: torch.Tensor, k: int) -> torch.Tensor:
-    """(Weighted) mean of the members of each cluster: (u, d), (u,) labels, (u,) weights -> (k, d)."""
-    membership = torch.zeros(k, units.shape[0], dtype=units.dtype)
-    membership[labels, torch.arange(units.shape[0])] = unit_weights
-    return (membership / membership.sum(dim=1, keepdim=True)) @ units
+def weighted_centroids(pooled: LoraFactors, labels: torch.Tensor, unit_weights: torch.Tensor, k: int) -> LoraFactors:
+    """(Weighted) mean unit of each cluster: u pooled units, (u,) labels and weights -> k units (A (k, d_in), B (d_out, k))."""
+    u = pooled.rank
+    membership = torch.zeros(k, u, dtype=pooled.A.dtype, device=pooled.A.device)
+    membership[labels, torch.arange(u, device=labels.device)] = unit_weights.to(membership)
+    membership /= membership.sum(dim=1, keepdim=True)
+    return LoraFactors(membership @ pooled.A, pooled.B @ membership.T, pooled.kind)
 
 
-def unit_norms(units: torch.Tensor, norm: str) -> torch.Tensor:
-    """Norm of each unit (row): max-abs entry for "inf", Euclidean for "l2"; (u, d) -> (u,)."""
-    return units.abs().amax(dim=1) if norm == "inf" else units.norm(dim=1)
+def unit_norms(factors: LoraFactors, norm: str) -> torch.Tensor:
+    """Norm of each unit [a_i ; b_i]: max-abs entry for "inf", Euclidean for "l2"; r units -> (r,)."""
+    if norm == "inf":
+        return torch.maximum(factors.A.abs().amax(dim=1), factors.B.abs().amax(dim=0))
+    return (factors.A.pow(2).sum(dim=1) + factors.B.pow(2).sum(dim=0)).sqrt()
 
 
-def restore_member_norms(centroids: torch.Tensor, units: torch.Tensor, labels: torch.Tensor,
-                         unit_weights: torch.Tensor, norm: str) -> torch.Tensor:
-    """Parameter reweighting: scale each centroid so its norm equals the (weighted) mean norm of its members."""
-    k = centroids.shape[0]
-    member_norms = unit_norms(units, norm) * unit_weights
-    totals = torch.zeros(k, dtype=units.dtype).index_add_(0, labels, unit_weights)
-    mean_norms = torch.zeros(k, dtype=units.dtype).index_add_(0, labels, member_norms) / totals
-    return centroids * (mean_norms / unit_norms(centroids, norm).clamp_min(_EPS))[:, None]
+def restore_member_norms(centroids: LoraFactors, pooled: LoraFactors, labels: torch.Tensor,
+                         unit_weights: torch.Tensor, norm: str) -> LoraFactors:
+    """Parameter reweighting: scale each centroid unit so its norm equals the (weighted) mean norm of its members."""
+    k = centroids.rank
+    weights = unit_weights.to(pooled.A)
+    totals = torch.zeros(k, dtype=weights.dtype, device=weights.device).index_add_(0, labels, weights)
+    means = torch.zeros_like(totals).index_add_(0, labels, unit_norms(pooled, norm) * weights) / totals
+    factor = means / unit_norms(centroids, norm).clamp_min(_EPS)
+    return LoraFactors(centroids.A * factor[:, None], centroids.B * factor, centroids.kind)
 
 
 def output_scale(factors: list[LoraFactors], weights: list[float], k: int, ref_rank: float | None) -> float:
@@ -220,53 +228,3 @@ def output_scale(factors: list[LoraFactors], weights: list[float], k: int, ref_r
     elif ref_rank <= 0:
         raise MethodError(f"lego: ref_rank must be > 0; got {ref_rank}")
     return math.sqrt(ref_rank / k)
-
-
-@register("lego_rank1", paper=PAPER, aliases={"rank": "n_clusters"})
-def lego_rank1(
-    factors: list[LoraFactors],
-    weights: list[float],
-    *,
-    generator: torch.Generator,
-    n_clusters: int | None = None,
-    n_init: int = 10,
-    max_iter: int = 300,
-    tol: float = 1e-4,
-    param_norm: bool = True,
-    output_reweight: bool = True,
-    ref_rank: float | None = None,
-    max_error: float = 0.0,
-) -> tuple[LoraFactors, dict]:
-    """Beyond the paper: K-means on the rank-one updates b_i a_i^T themselves, centroids back to rank one.
-
-    The Frobenius inner product of two units is (a_i . a_j)(b_i . b_j), so Lloyd runs on the Gram
-    matrix (A A^T) * (B^T B) (element-wise, u x u) without forming any matrix; (b, a), (-b, -a) and
-    (c b, a / c) are the same point, so sign and scale flips of the inputs cannot split a cluster.
-    Each cluster's mean update (1/|C|) sum b_i a_i^T becomes its best rank-one approximation (exact
-    low-rank SVD); `param_norm` rescales it to the mean Frobenius norm |a_i| |b_i| of the members;
-    `output_reweight` multiplies by sqrt(ref_rank / k) as in `lego`. `max_error` > 0 picks k as in
-    `lego`, the energy being sum_i ||b_i a_i^T||_F^2 (the trace of the Gram matrix).
-    """
-    pooled = concat_factors([f for f, w in zip(factors, weights, strict=True) if w != 0], [w for w in weights if w != 0])
-    kept = torch.tensor([w != 0 for f, w in zip(factors, weights, strict=True) for _ in range(f.rank)])
-    A, B = pooled.A.double(), pooled.B.double()
-    gram = (A @ A.T) * (B.T @ B)
-    labels, sizes, inertia, search = _clusters(
-        "lego_rank1", factors, pooled.rank, n_clusters, n_init, max_iter, tol,
-        lambda k: kmeans_gram(gram, k, generator=generator, n_init=n_init, max_iter=max_iter, tol=tol),
-        max_error=max_error, energy=float(gram.diagonal().clamp_min(0).sum()), generator=generator)
-    member_norms = gram.diagonal().clamp_min(0).sqrt()  # |a_i| |b_i| = ||b_i a_i^T||_F
-    units = []
-    for cluster in range(len(sizes)):
-        members = (labels == cluster).nonzero().flatten()
-        mean = LoraFactors(pooled.A[members] / len(members), pooled.B[:, members], pooled.kind)
-        unit = truncated_svd(mean, 1)[0]
-        if param_norm:
-            norm = float(unit.A.norm() * unit.B.norm())
-            target = float(member_norms[members].mean())
-            unit = scale_factors(unit, target / norm if norm > _EPS else 0.0)
-        units.append(to_units(unit))
-    centroids = torch.cat(units)
-    scale = output_scale(factors, weights, len(sizes), ref_rank) if output_reweight else 1.0
-    centroids = centroids * math.sqrt(scale)
-    return from_units(centroids, pooled.d_in, pooled.kind), _info(labels, kept, sizes, inertia, scale, search)

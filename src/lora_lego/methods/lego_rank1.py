@@ -1,0 +1,64 @@
+"""Beyond the paper: LoRA-LEGO's clustering done on the rank-one updates b_i a_i^T themselves (their Frobenius
+geometry), so that sign and scale flips of a unit, which leave its update unchanged, cannot split a cluster."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..kmeans import kmeans_gram
+from ..lowrank import concat_factors, from_units, scale_factors, to_units, truncated_svd
+from ..registry import register
+from ..types import LoraFactors
+from .lego import _EPS, PAPER, _clusters, _info, output_scale
+
+
+@register("lego_rank1", paper=PAPER, aliases={"rank": "n_clusters"})
+def lego_rank1(
+    factors: list[LoraFactors],
+    weights: list[float],
+    *,
+    generator: torch.Generator,
+    n_clusters: int | None = None,
+    n_init: int = 10,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    param_norm: bool = True,
+    output_reweight: bool = True,
+    ref_rank: float | None = None,
+    max_error: float = 0.0,
+) -> tuple[LoraFactors, dict]:
+    """Beyond the paper: K-means on the rank-one updates b_i a_i^T themselves, centroids back to rank one.
+
+    The Frobenius inner product of two units is (a_i . a_j)(b_i . b_j), so Lloyd runs on the Gram
+    matrix (A A^T) * (B^T B) (element-wise, u x u) without forming any matrix; (b, a), (-b, -a) and
+    (c b, a / c) are the same point, so sign and scale flips of the inputs cannot split a cluster.
+    Each cluster's mean update (1/|C|) sum b_i a_i^T becomes its best rank-one approximation (exact
+    low-rank SVD); `param_norm` rescales it to the mean Frobenius norm |a_i| |b_i| of the members;
+    `output_reweight` multiplies by sqrt(ref_rank / k) as in `lego`. `max_error` > 0 picks k as in
+    `lego`, the energy being sum_i ||b_i a_i^T||_F^2 (the trace of the Gram matrix).
+    """
+    pooled = concat_factors([f for f, w in zip(factors, weights, strict=True) if w != 0], [w for w in weights if w != 0])
+    kept = torch.tensor([w != 0 for f, w in zip(factors, weights, strict=True) for _ in range(f.rank)])
+    A, B = pooled.A.double(), pooled.B.double()
+    gram = (A @ A.T) * (B.T @ B)
+    labels, sizes, inertia, search = _clusters(
+        "lego_rank1", factors, pooled.rank, n_clusters, n_init, max_iter, tol,
+        lambda k: kmeans_gram(gram, k, generator=generator, n_init=n_init, max_iter=max_iter, tol=tol),
+        max_error=max_error, energy=float(gram.diagonal().clamp_min(0).sum()), generator=generator)
+    member_norms = gram.diagonal().clamp_min(0).sqrt()  # |a_i| |b_i| = ||b_i a_i^T||_F
+    units = []
+    for cluster in range(len(sizes)):
+        members = (labels == cluster).nonzero().flatten()
+        mean = LoraFactors(pooled.A[members] / len(members), pooled.B[:, members], pooled.kind)
+        unit = truncated_svd(mean, 1)[0]
+        if param_norm:
+            norm = float(unit.A.norm() * unit.B.norm())
+            target = float(member_norms[members].mean())
+            unit = scale_factors(unit, target / norm if norm > _EPS else 0.0)
+        units.append(to_units(unit))
+    centroids = torch.cat(units)
+    scale = output_scale(factors, weights, len(sizes), ref_rank) if output_reweight else 1.0
+    centroids = centroids * math.sqrt(scale)
+    return from_units(centroids, pooled.d_in, pooled.kind), _info(labels, kept, sizes, inertia, scale, search)
