@@ -131,3 +131,15 @@ def test_python_dash_m_entry_point(folders):
     result = subprocess.run([sys.executable, "-m", "lora_lego", "merge", "nowhere", "-o", "x"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip() == "error: adapter 'nowhere': no such folder"
+
+
+def test_threads_option_gives_the_same_merge(capsys, folders, tmp_path):
+    for threads in ("1", "3"):
+        code, _, err = run(capsys, "merge", *folders, "-o", str(tmp_path / threads), "--threads", threads, "-q")
+        assert code == 0, err
+    one, three = ll.load_adapter(tmp_path / "1"), ll.load_adapter(tmp_path / "3")
+    for module in one:
+        assert torch.equal(one[module].A, three[module].A) and torch.equal(one[module].B, three[module].B)
+    code, _, err = run(capsys, "merge", *folders, "-o", str(tmp_path / "0"), "--threads", "0", "-q")
+    assert_one_line_error(code, err, "threads must be an integer >= 1; got 0")
+    assert not (tmp_path / "0").exists()

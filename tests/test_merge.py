@@ -129,3 +129,34 @@ def test_zero_weight_adapters_are_left_out(method):
     assert set(merged) == set(b)  # v_proj only exists in the zero-weight adapter
     for module in b:
         torch.testing.assert_close(merged[module].delta(), alone[module].delta())
+
+
+@pytest.mark.parametrize("method", ["lego", "task_arithmetic", "ties"])
+def test_threads_do_not_change_the_result(method):
+    adapters = [random_adapter(name, 4, seed=seed, layers=3) for seed, name in enumerate("abc")]
+    one = ll.merge(adapters, method, rank=4, threads=1)
+    three = ll.merge(adapters, method, rank=4, threads=3)
+    assert list(one) == list(three)  # module order kept
+    for module in one:
+        assert torch.equal(one[module].A, three[module].A) and torch.equal(one[module].B, three[module].B)
+    assert one.metadata["report"] == three.metadata["report"]
+
+
+def test_threads_leave_the_callers_torch_thread_count():
+    before = torch.get_num_threads()
+    ll.merge([random_adapter("a"), random_adapter("b", seed=1)], "lego", rank=2, threads=2)
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
+def test_bad_threads(threads):
+    with pytest.raises(MethodError, match="threads must be an integer >= 1"):
+        ll.merge([random_adapter("a")], "concat", threads=threads)
+
+
+def test_a_bad_module_stops_a_threaded_merge_with_its_name():
+    bad = random_adapter("bad", layers=4)
+    module = "model.layers.2.v_proj"
+    bad.modules[module] = LoraFactors(bad[module].A * float("nan"), bad[module].B)
+    with pytest.raises(ll.AdapterFormatError, match=f"adapter 'bad', module '{module}': lora_A contains NaN"):
+        ll.merge([random_adapter("a", layers=4), bad], "lego", rank=2, threads=2)

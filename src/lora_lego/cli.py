@@ -72,6 +72,8 @@ def _add_common(command: argparse.ArgumentParser, *, rank_required: bool) -> Non
     command.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="output dtype (default: the inputs')")
     command.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     command.add_argument("--report", metavar="FILE.json", help="write the per-module merge report here")
+    command.add_argument("--threads", type=int, metavar="N",
+                         help="modules merged side by side, one torch thread each (default: torch's thread count)")
     command.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -114,7 +116,8 @@ def _run_merge(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     adapters = [load_adapter(path, lazy=True) for path in args.adapters]  # read module by module while merging
     weights = getattr(args, "weights", None)
-    merged = merge(adapters, args.method, weights=weights, seed=args.seed, progress=not args.quiet, **params)
+    merged = merge(adapters, args.method, weights=weights, seed=args.seed, progress=not args.quiet,
+                   threads=args.threads, **params)
     save_adapter(merged, args.output, dtype=args.dtype, overwrite=args.overwrite)
     if args.report:
         write_json_atomic(args.report, {"provenance": merged.metadata["provenance"],
