@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from lora_lego.lowrank import (
-    concat_factors, cosine_similarity, frobenius_norm, from_units, inner, relative_error, scale_factors,
-    to_units, truncated_svd,
+    concat_factors, cosine_similarity, factor_grams, frobenius_norm, from_units, inner, relative_error,
+    relative_error_from_grams, scale_factors, to_units, truncated_svd,
 )
 from lora_lego.types import LoraFactors
 from synthetic import random_factors
@@ -85,3 +85,17 @@ def test_truncated_svd_sign_rule_is_deterministic_under_factor_sign_flips():
     second, _ = truncated_svd(flipped, 3)
     torch.testing.assert_close(first.A, second.A, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(first.B, second.B, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("noise", [1.0, 1e-4])  # far from the target, and close to it (exact fallback)
+def test_relative_error_of_combined_units_from_grams_alone(noise):
+    generator = torch.Generator().manual_seed(5)
+    target = random_factors(30, 20, 6, generator)
+    coefficients = torch.eye(6) + noise * torch.randn(6, 6, generator=generator, dtype=torch.float64)
+    coefficients = coefficients[:4] if noise == 1.0 else coefficients  # fewer ranks than the target
+    c = coefficients.float()
+    approx = LoraFactors(c @ target.A, target.B @ c.T)
+    grams = factor_grams(target, exact=False)
+    expected = relative_error(approx, target)
+    assert relative_error_from_grams(approx, target, *grams, coefficients=c) == pytest.approx(expected, rel=1e-4)
+    assert relative_error_from_grams(approx, target, *grams) == pytest.approx(expected, rel=1e-4)

@@ -74,20 +74,27 @@ def relative_error(approx: LoraFactors, target: LoraFactors) -> float:
     return error / target_norm
 
 
-def relative_error_from_grams(approx: LoraFactors, target: LoraFactors, gram_a: torch.Tensor,
-                              gram_b: torch.Tensor) -> float:
+def relative_error_from_grams(approx: LoraFactors, target: LoraFactors, gram_a: torch.Tensor, gram_b: torch.Tensor,
+                              coefficients: torch.Tensor | None = None) -> float:
     """`relative_error(approx, target)` reusing the target's Grams (A A^T, B^T B), each (u, u).
 
-    ||R - T||^2 = ||R||^2 - 2 <R, T> + ||T||^2 costs O(k u d) beyond the Grams instead of O((k + u)^2 d),
-    but cancels when R is close to T: below a relative error of 1e-2 the exact float64 path is used.
+    ||R - T||^2 = ||R||^2 - 2 <R, T> + ||T||^2 costs O(k u d) beyond the Grams instead of O((k + u)^2 d).
+    When approx's units combine target's, approx.A = C target.A and approx.B = target.B C^T with
+    `coefficients` C (k, u), it needs no d-sized product at all: A_R A_T^T = C G_A, B_R^T B_T = C G_B.
+    The difference cancels when R is close to T: below a relative error of 1e-2 the exact float64 path is used.
     """
     target_sq = float((gram_a * gram_b).sum().clamp_min(0.0))
     if target_sq == 0.0:
         return relative_error(approx, target)
-    A, B = approx.A.to(target.A.dtype), approx.B.to(target.B.dtype)
-    cross = float(((A @ target.A.T).double() * (B.T @ target.B).double()).sum())
-    approx_sq = float(((A @ A.T).double() * (B.T @ B).double()).sum())
-    error_sq = (approx_sq - 2 * cross + target_sq) / target_sq
+    if coefficients is not None:
+        c = coefficients.to(gram_a)
+        cross_a, cross_b = c @ gram_a, c @ gram_b
+        own_a, own_b = cross_a @ c.T, cross_b @ c.T
+    else:
+        A, B = approx.A.to(target.A.dtype), approx.B.to(target.B.dtype)
+        cross_a, cross_b = (A @ target.A.T).double(), (B.T @ target.B).double()
+        own_a, own_b = (A @ A.T).double(), (B.T @ B).double()
+    error_sq = (float((own_a * own_b).sum()) - 2 * float((cross_a * cross_b).sum()) + target_sq) / target_sq
     if error_sq < 1e-4:
         return relative_error(approx, target)
     return error_sq ** 0.5

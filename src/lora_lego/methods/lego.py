@@ -11,7 +11,7 @@ import torch
 
 from ..errors import ClusteringWarning, MethodError
 from ..kmeans import KMeansResult, kmeans_gram
-from ..lowrank import concat_factors, factor_grams, relative_error_from_grams, scale_factors, truncated_svd
+from ..lowrank import concat_factors, factor_grams, relative_error_from_grams, truncated_svd
 from ..registry import register
 from ..types import LoraFactors
 from .arithmetic import check_max_error
@@ -72,15 +72,20 @@ def lego(
         lambda k: kmeans_gram(gram, k, generator=generator, sample_weight=unit_weights, n_init=n_init,
                               max_iter=max_iter, tol=tol, tol_scale=tol_scale),
         max_error=max_error, energy=float(unit_weights.double() @ gram.diagonal()), generator=generator)
-    centroids = weighted_centroids(pooled, labels, unit_weights, len(sizes))
+    membership = cluster_means(labels, unit_weights, len(sizes))  # centroid j = membership[j] @ units
+    centroids = LoraFactors(membership @ pooled.A, pooled.B @ membership.T, pooled.kind)
+    gain = torch.ones(len(sizes), dtype=pooled.A.dtype)  # per-centroid factor, applied to both halves
     if param_norm != "off":
-        centroids = restore_member_norms(centroids, pooled, labels, unit_weights, param_norm)
+        gain = member_norm_gain(centroids, pooled, labels, unit_weights, param_norm)
     scale = 1.0
     if output_reweight:
         scale = output_scale(factors, weights, len(sizes), ref_rank)
-        centroids = scale_factors(centroids, scale)  # sqrt(scale) on each half of every unit
+        gain = gain * math.sqrt(scale)  # sqrt(scale) on each half: the delta times scale, units balanced
+    centroids = LoraFactors(centroids.A * gain[:, None], centroids.B * gain, centroids.kind)
     info = _info(labels, kept, sizes, inertia, scale, search)
-    info["relative_error"] = relative_error_from_grams(centroids, pooled, gram_a, gram_b)  # saves merge a Gram
+    # the merged units are combinations of the pooled ones, so the report's error needs only the Grams
+    info["relative_error"] = relative_error_from_grams(centroids, pooled, gram_a, gram_b,
+                                                       coefficients=gain[:, None] * membership)
     return centroids, info
 
 
@@ -193,13 +198,13 @@ def _drop_empty(labels: torch.Tensor, k: int) -> tuple[torch.Tensor, list[int]]:
     return remap[labels], counts[present].tolist()
 
 
-def weighted_centroids(pooled: LoraFactors, labels: torch.Tensor, unit_weights: torch.Tensor, k: int) -> LoraFactors:
-    """(Weighted) mean unit of each cluster: u pooled units, (u,) labels and weights -> k units (A (k, d_in), B (d_out, k))."""
-    u = pooled.rank
-    membership = torch.zeros(k, u, dtype=pooled.A.dtype, device=pooled.A.device)
-    membership[labels, torch.arange(u, device=labels.device)] = unit_weights.to(membership)
-    membership /= membership.sum(dim=1, keepdim=True)
-    return LoraFactors(membership @ pooled.A, pooled.B @ membership.T, pooled.kind)
+def cluster_means(labels: torch.Tensor, unit_weights: torch.Tensor, k: int) -> torch.Tensor:
+    """(k, u) membership matrix whose row j averages cluster j's units, weighted by the (u,) `unit_weights`
+    (rows sum to 1), so that centroid A = M @ A and B = B @ M^T for u pooled units with (u,) `labels`."""
+    u = labels.shape[0]
+    membership = torch.zeros(k, u, dtype=unit_weights.dtype, device=unit_weights.device)
+    membership[labels, torch.arange(u, device=labels.device)] = unit_weights
+    return membership / membership.sum(dim=1, keepdim=True)
 
 
 def unit_norms(factors: LoraFactors, norm: str) -> torch.Tensor:
@@ -209,15 +214,14 @@ def unit_norms(factors: LoraFactors, norm: str) -> torch.Tensor:
     return (factors.A.pow(2).sum(dim=1) + factors.B.pow(2).sum(dim=0)).sqrt()
 
 
-def restore_member_norms(centroids: LoraFactors, pooled: LoraFactors, labels: torch.Tensor,
-                         unit_weights: torch.Tensor, norm: str) -> LoraFactors:
-    """Parameter reweighting: scale each centroid unit so its norm equals the (weighted) mean norm of its members."""
+def member_norm_gain(centroids: LoraFactors, pooled: LoraFactors, labels: torch.Tensor,
+                     unit_weights: torch.Tensor, norm: str) -> torch.Tensor:
+    """Parameter reweighting: the (k,) factor that gives each centroid unit the (weighted) mean norm of its members."""
     k = centroids.rank
     weights = unit_weights.to(pooled.A)
     totals = torch.zeros(k, dtype=weights.dtype, device=weights.device).index_add_(0, labels, weights)
     means = torch.zeros_like(totals).index_add_(0, labels, unit_norms(pooled, norm) * weights) / totals
-    factor = means / unit_norms(centroids, norm).clamp_min(_EPS)
-    return LoraFactors(centroids.A * factor[:, None], centroids.B * factor, centroids.kind)
+    return means / unit_norms(centroids, norm).clamp_min(_EPS)
 
 
 def output_scale(factors: list[LoraFactors], weights: list[float], k: int, ref_rank: float | None) -> float:
