@@ -99,3 +99,12 @@ def test_relative_error_of_combined_units_from_grams_alone(noise):
     expected = relative_error(approx, target)
     assert relative_error_from_grams(approx, target, *grams, coefficients=c) == pytest.approx(expected, rel=1e-4)
     assert relative_error_from_grams(approx, target, *grams) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("u", [1, 5, 63, 64, 100, 128, 1000])
+def test_gram_by_blocks_matches_the_full_product(u):
+    from lora_lego.lowrank import gram
+    rows = torch.randn(u, 50, generator=torch.Generator().manual_seed(u), dtype=torch.float64)
+    torch.testing.assert_close(gram(rows), rows @ rows.T)
+    columns = rows.T.contiguous()  # B^T B for B (d, u): a transposed view
+    torch.testing.assert_close(gram(columns.T), rows @ rows.T)
