@@ -108,3 +108,17 @@ def test_gram_by_blocks_matches_the_full_product(u):
     torch.testing.assert_close(gram(rows), rows @ rows.T)
     columns = rows.T.contiguous()  # B^T B for B (d, u): a transposed view
     torch.testing.assert_close(gram(columns.T), rows @ rows.T)
+
+
+@pytest.mark.parametrize("eps", [1e-1, 1e-5])  # the Gram route, and a near-cancelling sum (the QR route)
+def test_truncated_svd_is_accurate_when_ranks_nearly_cancel(eps):
+    generator = torch.Generator().manual_seed(0)
+    base = LoraFactors(torch.randn(8, 300, generator=generator), torch.randn(200, 8, generator=generator))
+    near = LoraFactors(base.A + eps * torch.randn(8, 300, generator=generator), base.B)
+    summed = concat_factors([base, near], [1.0, -1.0])
+    dense = summed.B.double() @ summed.A.double()
+    u, s, vh = torch.linalg.svd(dense)
+    approx, singular = truncated_svd(summed, 4)
+    best = (u[:, :4] * s[:4]) @ vh[:4]
+    assert float((singular.double()[:8] - s[:8]).abs().max() / s[0]) < 1e-6
+    assert float((approx.B.double() @ approx.A.double() - best).norm() / best.norm()) < 1e-6

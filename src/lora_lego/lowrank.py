@@ -128,17 +128,53 @@ def cosine_similarity(left: LoraFactors, right: LoraFactors) -> float:
 def truncated_svd(factors: LoraFactors, k: int) -> tuple[LoraFactors, torch.Tensor]:
     """Best rank-k approximation of delta = B @ A without the dense matrix.
 
-    With B = Qb Rb and A^T = Qa Ra (reduced QR), delta = Qb (Rb Ra^T) Qa^T, so the SVD of the small
-    core Rb Ra^T (at most r x r) gives delta's singular values and vectors. Returns balanced factors
-    (sqrt of each singular value on each side) of rank min(k, r), A (k, d_in), B (d_out, k), and all
-    singular values (descending). Signs are fixed so that the largest-magnitude entry of each left
-    singular vector is positive, which makes the result unique when singular values are distinct.
+    From the Gram matrices, in float64: with B^T B = V_b L_b V_b^T and A A^T = V_a L_a V_a^T (eigh),
+    B = Q_b L_b^(1/2) V_b^T and A = V_a L_a^(1/2) Q_a^T with orthonormal Q_b = B V_b L_b^(-1/2) and
+    Q_a^T = L_a^(-1/2) V_a^T A, so delta = Q_b C Q_a^T with the small core C = L_b^(1/2) V_b^T V_a L_a^(1/2).
+    The SVD C = U S W^T gives delta's singular values S; only the top-k singular vectors Q_b U_k and
+    Q_a W_k are formed, straight from B and A (O(d r k), no d x r basis: ~4x faster than two QRs).
+    Directions with eigenvalue <= r eps max carry ~1e-8 of ||delta|| or less and are dropped; the
+    singular values are accurate to ~1e-8 of the largest (the Gram squares the condition number, which
+    float64 absorbs) unless the ranks cancel: when ||delta|| < 1e-3 ||B|| ||A|| (e.g. an adapter minus a
+    near copy of itself) the backward-stable QR route (`_truncated_svd_qr`) is taken instead. With n = min(r, d_out, d_in), returns balanced factors (sqrt of each singular value
+    on each side) of rank min(k, n), A (k, d_in), B (d_out, k) (zero ranks past delta's numerical rank),
+    and all n singular values (descending). Signs are fixed so that the largest-magnitude entry of each left singular
+    vector is positive, which makes the result unique when singular values are distinct.
     """
-    dtype = factors.A.dtype
+    dtype, n = factors.A.dtype, min(factors.rank, factors.d_in, factors.d_out)  # delta's rank is at most n
+    A, B = factors.A.double(), factors.B.double()
+    root_b, basis_b = _gram_roots(B.T)  # (m_b,), (r, m_b): B^T B restricted to its numerical range
+    root_a, basis_a = _gram_roots(A)
+    core = root_b[:, None] * (basis_b.T @ basis_a) * root_a  # (m_b, m_a)
+    u, s, vh = torch.linalg.svd(core, full_matrices=False)
+    if float(s.pow(2).sum()) < 1e-6 * float(root_a.pow(2).sum()) * float(root_b.pow(2).sum()):
+        return _truncated_svd_qr(factors, k)  # delta lies in the Grams' least accurate directions
+    k = min(k, n)
+    m = min(k, s.shape[0])
+    left = B @ ((basis_b / root_b) @ u[:, :m])  # (d_out, m) = Q_b U_m
+    right = (vh[:m] @ (basis_a / root_a).T) @ A  # (m, d_in) = W_m^T Q_a^T
+    singular = torch.cat([s, s.new_zeros(n - s.shape[0])])
+    if m < k:  # delta has numerical rank m < k: the remaining ranks are zero
+        left = torch.cat([left, left.new_zeros(left.shape[0], k - m)], dim=1)
+        right = torch.cat([right, right.new_zeros(k - m, right.shape[1])])
+    return balanced_factors(left, singular, right, k, factors.kind, dtype), singular.to(dtype)
+
+
+def _truncated_svd_qr(factors: LoraFactors, k: int) -> tuple[LoraFactors, torch.Tensor]:
+    """`truncated_svd` through reduced QR factorisations B = Qb Rb and A^T = Qa Ra (delta = Qb (Rb Ra^T) Qa^T)."""
     q_b, r_b = torch.linalg.qr(factors.B.double())
     q_a, r_a = torch.linalg.qr(factors.A.double().T)
     u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
-    return balanced_factors(q_b @ u, s, vh @ q_a.T, k, factors.kind, dtype), s.to(dtype)
+    return balanced_factors(q_b @ u, s, vh @ q_a.T, k, factors.kind, factors.A.dtype), s.to(factors.A.dtype)
+
+
+def _gram_roots(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Square roots of the eigenvalues of rows @ rows.T (r, r) above r eps max, and their eigenvectors (r, m)."""
+    values, vectors = torch.linalg.eigh(gram(rows))
+    largest = float(values.max()) if values.numel() else 0.0
+    keep = values > max(largest, 0.0) * rows.shape[0] * torch.finfo(values.dtype).eps
+    keep &= values > 0
+    return values[keep].sqrt(), vectors[:, keep]
 
 
 def dense_truncated_svd(matrix: torch.Tensor, k: int, *, generator: torch.Generator | None = None,
