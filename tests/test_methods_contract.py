@@ -9,7 +9,7 @@ import torch
 
 import lora_lego as ll
 from lora_lego.errors import MethodError
-from synthetic import random_adapter
+from synthetic import dense_sum, random_adapter
 
 
 def adapters():
@@ -35,7 +35,9 @@ def test_contract(method, tmp_path):
         assert factors.shape == inputs[0][module].shape and factors.rank >= 1
         assert factors.A.dtype == torch.float32 and torch.isfinite(factors.A).all() and torch.isfinite(factors.B).all()
         assert torch.equal(factors.A, second[module].A) and torch.equal(factors.B, second[module].B)
-        assert first.metadata["report"][module]["relative_error"] >= 0
+        target = dense_sum(inputs, module, [1.0, 0.5, 2.0])  # the report's error, checked densely
+        error = float((factors.delta().double() - target).norm() / target.norm())
+        assert first.metadata["report"][module]["relative_error"] == pytest.approx(error, rel=1e-4, abs=1e-6)
 
     ll.save_adapter(first, tmp_path / "one")
     ll.save_adapter(second, tmp_path / "two")
