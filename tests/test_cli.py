@@ -143,3 +143,10 @@ def test_threads_option_gives_the_same_merge(capsys, folders, tmp_path):
     code, _, err = run(capsys, "merge", *folders, "-o", str(tmp_path / "0"), "--threads", "0", "-q")
     assert_one_line_error(code, err, "threads must be an integer >= 1; got 0")
     assert not (tmp_path / "0").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_device_cuda_without_a_gpu_fails_before_loading(capsys, folders, tmp_path):
+    code, _, err = run(capsys, "merge", *folders, "-o", str(tmp_path / "out"), "--device", "cuda", "-q")
+    assert_one_line_error(code, err, "CUDA is not available to torch")
+    assert not (tmp_path / "out").exists()

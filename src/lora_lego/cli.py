@@ -14,7 +14,7 @@ from typing import Sequence
 from . import __version__
 from .errors import LoraLegoError, MethodError
 from .inspect import describe_adapters, describe_report
-from .merge import merge
+from .merge import check_device, merge
 from .peft_io import load_adapter, save_adapter
 from .registry import available_methods, get_method
 from .writing import check_output_path, check_report_path, dtype_from_name, write_json_atomic
@@ -74,6 +74,7 @@ def _add_common(command: argparse.ArgumentParser, *, rank_required: bool) -> Non
     command.add_argument("--report", metavar="FILE.json", help="write the per-module merge report here")
     command.add_argument("--threads", type=int, metavar="N",
                          help="modules merged side by side, one torch thread each (default: torch's thread count)")
+    command.add_argument("--device", default="cpu", help="where the math runs: cpu (default), cuda or cuda:N")
     command.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -109,7 +110,8 @@ def _run_merge(args: argparse.Namespace) -> int:
         params["rank"] = args.rank
     if args.dtype:
         dtype_from_name(args.dtype)
-    get_method(args.method).resolve(params)  # fail fast on a bad method or parameter, before loading
+    get_method(args.method).resolve(params)  # fail fast on a bad method, parameter or device, before loading
+    check_device(args.device)
     check_output_path(args.output, args.adapters, overwrite=args.overwrite)
     if args.report:  # checked before any work: a report that cannot be written must not leave an output behind
         check_report_path(args.report, args.adapters, args.output)
@@ -117,7 +119,7 @@ def _run_merge(args: argparse.Namespace) -> int:
     adapters = [load_adapter(path, lazy=True) for path in args.adapters]  # read module by module while merging
     weights = getattr(args, "weights", None)
     merged = merge(adapters, args.method, weights=weights, seed=args.seed, progress=not args.quiet,
-                   threads=args.threads, **params)
+                   threads=args.threads, device=args.device, **params)
     save_adapter(merged, args.output, dtype=args.dtype, overwrite=args.overwrite)
     if args.report:
         write_json_atomic(args.report, {"provenance": merged.metadata["provenance"],

@@ -100,7 +100,7 @@ def _check_weights(sample_weight: torch.Tensor | None, u: int, device: torch.dev
     """Return the (u,) float64 weights, all ones when None; refuse negative, non-finite or all-zero ones."""
     if sample_weight is None:
         return torch.ones(u, dtype=torch.float64, device=device)
-    w = torch.as_tensor(sample_weight).to(device=device, dtype=torch.float64)
+    w = torch.as_tensor(sample_weight, dtype=torch.float64, device=device)
     if w.shape != (u,):
         raise ValueError(f"sample_weight must have shape ({u},), got {tuple(w.shape)}")
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
@@ -125,20 +125,26 @@ def _kmeans_plusplus(
     cum_w = w.cumsum(0)
     # 1 - rand is in (0, 1]: the draw is > 0, so searchsorted (left) never lands on a zero-weight point,
     # and <= the last cumulative value, so it never runs past the end.
-    draw = (1 - torch.rand(n_init, generator=generator, dtype=torch.float64, device=g.device)) * cum_w[-1]
+    # draws come from the generator's device (a CPU generator for a GPU Gram), so the seeds do not depend on it
+    draw = (1 - _uniform((n_init,), generator, g.device)) * cum_w[-1]
     first = torch.searchsorted(cum_w, draw).clamp_max_(last)
     centres = torch.empty(n_init, k, dtype=torch.int64, device=g.device)
     centres[:, 0] = first
     closest = _rows_distance(g, diag, first)  # (n_init, u) squared distance to the nearest seed
     for c in range(1, k):
         cum = (closest * w).cumsum(1)
-        rand = torch.rand(n_init, n_trials, generator=generator, dtype=torch.float64, device=g.device)
+        rand = _uniform((n_init, n_trials), generator, g.device)
         cand = torch.searchsorted(cum, (1 - rand) * cum[:, -1:]).clamp_max_(last)  # (n_init, n_trials)
         dist = torch.minimum(_rows_distance(g, diag, cand), closest.unsqueeze(1))  # (n_init, n_trials, u)
         best = (dist @ w).argmin(1)  # the candidate that lowers the potential most
         centres[:, c] = cand[rows, best]
         closest = dist[rows, best]
     return centres
+
+
+def _uniform(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Float64 uniforms in [0, 1) drawn on the generator's device, returned on `device`."""
+    return torch.rand(shape, generator=generator, dtype=torch.float64, device=generator.device).to(device)
 
 
 def _distances(diag: torch.Tensor, gm: torch.Tensor, cnorm: torch.Tensor) -> torch.Tensor:
@@ -197,7 +203,7 @@ def _lloyd(
     gm = m @ g
     cnorm = (gm * m).sum(-1)
     labels = torch.full((b, u), -1, dtype=torch.int64, device=g.device)
-    n_iter = torch.full((b,), max_iter, dtype=torch.int64)
+    n_iter = torch.full((b,), max_iter, dtype=torch.int64, device="cpu")
     active = torch.arange(b, device=g.device)  # restarts still iterating: converged ones are frozen
     for it in range(max_iter):
         dist = _distances(diag, gm[active], cnorm[active])

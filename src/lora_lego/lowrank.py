@@ -193,7 +193,8 @@ def dense_truncated_svd(matrix: torch.Tensor, k: int, *, generator: torch.Genera
         u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
         return balanced_factors(u, s, vh, k, kind, dtype)
     work = matrix.float()
-    probe = torch.randn(d_in, k + oversample, generator=generator, dtype=work.dtype)
+    draw_on = generator.device if generator is not None else work.device
+    probe = torch.randn(d_in, k + oversample, generator=generator, dtype=work.dtype, device=draw_on).to(work.device)
     basis = torch.linalg.qr(work @ probe).Q
     for _ in range(n_iter):  # power iterations, re-orthonormalised each half step
         basis = torch.linalg.qr(work @ torch.linalg.qr(work.T @ basis).Q).Q
@@ -211,7 +212,7 @@ def balanced_factors(left: torch.Tensor, s: torch.Tensor, right: torch.Tensor, k
     k = min(k, s.shape[0])
     left, right = left[:, :k], right[:k]
     pivot = left.abs().argmax(dim=0)
-    signs = torch.sign(left[pivot, torch.arange(k)])
+    signs = torch.sign(left[pivot, torch.arange(k, device=left.device)])
     signs[signs == 0] = 1.0
     root = s[:k].sqrt()
     return LoraFactors(((signs * root)[:, None] * right).to(dtype), (left * (signs * root)).to(dtype), kind)

@@ -99,6 +99,7 @@ def merge(
     seed: int = 0,
     progress: bool = False,
     threads: int | None = None,
+    device: str | torch.device | None = None,
     **params: Any,
 ) -> Adapter:
     """Merge adapters module by module with a registered method.
@@ -109,7 +110,8 @@ def merge(
     metadata holds the provenance and a per-module report (rank, relative error against the exact
     weighted sum, and what the method records, e.g. cluster sizes). Modules are merged side by side on
     `threads` worker threads (default: torch's thread count), each with one torch thread; the result
-    does not depend on `threads`.
+    does not depend on `threads`. `device` ("cpu" by default, or "cuda") is where the methods' large
+    products run; inputs are read and checked on the CPU, and the result comes back to the CPU.
     """
     adapters = list(adapters)
     if not adapters:
@@ -121,14 +123,15 @@ def merge(
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise MethodError(f"seed must be a non-negative integer; got {seed!r}")
     owners = align_modules(adapters)
-    threads = _check_threads(threads)
+    threads, device = _check_threads(threads), check_device(device)
     jobs = [(module, [i for i in holders if weights[i] != 0]) for module, holders in owners.items()]
     # a weight of 0 leaves the adapter out; a module that only such adapters have is left out of the result
     jobs = [(module, holders) for module, holders in jobs if holders]
 
     def merge_module(job: tuple[str, list[int]]) -> tuple[str, LoraFactors, dict[str, Any]]:
         module, holders = job
-        factors = [_read(adapters[i], module) for i in holders]  # a lazy adapter reads the module from disk here
+        # a lazy adapter reads the module from disk here
+        factors = [_read(adapters[i], module).to(device) for i in holders]
         module_weights = [weights[i] for i in holders]
         names = ", ".join(repr(adapters[i].name) for i in holders)
         try:
@@ -143,7 +146,8 @@ def merge(
                               f"(parameters {resolved}: a scale too large for float32?)")
         if result.rank == 0:  # an exactly zero delta (e.g. all-zero inputs): one zero rank keeps it a valid LoRA
             result = LoraFactors(result.A.new_zeros(1, result.d_in), result.B.new_zeros(result.d_out, 1), result.kind)
-        return module, result, _module_report(result, factors, module_weights, info, [adapters[i].name for i in holders])
+        entry = _module_report(result, factors, module_weights, info, [adapters[i].name for i in holders])
+        return module, result.to("cpu"), entry
 
     merged: dict[str, LoraFactors] = {}
     report: dict[str, dict[str, Any]] = {}
@@ -161,6 +165,24 @@ def _check_threads(threads: int | None) -> int:
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise MethodError(f"threads must be an integer >= 1; got {threads!r}")
     return threads
+
+
+def check_device(device: str | torch.device | None) -> torch.device:
+    """The device the merge math runs on: the CPU (None, the default) or a CUDA device torch can use."""
+    try:
+        resolved = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError, ValueError):
+        raise MethodError(f"device must be 'cpu', 'cuda' or 'cuda:N'; got {device!r}") from None
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type != "cuda":
+        raise MethodError(f"device {str(resolved)!r} is not supported; use 'cpu' or 'cuda'")
+    if not torch.cuda.is_available():
+        raise MethodError(f"device {str(resolved)!r}: CUDA is not available to torch {torch.__version__} on this "
+                          "machine (no GPU, or a CPU-only build of torch); use device 'cpu'")
+    if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise MethodError(f"device {str(resolved)!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return resolved
 
 
 def in_threads(work: Callable[[T], R], jobs: Sequence[T], threads: int) -> Iterator[R]:

@@ -50,6 +50,12 @@ class LoraFactors:
         """The dense update B @ A, of shape (d_out, d_in). For tests and small modules only."""
         return self.B @ self.A
 
+    def to(self, device: torch.device | str) -> "LoraFactors":
+        """The same factors on `device` (self when they are there already)."""
+        if self.A.device == torch.device(device) and self.B.device == torch.device(device):
+            return self
+        return LoraFactors(self.A.to(device), self.B.to(device), self.kind)
+
 
 @dataclass(frozen=True)
 class ModuleInfo:

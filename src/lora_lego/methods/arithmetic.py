@@ -64,7 +64,7 @@ def kth_largest(values: torch.Tensor, k: int, *, sample: int = 1 << 16) -> torch
     n = values.numel()
     if n <= 4 * sample:
         return values.kthvalue(n - k + 1).values
-    positions = torch.randint(n, (sample,), generator=torch.Generator().manual_seed(0)).to(values.device)
+    positions = torch.randint(n, (sample,), generator=torch.Generator().manual_seed(0), device="cpu").to(values.device)
     ordered = values[positions].sort(descending=True).values
     m = ordered.numel()
     position, margin = k / n * m, 6 * (m * (k / n) * (1 - k / n)) ** 0.5 + 8
@@ -81,7 +81,7 @@ def dare(tensor: torch.Tensor, density: float, generator: torch.Generator) -> to
     """DARE: drop each entry with probability 1 - density (mask drawn from `generator`), rescale the rest by 1/density."""
     if density >= 1.0:
         return tensor.clone()
-    keep = torch.rand(tensor.shape, generator=generator) < density
+    keep = torch.rand(tensor.shape, generator=generator, device=generator.device).to(tensor.device) < density
     return torch.where(keep, tensor / density, 0.0)
 
 

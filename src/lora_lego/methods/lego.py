@@ -62,7 +62,8 @@ def lego(
     if canonical == "svd":
         factors = [canonical_factors(f) for f in factors]
     pooled, unit_weights, kept = _pool(factors, weights, sample_weights)
-    gram_a, gram_b = factor_grams(pooled, exact=False)  # the one O(u^2 d) step; the rest works on (u, u)
+    # the one O(u^2 d) step, on the factors' device; the rest works on (u, u) matrices, on the CPU
+    gram_a, gram_b = (g.cpu() for g in factor_grams(pooled, exact=False))
     gram = _feature_gram(gram_a, gram_b, features)
     p = unit_weights.double() / unit_weights.double().sum()
     # scikit-learn's tolerance scale: the mean per-feature (weighted) variance of the points
@@ -73,15 +74,17 @@ def lego(
                               max_iter=max_iter, tol=tol, tol_scale=tol_scale),
         max_error=max_error, energy=float(unit_weights.double() @ gram.diagonal()), generator=generator)
     membership = cluster_means(labels, unit_weights, len(sizes))  # centroid j = membership[j] @ units
-    centroids = LoraFactors(membership @ pooled.A, pooled.B @ membership.T, pooled.kind)
-    gain = torch.ones(len(sizes), dtype=pooled.A.dtype)  # per-centroid factor, applied to both halves
+    on_device = membership.to(pooled.A.device)
+    centroids = LoraFactors(on_device @ pooled.A, pooled.B @ on_device.T, pooled.kind)
+    gain = torch.ones(len(sizes), dtype=pooled.A.dtype, device="cpu")  # per-centroid factor, applied to both halves
     if param_norm != "off":
         gain = member_norm_gain(centroids, pooled, labels, unit_weights, param_norm)
     scale = 1.0
     if output_reweight:
         scale = output_scale(factors, weights, len(sizes), ref_rank)
         gain = gain * math.sqrt(scale)  # sqrt(scale) on each half: the delta times scale, units balanced
-    centroids = LoraFactors(centroids.A * gain[:, None], centroids.B * gain, centroids.kind)
+    on_device = gain.to(pooled.A.device)
+    centroids = LoraFactors(centroids.A * on_device[:, None], centroids.B * on_device, centroids.kind)
     info = _info(labels, kept, sizes, inertia, scale, search)
     # the merged units are combinations of the pooled ones, so the report's error needs only the Grams
     info["relative_error"] = relative_error_from_grams(centroids, pooled, gram_a, gram_b,
@@ -107,7 +110,7 @@ def _clusters(method: str, factors: list[LoraFactors], u: int, n_clusters: int |
 
     def cluster(k: int) -> tuple[torch.Tensor, float]:
         if k >= u:
-            return torch.arange(u), 0.0
+            return torch.arange(u, device="cpu"), 0.0
         result = run_kmeans(k)
         return result.labels, result.inertia
 
@@ -155,7 +158,7 @@ def _info(labels: torch.Tensor, kept: torch.Tensor, sizes: list[int], inertia: f
           search: dict) -> dict:
     """The report entry: a label per input unit (-1 for units left out), cluster sizes, inertia, output scale,
     and the rank search (`chosen_rank`, `max_error`, and the `rank_probes` when the search ran)."""
-    all_labels = torch.full((len(kept),), -1, dtype=torch.long)
+    all_labels = torch.full((len(kept),), -1, dtype=torch.long, device="cpu")
     all_labels[kept] = labels
     return {"labels": all_labels.tolist(), "cluster_sizes": sizes, "inertia": inertia, "output_scale": scale,
             **search}
@@ -172,8 +175,8 @@ def _pool(factors: list[LoraFactors], weights: list[float], sample_weights: bool
     used = [(f, w) for f, w in zip(factors, weights, strict=True) if w != 0]
     pooled = concat_factors([f for f, _ in used], [w for _, w in used])
     unit_weights = torch.tensor([abs(w) if sample_weights else 1.0 for f, w in used for _ in range(f.rank)],
-                                dtype=pooled.A.dtype)
-    kept = torch.tensor([w != 0 for f, w in zip(factors, weights) for _ in range(f.rank)])
+                                dtype=pooled.A.dtype, device="cpu")  # (u,) on the CPU, with the K-means
+    kept = torch.tensor([w != 0 for f, w in zip(factors, weights) for _ in range(f.rank)], device="cpu")
     return pooled, unit_weights, kept
 
 
@@ -219,10 +222,10 @@ def member_norm_gain(centroids: LoraFactors, pooled: LoraFactors, labels: torch.
                      unit_weights: torch.Tensor, norm: str) -> torch.Tensor:
     """Parameter reweighting: the (k,) factor that gives each centroid unit the (weighted) mean norm of its members."""
     k = centroids.rank
-    weights = unit_weights.to(pooled.A)
+    weights = unit_weights.to(pooled.A.dtype)  # (u,) on the CPU, like the labels
     totals = torch.zeros(k, dtype=weights.dtype, device=weights.device).index_add_(0, labels, weights)
-    means = torch.zeros_like(totals).index_add_(0, labels, unit_norms(pooled, norm) * weights) / totals
-    return means / unit_norms(centroids, norm).clamp_min(_EPS)
+    means = torch.zeros_like(totals).index_add_(0, labels, unit_norms(pooled, norm).cpu() * weights) / totals
+    return means / unit_norms(centroids, norm).cpu().clamp_min(_EPS)
 
 
 def output_scale(factors: list[LoraFactors], weights: list[float], k: int, ref_rank: float | None) -> float:

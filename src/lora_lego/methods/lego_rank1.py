@@ -40,9 +40,10 @@ def lego_rank1(
     `lego`, the energy being sum_i ||b_i a_i^T||_F^2 (the trace of the Gram matrix).
     """
     pooled = concat_factors([f for f, w in zip(factors, weights, strict=True) if w != 0], [w for w in weights if w != 0])
-    kept = torch.tensor([w != 0 for f, w in zip(factors, weights, strict=True) for _ in range(f.rank)])
+    kept = torch.tensor([w != 0 for f, w in zip(factors, weights, strict=True) for _ in range(f.rank)],
+                        device="cpu")
     A, B = pooled.A.double(), pooled.B.double()
-    gram = (A @ A.T) * (B.T @ B)
+    gram = ((A @ A.T) * (B.T @ B)).cpu()  # (u, u): K-means runs on the CPU whatever the factors' device
     labels, sizes, inertia, search = _clusters(
         "lego_rank1", factors, pooled.rank, n_clusters, n_init, max_iter, tol,
         lambda k: kmeans_gram(gram, k, generator=generator, n_init=n_init, max_iter=max_iter, tol=tol),

@@ -1,0 +1,71 @@
+"""--device: argument checks everywhere, the real GPU path where CUDA exists, and a CPU-only guard that
+every method creates its tensors on its inputs' device (or explicitly on the CPU), never the default one."""
+
+import pytest
+import torch
+
+import lora_lego as ll
+from lora_lego.errors import MethodError
+from lora_lego.merge import module_generator
+from lora_lego.registry import get_method
+from synthetic import random_adapter
+
+CUDA = torch.cuda.is_available()
+
+
+def adapters():
+    return [random_adapter(name, 4, seed=seed) for seed, name in enumerate("abc")]
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "device must be 'cpu', 'cuda' or 'cuda:N'; got 'gpu'"),
+    (3, "device must be"),
+    ("meta", "device 'meta' is not supported"),
+])
+def test_bad_device(device, message):
+    with pytest.raises(MethodError, match=message):
+        ll.merge(adapters(), "lego", device=device)
+
+
+@pytest.mark.skipif(CUDA, reason="CUDA is available here")
+def test_cuda_without_a_gpu_is_a_clear_error():
+    with pytest.raises(MethodError, match="CUDA is not available to torch"):
+        ll.merge(adapters(), "lego", device="cuda")
+
+
+VARIANTS = [(method, {}) for method in ll.available_methods()] + [
+    ("lego", {"canonical": "svd", "max_error": 0.3, "sample_weights": True, "features": "normalized"}),
+    ("lego", {"param_norm": "l2"}), ("lego_rank1", {"max_error": 0.3}), ("task_arithmetic", {"max_error": 0.2}),
+    ("ties", {"exact_svd": True}), ("dare_ties", {}),
+]
+
+
+@pytest.mark.parametrize("method, extra", VARIANTS)
+def test_methods_create_no_tensor_on_the_default_device(method, extra):
+    """With the default device set to `meta`, a tensor created without an explicit device would be a
+    meta tensor and fail when mixed with the CPU inputs: the same mistake that breaks device="cuda"."""
+    inputs = adapters()
+    module = "model.layers.0.down_proj"
+    factors, weights = [a[module] for a in inputs], [1.0, 0.5, 2.0]
+    spec = get_method(method)
+    params = spec.resolve(({"rank": 3} if "rank" in spec.aliases or "rank" in spec.parameters else {}) | extra)
+    expected, _ = spec(factors, weights, generator=module_generator(0, module), **params)
+    torch.set_default_device("meta")
+    try:
+        result, _ = spec(factors, weights, generator=module_generator(0, module), **params)
+    finally:
+        torch.set_default_device(None)
+    assert result.A.device.type == "cpu"
+    assert torch.equal(result.A, expected.A) and torch.equal(result.B, expected.B)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["lego", "lego_rank1", "task_arithmetic", "ties", "knots_ta"])
+def test_cuda_merge_matches_the_cpu_merge(method):
+    on_cpu = ll.merge(adapters(), method, rank=4, seed=2)
+    on_gpu = ll.merge(adapters(), method, rank=4, seed=2, device="cuda")
+    for module, factors in on_cpu.items():
+        assert on_gpu[module].A.device.type == "cpu"
+        torch.testing.assert_close(on_gpu[module].delta(), factors.delta(), rtol=1e-3, atol=1e-4)
+        if "labels" in on_cpu.metadata["report"][module]:
+            assert on_gpu.metadata["report"][module]["labels"] == on_cpu.metadata["report"][module]["labels"]
