@@ -1,6 +1,6 @@
 """Speed and memory of merging Llama-2-7B-shaped PEFT adapters read from disk (issue 6). Not a test.
 
-    python benchmarks/speed.py [--scratch DIR] [--reps 3] [--workloads base many mixed] [--no-peft]
+    python benchmarks/speed.py [--scratch DIR] [--reps 5] [--workloads base many mixed] [--no-peft]
                                [--device cpu|cuda] [--markdown docs/performance.md]
 
 Workloads (generated once into --scratch, seeded): `base` 8 adapters r=16 alpha=32 bf16 over q/k/v/o/
@@ -188,7 +188,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", default=os.environ.get("LORA_LEGO_SCRATCH", "/tmp/lora-lego-speed"))
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--workloads", nargs="+", default=["base", "mixed", "many"], choices=list(WORKLOADS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-peft", action="store_true", help="skip PEFT's add_weighted_adapter rows (minutes)")
