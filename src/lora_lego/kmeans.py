@@ -110,36 +110,29 @@ def _check_weights(sample_weight: torch.Tensor | None, u: int, device: torch.dev
     return w
 
 
-def _rows_distance(g: torch.Tensor, diag: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """||x_j - x_i||^2 for j in `idx` (any shape) and every i: shape idx.shape + (u,)."""
-    return (diag - 2 * g[idx] + diag[idx].unsqueeze(-1)).clamp_min_(0)
-
-
 def _kmeans_plusplus(
     g: torch.Tensor, diag: torch.Tensor, w: torch.Tensor, k: int, n_init: int, generator: torch.Generator
 ) -> torch.Tensor:
     """Greedy weighted k-means++ (scikit-learn's), all restarts at once: (n_init, k) indices of the seeds."""
     n_trials = 2 + int(math.log(k))
-    rows = torch.arange(n_init, device=g.device)
     last = g.shape[0] - 1
+    pairwise = (diag - 2 * g + diag.unsqueeze(-1)).clamp_min_(0)  # (u, u) squared distances: a seed's row is a lookup
+    # Every uniform at once (the same stream as one draw per step), from the generator's device (a CPU
+    # generator for a GPU Gram, so the seeds do not depend on it). 1 - rand is in (0, 1]: a draw > 0, so
+    # searchsorted (left) never lands on a zero-weight point, and <= the total, so it never runs past the end.
+    draws = 1 - _uniform((n_init * (1 + (k - 1) * n_trials),), generator, g.device)
+    steps = draws[n_init:].view(k - 1, n_init, n_trials)
     cum_w = w.cumsum(0)
-    # 1 - rand is in (0, 1]: the draw is > 0, so searchsorted (left) never lands on a zero-weight point,
-    # and <= the last cumulative value, so it never runs past the end.
-    # draws come from the generator's device (a CPU generator for a GPU Gram), so the seeds do not depend on it
-    draw = (1 - _uniform((n_init,), generator, g.device)) * cum_w[-1]
-    first = torch.searchsorted(cum_w, draw).clamp_max_(last)
-    centres = torch.empty(n_init, k, dtype=torch.int64, device=g.device)
-    centres[:, 0] = first
-    closest = _rows_distance(g, diag, first)  # (n_init, u) squared distance to the nearest seed
+    seeds = [torch.searchsorted(cum_w, draws[:n_init] * cum_w[-1]).clamp_max_(last)]
+    closest = pairwise[seeds[0]]  # (n_init, u) squared distance to the nearest seed
     for c in range(1, k):
         cum = (closest * w).cumsum(1)
-        rand = _uniform((n_init, n_trials), generator, g.device)
-        cand = torch.searchsorted(cum, (1 - rand) * cum[:, -1:]).clamp_max_(last)  # (n_init, n_trials)
-        dist = torch.minimum(_rows_distance(g, diag, cand), closest.unsqueeze(1))  # (n_init, n_trials, u)
-        best = (dist @ w).argmin(1)  # the candidate that lowers the potential most
-        centres[:, c] = cand[rows, best]
-        closest = dist[rows, best]
-    return centres
+        cand = torch.searchsorted(cum, steps[c - 1] * cum[:, -1:]).clamp_max_(last)  # (n_init, n_trials)
+        dist = torch.minimum(pairwise[cand], closest.unsqueeze(1))  # (n_init, n_trials, u)
+        best = (dist @ w).argmin(1, keepdim=True)  # the candidate that lowers the potential most
+        seeds.append(cand.gather(1, best).squeeze(1))
+        closest = dist.gather(1, best.unsqueeze(-1).expand(-1, 1, dist.shape[-1])).squeeze(1)
+    return torch.stack(seeds, 1)
 
 
 def _uniform(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -186,40 +179,53 @@ def _update_centroids(
     k = old.shape[1]
     a = _one_hot_weights(labels, w, k)
     mass = a.sum(-1, keepdim=True)
-    if bool((mass == 0).any()):
-        _relocate_empty(labels, dist, w, (mass == 0).squeeze(-1))
-        a = _one_hot_weights(labels, w, k)
-        mass = a.sum(-1, keepdim=True)
+    if not bool((mass == 0).any()):
+        return labels, a / mass.clamp_min(torch.finfo(a.dtype).tiny)
+    _relocate_empty(labels, dist, w, (mass == 0).squeeze(-1))
+    a = _one_hot_weights(labels, w, k)
+    mass = a.sum(-1, keepdim=True)
     return labels, torch.where(mass > 0, a / mass.clamp_min(torch.finfo(a.dtype).tiny), old)
 
 
 def _lloyd(
     g: torch.Tensor, diag: torch.Tensor, w: torch.Tensor, seeds: torch.Tensor, max_iter: int, tol: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd iterations of all restarts from their (b, k) seeds: final (b, u) labels and (b,) iteration counts."""
+    """Lloyd iterations of all restarts from their (b, k) seeds: final (b, u) labels and (b,) iteration counts.
+
+    The loop carries only the restarts still iterating (`ids`); a restart that converges leaves it, its
+    centroids (through G m and m^T G m) stored for the final assignment.
+    """
     b, k = seeds.shape
     u = g.shape[0]
     m = torch.zeros(b, k, u, dtype=g.dtype, device=g.device).scatter_(2, seeds.unsqueeze(-1), 1.0)
     gm = m @ g
     cnorm = (gm * m).sum(-1)
     labels = torch.full((b, u), -1, dtype=torch.int64, device=g.device)
+    final_gm, final_cnorm = gm.clone(), cnorm.clone()  # rows filled in as restarts stop
     n_iter = torch.full((b,), max_iter, dtype=torch.int64, device="cpu")
-    active = torch.arange(b, device=g.device)  # restarts still iterating: converged ones are frozen
+    ids = torch.arange(b, device=g.device)
     for it in range(max_iter):
-        dist = _distances(diag, gm[active], cnorm[active])
-        new, m_new = _update_centroids(_nearest(dist), dist, w, m[active])
+        dist = _distances(diag, gm, cnorm)
+        new, m_new = _update_centroids(_nearest(dist), dist, w, m)
         gm_new = m_new @ g
         cnorm_new = (gm_new * m_new).sum(-1)
         # ||c_new - c_old||^2 = c_new.c_new - 2 c_new.c_old + c_old.c_old, all from G.
-        shift = (cnorm_new - 2 * (gm_new * m[active]).sum(-1) + cnorm[active]).clamp_min_(0).sum(-1)
-        done = (new == labels[active]).all(1) | (shift <= tol)
-        m[active], gm[active], cnorm[active], labels[active] = m_new, gm_new, cnorm_new, new
-        n_iter[active[done].cpu()] = it + 1
-        active = active[~done]
-        if active.numel() == 0:
+        shift = (cnorm_new - 2 * (gm_new * m).sum(-1) + cnorm).clamp_min_(0).sum(-1)
+        done = (new == labels).all(1) | (shift <= tol)
+        m, gm, cnorm, labels = m_new, gm_new, cnorm_new, new
+        if it + 1 < max_iter and not bool(done.any()):
+            continue
+        n_iter[ids[done].cpu()] = it + 1
+        if it + 1 == max_iter:  # the restarts still running stop here too
+            final_gm[ids], final_cnorm[ids] = gm, cnorm
+            break
+        final_gm[ids[done]], final_cnorm[ids[done]] = gm[done], cnorm[done]
+        running = ~done
+        ids, m, gm, cnorm, labels = ids[running], m[running], gm[running], cnorm[running], labels[running]
+        if ids.numel() == 0:
             break
     # Last assignment step, as scikit-learn does, so the labels are those of the final centroids.
-    return _nearest(_distances(diag, gm, cnorm)), n_iter
+    return _nearest(_distances(diag, final_gm, final_cnorm)), n_iter
 
 
 def _inertia(g: torch.Tensor, diag: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
