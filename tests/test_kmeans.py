@@ -200,6 +200,21 @@ def test_lloyd_recovers_from_a_cluster_that_empties() -> None:
     assert sorted(set(labels[0].tolist())) == [0, 1, 2]
 
 
+@pytest.mark.parametrize("max_iter", [1, 2, 300])
+def test_restarts_run_together_as_each_alone(max_iter: int) -> None:
+    # Lloyd carries only the restarts still iterating; each must end exactly as if it had run alone,
+    # whether it converges first, last, or is stopped by max_iter.
+    rng = np.random.default_rng(5)
+    x = torch.from_numpy(_blobs(rng, 90, 7, 5))
+    gram, weights = x @ x.T, torch.from_numpy(rng.gamma(2.0, 1.0, size=90))
+    seeds = torch.stack([torch.randperm(90, generator=_gen(i))[:6] for i in range(8)])
+    labels, n_iter = _lloyd(gram, gram.diagonal().clone(), weights, seeds, max_iter, 0.0)
+    assert len(set(n_iter.tolist())) > 1 or max_iter < 300  # the restarts do stop at different iterations
+    for r in range(8):
+        alone, alone_iter = _lloyd(gram, gram.diagonal().clone(), weights, seeds[r:r + 1], max_iter, 0.0)
+        assert torch.equal(labels[r], alone[0]) and int(n_iter[r]) == int(alone_iter[0])
+
+
 def test_heavy_point_becomes_its_own_centroid() -> None:
     x = torch.randn(60, 5, generator=_gen(3), dtype=torch.float64)
     weights = torch.ones(60, dtype=torch.float64)
