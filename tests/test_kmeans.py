@@ -283,3 +283,15 @@ def test_bad_shapes_are_refused() -> None:
         kmeans(torch.empty(0, 3), 1, generator=_gen(0))
     with pytest.raises(ValueError):
         kmeans_gram(torch.ones(3, 4), 1, generator=_gen(0))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_gram_is_refused(bad: float) -> None:
+    x = torch.randn(12, 4, generator=_gen(0), dtype=torch.float64)
+    gram = x @ x.T
+    gram[3, 7] = gram[7, 3] = bad
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        kmeans_gram(gram, 3, generator=_gen(0))
+    huge = torch.full((12, 12), 1e307, dtype=torch.float64) + torch.eye(12, dtype=torch.float64) * 1e307  # entries finite, sum not
+    assert not torch.isfinite(huge.sum())
+    assert kmeans_gram(huge, 3, generator=_gen(0)).labels.shape == (12,)
