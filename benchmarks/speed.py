@@ -163,7 +163,8 @@ def run_workload(name: str, folders: list[Path], reps: int, device: str) -> list
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| workload | row | seconds (median; floor: fastest) | x I/O floor | peak RSS (GB) | RSS / input bytes | note |",
+    lines = ["| workload | row | seconds (median; floor: fastest) | x I/O floor | peak RSS (GB) "
+             "| RSS / input bytes | note |",
              "|---|---|---|---|---|---|---|"]
     floors = {r["workload"]: r["seconds"] for r in rows if r["row"] == "I/O floor"}
     for r in rows:

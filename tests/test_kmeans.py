@@ -292,6 +292,6 @@ def test_non_finite_gram_is_refused(bad: float) -> None:
     gram[3, 7] = gram[7, 3] = bad
     with pytest.raises(ValueError, match="NaN or infinite"):
         kmeans_gram(gram, 3, generator=_gen(0))
-    huge = torch.full((12, 12), 1e307, dtype=torch.float64) + torch.eye(12, dtype=torch.float64) * 1e307  # entries finite, sum not
-    assert not torch.isfinite(huge.sum())
+    huge = torch.full((12, 12), 1e307, dtype=torch.float64) + torch.eye(12, dtype=torch.float64) * 1e307
+    assert not torch.isfinite(huge.sum())  # every entry finite, their sum not
     assert kmeans_gram(huge, 3, generator=_gen(0)).labels.shape == (12,)
