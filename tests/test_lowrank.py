@@ -122,3 +122,25 @@ def test_truncated_svd_is_accurate_when_ranks_nearly_cancel(eps):
     best = (u[:, :4] * s[:4]) @ vh[:4]
     assert float((singular.double()[:8] - s[:8]).abs().max() / s[0]) < 1e-6
     assert float((approx.B.double() @ approx.A.double() - best).norm() / best.norm()) < 1e-6
+
+
+@pytest.mark.parametrize("dependent", [False, True])  # the Cholesky route; B's columns repeated (the eigh route)
+def test_truncated_svd_routes_match_the_dense_svd(dependent):
+    from lora_lego.lowrank import _top_svd_cholesky, gram
+    generator = torch.Generator().manual_seed(3)
+    decay = torch.logspace(0, -3, 6, dtype=torch.float64)  # singular values over three decades
+    f = LoraFactors(torch.randn(6, 40, generator=generator, dtype=torch.float64),
+                    torch.randn(30, 6, generator=generator, dtype=torch.float64) * decay)
+    if dependent:  # a second adapter with the same B: B^T B is singular, its Cholesky factor useless
+        f = concat_factors([f, LoraFactors(torch.randn(6, 40, generator=generator, dtype=torch.float64), f.B)])
+    assert (_top_svd_cholesky(f.A, f.B, gram(f.A), gram(f.B.T), 4) is None) == dependent
+    approx, singular = truncated_svd(f, 4)
+    u, s, vh = torch.linalg.svd(f.delta())
+    n = min(f.rank, 30, 40)
+    torch.testing.assert_close(singular, s[:n], rtol=0, atol=1e-12 * float(s[0]))
+    torch.testing.assert_close(approx.delta(), (u[:, :4] * s[:4]) @ vh[:4], rtol=0, atol=1e-12 * float(s[0]))
+
+
+def test_truncated_svd_of_rank_zero_factors():
+    approx, singular = truncated_svd(LoraFactors(torch.zeros(0, 5), torch.zeros(4, 0)), 3)
+    assert approx.rank == 0 and singular.numel() == 0
