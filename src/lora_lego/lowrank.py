@@ -148,8 +148,7 @@ def truncated_svd(factors: LoraFactors, k: int) -> tuple[LoraFactors, torch.Tens
     k = min(k, n)
     A, B = factors.A.double(), factors.B.double()
     gram_a, gram_b = gram(A), gram(B.T)
-    top = _top_svd_cholesky(A, B, gram_a, gram_b, k) or _top_svd_eigh(A, B, gram_a, gram_b, k)
-    left, s, right = top
+    left, s, right = _top_svd_cholesky(A, B, gram_a, gram_b, k) or _top_svd_eigh(A, B, gram_a, gram_b, k)
     if float(s.pow(2).sum()) < 1e-6 * float(gram_a.trace()) * float(gram_b.trace()):
         return _truncated_svd_qr(factors, k)  # delta lies in the Grams' least accurate directions
     singular = torch.cat([s[:n], s.new_zeros(max(n - s.shape[0], 0))])
