@@ -185,3 +185,34 @@ def edit_tensors(folder: str | Path, edit: Callable[[dict[str, torch.Tensor]], N
 def peft_adapter(tmp_path) -> Callable[..., Path]:
     """`peft_adapter(name, **config_kwargs)`: make_peft_adapter bound to the test's tmp_path / "inputs"."""
     return functools.partial(make_peft_adapter, tmp_path / "inputs")
+
+
+WORDS = [f"w{i}" for i in range(97)]  # with <pad>, <unk>, <eos>: the 100 tokens of tiny_llama's vocabulary
+
+
+def tiny_llama_folder(folder: str | Path, seed: int = 0) -> Path:
+    """`tiny_llama(seed)` saved as a transformers folder with a whitespace word-level tokenizer (w0 .. w96)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(["<pad>", "<unk>", "<eos>"] + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                        eos_token="<eos>")
+    folder = Path(folder)
+    tiny_llama(seed).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_prompts(path: str | Path, n: int, *, seed: int, length: tuple[int, int] = (3, 12)) -> Path:
+    """A JSONL prompts file of `n` random word sequences (lengths in `length`), from a seeded local RNG."""
+    import random
+
+    rng = random.Random(seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(*length)))}) for _ in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+    return path

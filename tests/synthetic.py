@@ -29,3 +29,27 @@ def dense_sum(adapters: list[Adapter], module: str, weights: list[float] | None 
     """sum_t w_t B_t A_t of one module, densely (reference for tests)."""
     weights = weights or [1.0] * len(adapters)
     return sum(w * a[module].delta().double() for a, w in zip(adapters, weights) if module in a)
+
+
+def random_calibrations(adapters: list[Adapter], seed: int = 0, tokens: int = 64) -> list:
+    """One in-memory `Calibration` per adapter (for methods that need one): for each of its linear modules the
+    Gram X^T X of `tokens` random inputs (full rank when tokens >= d_in), from an explicit generator."""
+    from lora_lego import Calibration
+
+    generator = torch.Generator().manual_seed(seed)
+    calibrations = []
+    for index, adapter in enumerate(adapters):
+        grams = {}
+        for module in adapter:
+            x = torch.randn(tokens, adapter.info(module).shape[1], generator=generator)
+            grams[module] = x.T @ x
+        calibrations.append(Calibration(grams, {m: m for m in grams}, tokens, {"model_fingerprint": "synthetic"},
+                                        name=f"calibration-{index}"))
+    return calibrations
+
+
+def calibration_for(method: str, adapters: list[Adapter], seed: int = 0) -> dict:
+    """{"calibration": random_calibrations(adapters)} for a method that needs calibration, else {}."""
+    from lora_lego import get_method
+
+    return {"calibration": random_calibrations(adapters, seed)} if get_method(method).needs_calibration else {}

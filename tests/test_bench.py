@@ -9,6 +9,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 from lora_lego.bench import EXPERIMENTS, run  # noqa: E402
+from lora_lego.bench.stats import describe, paired_difference  # noqa: E402
 from lora_lego.bench.tasks import get_task  # noqa: E402
 from lora_lego.cli import main  # noqa: E402
 
@@ -71,12 +72,28 @@ def test_the_pipeline_runs_every_experiment_and_writes_reports(tmp_path):
         assert table["title"] in text
     main_table = json.loads((out / "main.json").read_text())
     assert {"zero-shot (base model)", "own LoRA (upper reference)", "lego (k=6)", "concat"} <= set(main_table["rows"])
+    calibrated = json.loads((out / "calibrated.json").read_text())
+    assert {"regmean (rank 12)", "regmean k=6", "lego_calibrated k=6", "regmean k=6, 300 prompts"} <= set(
+        calibrated["rows"])
+    assert calibrated["splits"] == {"dev": ["animal"], "confirm": ["colour"]}
+    assert any("95% CI" in note for note in calibrated["notes"]) and "dev mean" in (out / "calibrated.md").read_text()
+    assert (out / "calibrated_prompts.png").stat().st_size > 0
+    assert len(list((tmp_path / "cache" / "calibrations").iterdir())) == 2 * 5  # 4 prompt counts + adapted
     # trained once, evaluated once: a second run reuses the cached adapters and evaluations
     adapters = sorted(p.name for p in (tmp_path / "cache" / "adapters").iterdir())
     assert len(adapters) == 3  # two tasks at r=6, one at r=12 (hetero)
     evaluations = (out / "evaluations.json").read_text()
     run(["main"], cache=tmp_path / "cache", out=tmp_path / "out", tasks=tasks, model_dir=model, steps=3, n_test=20)
     assert (out / "evaluations.json").read_text() == evaluations
+
+
+def test_paired_difference_by_hand():
+    first, second = {"a": [1, 1, 0, 0], "b": [1, 0]}, {"a": [0, 1, 0, 1], "b": [0, 0]}
+    # task a: differences 1, 0, 0, -1 (mean 0, variance of the mean 0.5 / 4); task b: 1, 0 (mean 0.5, 0.25 / 2)
+    difference, low, high = paired_difference(first, second, ["a", "b"])
+    assert difference == pytest.approx(0.25)
+    assert (low, high) == pytest.approx((0.25 - 1.96 * 0.25, 0.25 + 1.96 * 0.25))
+    assert "beats" in describe("x", "y", (0.1, 0.05, 0.15), "dev") and "includes 0" in describe("x", "y", (0.1, -0.1, 0.3), "dev")
 
 
 def test_user_task_errors_are_clear(tmp_path, capsys):

@@ -8,7 +8,7 @@ import lora_lego as ll
 from lora_lego.errors import MethodError
 from lora_lego.merge import module_generator
 from lora_lego.registry import get_method
-from synthetic import random_adapter
+from synthetic import random_adapter, random_calibrations
 
 CUDA = torch.cuda.is_available()
 
@@ -36,7 +36,8 @@ def test_cuda_without_a_gpu_is_a_clear_error():
 VARIANTS = [(method, {}) for method in ll.available_methods()] + [
     ("lego", {"canonical": "svd", "max_error": 0.3, "sample_weights": True, "features": "normalized"}),
     ("lego", {"param_norm": "l2"}), ("lego_rank1", {"max_error": 0.3}), ("task_arithmetic", {"max_error": 0.2}),
-    ("ties", {"exact_svd": True}), ("dare_ties", {}),
+    ("ties", {"exact_svd": True}), ("dare_ties", {}), ("regmean", {"norm": "frobenius"}),
+    ("regmean", {"max_error": 0.3}), ("lego_calibrated", {"basis": "adapter", "clustering": "units", "refit": False}),
 ]
 
 
@@ -49,10 +50,11 @@ def test_methods_create_no_tensor_on_the_default_device(method, extra):
     factors, weights = [a[module] for a in inputs], [1.0, 0.5, 2.0]
     spec = get_method(method)
     params = spec.resolve(({"rank": 3} if "rank" in spec.aliases or "rank" in spec.parameters else {}) | extra)
-    expected, _ = spec(factors, weights, generator=module_generator(0, module), **params)
+    grams = [c.moment(module) for c in random_calibrations(inputs)] if spec.needs_calibration else None
+    expected, _ = spec(factors, weights, generator=module_generator(0, module), calibration=grams, **params)
     torch.set_default_device("meta")
     try:
-        result, _ = spec(factors, weights, generator=module_generator(0, module), **params)
+        result, _ = spec(factors, weights, generator=module_generator(0, module), calibration=grams, **params)
     finally:
         torch.set_default_device(None)
     assert result.A.device.type == "cpu"

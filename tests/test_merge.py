@@ -7,7 +7,7 @@ import lora_lego as ll
 from lora_lego.errors import IncompatibleAdaptersError, LoraLegoWarning, MethodError
 from lora_lego.merge import module_generator
 from lora_lego.types import LoraFactors
-from synthetic import dense_sum, random_adapter
+from synthetic import dense_sum, random_adapter, random_calibrations
 
 
 def test_concat_merge_is_exact_weighted_sum_per_module():
@@ -124,8 +124,9 @@ def test_progress_bar_flag_runs_quietly_by_default(capsys):
 def test_zero_weight_adapters_are_left_out(method):
     a = random_adapter("a", 4, seed=1, types=("q_proj", "v_proj"))
     b = random_adapter("b", 4, seed=2, types=("q_proj",))
-    merged = ll.merge([a, b], method, weights=[0.0, 1.0])
-    alone = ll.merge([b], method)
+    calibration = random_calibrations([a, b]) if ll.get_method(method).needs_calibration else None
+    merged = ll.merge([a, b], method, weights=[0.0, 1.0], calibration=calibration)
+    alone = ll.merge([b], method, calibration=calibration[1:] if calibration else None)
     assert set(merged) == set(b)  # v_proj only exists in the zero-weight adapter
     for module in b:
         torch.testing.assert_close(merged[module].delta(), alone[module].delta())

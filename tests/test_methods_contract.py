@@ -9,7 +9,7 @@ import torch
 
 import lora_lego as ll
 from lora_lego.errors import MethodError
-from synthetic import dense_sum, random_adapter
+from synthetic import calibration_for, dense_sum, random_adapter
 
 
 def adapters():
@@ -22,8 +22,9 @@ def test_contract(method, tmp_path):
     before = {(a.name, m): (f.A.clone(), f.B.clone()) for a in inputs for m, f in a.items()}
     torch_state, numpy_state, python_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
 
-    first = ll.merge(inputs, method, weights=[1.0, 0.5, 2.0], seed=4)
-    second = ll.merge(inputs, method, weights=[1.0, 0.5, 2.0], seed=4)
+    calibration = calibration_for(method, inputs)  # {} unless the method needs calibration data
+    first = ll.merge(inputs, method, weights=[1.0, 0.5, 2.0], seed=4, **calibration)
+    second = ll.merge(inputs, method, weights=[1.0, 0.5, 2.0], seed=4, **calibration)
 
     assert torch.equal(torch.get_rng_state(), torch_state)
     assert np.random.get_state()[1].tolist() == numpy_state[1].tolist() and random.getstate() == python_state
@@ -46,4 +47,4 @@ def test_contract(method, tmp_path):
         assert digest[0] == digest[1], f"{method}: {name} differs between two identical runs"
 
     with pytest.raises(MethodError, match="no parameter 'not_a_parameter'"):
-        ll.merge(inputs, method, not_a_parameter=1)
+        ll.merge(inputs, method, not_a_parameter=1, **calibration)

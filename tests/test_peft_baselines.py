@@ -4,7 +4,7 @@ mixed ranks through the CLI (outputs load in PEFT; `average` refuses mixed ranks
 import pytest
 
 import lora_lego as ll
-from conftest import assert_matches_peft, load_peft, lora_layers, peft_deltas
+from conftest import assert_matches_peft, load_peft, lora_layers, peft_deltas, tiny_llama_folder, write_prompts
 from lora_lego.cli import main
 
 # same targets, different ranks and alphas; the first without rslora (PEFT copies its config to the result)
@@ -49,7 +49,11 @@ def test_average_times_n_squared_equals_peft_linear(peft_adapter):
 def test_every_method_merges_mixed_ranks_into_a_peft_folder(method, mixed, tmp_path, capsys):
     rank = [] if method in ("concat", "ensemble") else ["--rank", "5"]
     out = tmp_path / "out"
-    assert main(["merge", *map(str, mixed), "--method", method, *rank, "-o", str(out), "-q"]) == 0
+    calibration = []
+    if ll.get_method(method).needs_calibration:  # the base model of the adapters and a prompts file per adapter
+        prompts = [str(write_prompts(tmp_path / f"p{i}.jsonl", 8, seed=i)) for i in range(len(mixed))]
+        calibration = ["--model", str(tiny_llama_folder(tmp_path / "model")), "--prompts", *prompts]
+    assert main(["merge", *map(str, mixed), "--method", method, *rank, "-o", str(out), "-q", *calibration]) == 0
     model = load_peft(out)
     assert {layer.r["default"] for layer in lora_layers(model).values()} == ({12} if not rank else {5})
     assert_matches_peft(ll.load_adapter(out), peft_deltas(model), tol=1e-5)

@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from .errors import (  # noqa: E402
     AdapterFormatError,
+    CalibrationError,
     ClusteringWarning,
     IncompatibleAdaptersError,
     LoraLegoError,
@@ -11,6 +12,8 @@ from .errors import (  # noqa: E402
     MethodError,
     OutputError,
 )
+from .calibrate import calibrate  # noqa: E402
+from .calibration import Calibration, load_calibration  # noqa: E402
 from .merge import merge, prune  # noqa: E402
 from .peft_io import load_adapter, save_adapter  # noqa: E402
 from .registry import available_methods, get_method, register  # noqa: E402
@@ -18,6 +21,6 @@ from .types import Adapter, LoraFactors  # noqa: E402
 
 __all__ = [
     "Adapter", "LoraFactors", "load_adapter", "save_adapter", "merge", "prune", "register", "get_method",
-    "available_methods", "LoraLegoError", "AdapterFormatError", "IncompatibleAdaptersError", "MethodError",
-    "OutputError", "LoraLegoWarning", "ClusteringWarning", "__version__",
+    "available_methods", "calibrate", "Calibration", "load_calibration", "LoraLegoError", "AdapterFormatError",
+    "CalibrationError", "IncompatibleAdaptersError", "MethodError", "OutputError", "LoraLegoWarning", "ClusteringWarning", "__version__",
 ]

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -12,7 +16,10 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .errors import LoraLegoError, MethodError
+from .calibrate import GRAM_MEMORY, calibrate, load_model, read_prompts
+from .calibration import FILE_NAME as CALIBRATION_FILE
+from .calibration import load_calibration
+from .errors import CalibrationError, LoraLegoError, MethodError
 from .inspect import describe_adapters, describe_report
 from .merge import check_device, merge
 from .peft_io import load_adapter, save_adapter
@@ -40,6 +47,28 @@ def build_parser() -> argparse.ArgumentParser:
     merge_cmd.add_argument("--method", default="lego", help="merge method (see `lora-lego methods`; default lego)")
     merge_cmd.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per adapter")
     _add_common(merge_cmd, rank_required=False)
+    calibrated = merge_cmd.add_argument_group("calibration (methods regmean, lego_calibrated)")
+    calibrated.add_argument("--model", help="base model folder (transformers) to calibrate on, with --prompts")
+    calibrated.add_argument("--prompts", nargs="+", metavar="FILE", help="one prompts file per adapter, in order "
+                            "(.jsonl with {\"text\": ...} per line, or .txt with one prompt per line)")
+    calibrated.add_argument("--calibration", nargs="+", metavar="CALIB",
+                            help="one saved calibration per adapter (from `lora-lego calibrate`), instead of --prompts")
+    calibrated.add_argument("--activations", choices=["base", "adapted"], default="base",
+                            help="take each task's inputs from the base model (default) or from the model with "
+                                 "that task's adapter applied")
+    _add_calibration_options(calibrated)
+
+    calibrate_cmd = commands.add_parser("calibrate", help="input Grams of a base model on prompts, for calibrated merges")
+    calibrate_cmd.add_argument("--model", required=True, help="base model folder (transformers)")
+    calibrate_cmd.add_argument("--prompts", required=True, metavar="FILE", help="prompts file (.jsonl or .txt)")
+    calibrate_cmd.add_argument("-o", "--output", required=True, help="output folder")
+    calibrate_cmd.add_argument("--modules", nargs="+", metavar="PATH",
+                               help="module paths to calibrate (default: every linear layer)")
+    calibrate_cmd.add_argument("--adapter", help="apply this adapter during the passes (its task's own activations)")
+    calibrate_cmd.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda or cuda:N")
+    calibrate_cmd.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    calibrate_cmd.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_calibration_options(calibrate_cmd)
 
     prune_cmd = commands.add_parser("prune", help="reduce one adapter to a lower rank (lego on one adapter)")
     prune_cmd.add_argument("adapters", nargs=1, metavar="ADAPTER", help="a PEFT LoRA folder")
@@ -52,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_cmd = commands.add_parser("bench", help="offline benchmark on SmolLM2-135M and real tasks (extra [bench])")
     bench_cmd.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
-                           help="main, sweep, prune, hetero, seeds, heldout, autorank, or all")
+                           help="main, sweep, prune, hetero, seeds, heldout, autorank, calibrated, or all")
     bench_cmd.add_argument("--quick", action="store_true", help="2 tasks, 30 training steps, 100 test rows")
     bench_cmd.add_argument("--cache", help="cache folder (default $LORA_LEGO_CACHE or ~/.cache/lora-lego)")
     bench_cmd.add_argument("--out", help="results folder (default <cache>/runs/full or /quick)")
@@ -76,6 +105,15 @@ def _add_common(command: argparse.ArgumentParser, *, rank_required: bool) -> Non
                          help="modules merged side by side, one torch thread each (default: torch's thread count)")
     command.add_argument("--device", default="cpu", help="where the math runs: cpu (default), cuda or cuda:N")
     command.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _add_calibration_options(group) -> None:
+    group.add_argument("--max-prompts", type=int, metavar="N", help="use the first N prompts of each file")
+    group.add_argument("--max-length", type=int, default=512, metavar="L", help="tokens per prompt (default 512)")
+    group.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts per forward pass (default 8)")
+    group.add_argument("--gram-memory", type=float, default=GRAM_MEMORY / 2**30, metavar="GB",
+                       help="float64 Grams accumulated per pass over the prompts (default 2 GB; more passes if "
+                            "the model's Grams exceed it)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,16 +148,19 @@ def _run_merge(args: argparse.Namespace) -> int:
         params["rank"] = args.rank
     if args.dtype:
         dtype_from_name(args.dtype)
-    get_method(args.method).resolve(params)  # fail fast on a bad method, parameter or device, before loading
+    spec = get_method(args.method)
+    spec.resolve(params)  # fail fast on a bad method, parameter or device, before loading
     check_device(args.device)
+    _check_calibration_args(args, spec.needs_calibration)
     check_output_path(args.output, args.adapters, overwrite=args.overwrite)
     if args.report:  # checked before any work: a report that cannot be written must not leave an output behind
         check_report_path(args.report, args.adapters, args.output)
     started = time.perf_counter()
     adapters = [load_adapter(path, lazy=True) for path in args.adapters]  # read module by module while merging
     weights = getattr(args, "weights", None)
-    merged = merge(adapters, args.method, weights=weights, seed=args.seed, progress=not args.quiet,
-                   threads=args.threads, device=args.device, **params)
+    with _calibrations(args, adapters) as calibrations:
+        merged = merge(adapters, args.method, weights=weights, seed=args.seed, progress=not args.quiet,
+                       threads=args.threads, device=args.device, calibration=calibrations, **params)
     save_adapter(merged, args.output, dtype=args.dtype, overwrite=args.overwrite)
     if args.report:
         write_json_atomic(args.report, {"provenance": merged.metadata["provenance"],
@@ -133,12 +174,93 @@ def _run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_calibration_args(args: argparse.Namespace, needs: bool) -> None:
+    """Refuse, before any work, calibration options that do not fit the method or each other."""
+    if args.command != "merge":
+        if needs:
+            raise MethodError(f"method {args.method!r} needs calibration data; prune with it through `merge` with one "
+                              "adapter and --model/--prompts or --calibration")
+        return
+    given = args.prompts is not None or args.calibration is not None
+    if not needs:
+        if given or args.model:
+            raise MethodError(f"method {args.method!r} does not use calibration data (--model, --prompts, --calibration)")
+        return
+    if args.prompts is not None and args.calibration is not None:
+        raise CalibrationError("give either --prompts (with --model) or --calibration, not both")
+    if not given:
+        raise MethodError(f"method {args.method!r} needs calibration data: --model BASE_DIR --prompts P1 P2 ... (one "
+                          "prompts file per adapter), or --calibration C1 C2 ...")
+    files = args.prompts if args.prompts is not None else args.calibration
+    if len(files) != len(args.adapters):
+        raise CalibrationError(f"got {len(files)} {'prompts files' if args.prompts else 'calibrations'} for "
+                               f"{len(args.adapters)} adapters; give one per adapter, in the same order")
+    if args.prompts is not None and not args.model:
+        raise CalibrationError("--prompts needs --model BASE_DIR (the base model the adapters were trained on)")
+    for path in args.prompts or []:  # every file checked before the model is loaded
+        read_prompts(path, max_prompts=args.max_prompts)
+    if args.calibration is not None and args.model:
+        raise CalibrationError("--model is only used with --prompts; a saved --calibration already holds its model")
+
+
+@contextlib.contextmanager
+def _calibrations(args: argparse.Namespace, adapters: list):
+    """The merge's calibrations: loaded (--calibration), or computed now (--model/--prompts) into a temporary
+    folder beside the output (removed afterwards), so that even a large model's Grams are never all in memory."""
+    if getattr(args, "calibration", None):
+        yield [load_calibration(path) for path in args.calibration]
+        return
+    if not getattr(args, "prompts", None):
+        yield None
+        return
+    output = Path(args.output).resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-calibration", dir=output.parent))
+    try:
+        model, tokenizer = load_model(args.model, device=args.device, quiet=args.quiet)
+        calibrations = []
+        for index, (adapter, prompts) in enumerate(zip(adapters, args.prompts)):
+            calibrations.append(calibrate(
+                model, prompts, tokenizer=tokenizer, modules=list(adapter), adapter=adapter
+                if args.activations == "adapted" else None, output=work / str(index), progress=not args.quiet,
+                **_calibration_options(args)))
+            calibrations[-1].metadata["model"] = args.model
+        del model
+        yield calibrations
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _calibration_options(args: argparse.Namespace) -> dict:
+    return {"max_prompts": args.max_prompts, "max_length": args.max_length, "batch_size": args.batch_size,
+            "gram_memory": max(int(args.gram_memory * 2**30), 1)}
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    check_device(args.device)
+    check_output_path(args.output, [args.model, args.prompts] + ([args.adapter] if args.adapter else []),
+                      overwrite=args.overwrite)
+    started = time.perf_counter()
+    adapter = load_adapter(args.adapter, lazy=True) if args.adapter else None
+    read_prompts(args.prompts, max_prompts=args.max_prompts)
+    model, tokenizer = load_model(args.model, device=args.device, quiet=args.quiet)
+    modules = args.modules or (list(adapter) if adapter is not None else None)
+    result = calibrate(model, args.prompts, tokenizer=tokenizer, modules=modules, adapter=adapter, output=args.output,
+                       overwrite=args.overwrite, progress=not args.quiet, **_calibration_options(args))
+    summary = result.summary()
+    print(f"calibrate: {summary['n_prompts']} prompts ({summary['tokens']:,} tokens) through {args.model} -> "
+          f"{args.output}: {summary['modules']} modules, {summary['grams']} Grams, "
+          f"{time.perf_counter() - started:.1f} s")
+    return 0
+
+
 def _run_methods(args: argparse.Namespace) -> int:
     for name in available_methods():
         spec = get_method(name)
         params = ", ".join(f"{p.name}={p.default!r}" for p in spec.parameters.values()) or "-"
         aliases = ", ".join(f"--{alias} = {target}" for alias, target in spec.aliases.items())
         title = name + (" (default)" if name == "lego" else "") + "".join(f", also {a!r}" for a in spec.method_aliases)
+        title += " (needs calibration: --model/--prompts or --calibration)" if spec.needs_calibration else ""
         print(f"{title}\n  {spec.summary}\n  parameters: {params}" + (f" ({aliases})" if aliases else ""))
         if spec.paper:
             print(f"  paper: {spec.paper}")
@@ -146,8 +268,12 @@ def _run_methods(args: argparse.Namespace) -> int:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    reports = [Path(p) for p in args.paths if Path(p).is_file()]
-    folders = [p for p in args.paths if not Path(p).is_file()]
+    calibrations = [p for p in args.paths if (Path(p) / CALIBRATION_FILE).is_file() or p.endswith(CALIBRATION_FILE)]
+    reports = [Path(p) for p in args.paths if Path(p).is_file() and p not in calibrations]
+    folders = [p for p in args.paths if not Path(p).is_file() and p not in calibrations]
+    for path in calibrations:
+        summary = load_calibration(path).summary()
+        print(f"{path}: calibration\n" + "\n".join(f"  {key}: {value}" for key, value in summary.items()))
     for report in reports:
         print(describe_report(report))
     if folders:
@@ -187,5 +313,5 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {_one_line(message) if isinstance(message, Warning) else message}", file=sys.stderr)
 
 
-_COMMANDS = {"merge": _run_merge, "prune": _run_merge, "methods": _run_methods, "inspect": _run_inspect,
-             "bench": _run_bench}
+_COMMANDS = {"merge": _run_merge, "prune": _run_merge, "calibrate": _run_calibrate, "methods": _run_methods,
+             "inspect": _run_inspect, "bench": _run_bench}

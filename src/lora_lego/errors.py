@@ -17,6 +17,10 @@ class MethodError(LoraLegoError, ValueError):
     """Unknown merge method, or a parameter it does not accept or cannot use."""
 
 
+class CalibrationError(LoraLegoError, ValueError):
+    """Calibration input is unusable: a prompts file, a base model, or a calibration file (or it does not fit the adapters)."""
+
+
 class OutputError(LoraLegoError, ValueError):
     """The output location is refused (exists, lies inside an input, or cannot be written)."""
 

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from .calibration import Calibration, check_calibrations
 from .errors import IncompatibleAdaptersError, LoraLegoError, LoraLegoWarning, MethodError
 from .lowrank import concat_factors, factor_grams, relative_error_from_grams
 from .peft_io import check_factor_values
@@ -100,6 +101,7 @@ def merge(
     progress: bool = False,
     threads: int | None = None,
     device: str | torch.device | None = None,
+    calibration: Sequence[Calibration] | None = None,
     **params: Any,
 ) -> Adapter:
     """Merge adapters module by module with a registered method.
@@ -112,6 +114,8 @@ def merge(
     `threads` worker threads (default: torch's thread count), each with one torch thread; the result
     does not depend on `threads`. `device` ("cpu" by default, or "cuda") is where the methods' large
     products run; inputs are read and checked on the CPU, and the result comes back to the CPU.
+    `calibration` (one per adapter, in order; see `calibrate`) is what calibrated methods such as
+    `regmean` need: each module's call gets the adapters' mean input Grams (`Calibration.moment`).
     """
     adapters = list(adapters)
     if not adapters:
@@ -123,6 +127,7 @@ def merge(
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise MethodError(f"seed must be a non-negative integer; got {seed!r}")
     owners = align_modules(adapters)
+    calibration = check_calibrations(method, spec.needs_calibration, adapters, calibration, owners, weights)
     threads, device = _check_threads(threads), check_device(device)
     jobs = [(module, [i for i in holders if weights[i] != 0]) for module, holders in owners.items()]
     # a weight of 0 leaves the adapter out; a module that only such adapters have is left out of the result
@@ -134,8 +139,10 @@ def merge(
         factors = [_read(adapters[i], module).to(device) for i in holders]
         module_weights = [weights[i] for i in holders]
         names = ", ".join(repr(adapters[i].name) for i in holders)
+        grams = [calibration[i].moment(module) for i in holders] if calibration else None
         try:
-            result, info = spec(factors, module_weights, generator=module_generator(seed, module), **resolved)
+            result, info = spec(factors, module_weights, generator=module_generator(seed, module), calibration=grams,
+                                **resolved)
         except LoraLegoError as error:
             raise type(error)(f"module {module!r} (adapters {names}): {error}") from error
         except torch.linalg.LinAlgError as error:  # e.g. an SVD of values overflowed by a huge `scale`
@@ -155,7 +162,10 @@ def merge(
     for module, result, entry in tqdm(results, total=len(jobs), desc=f"merge ({method})", unit="module",
                                       disable=None if progress else True, leave=False):
         merged[module], report[module] = result, entry
-    return Adapter(merged, _merged_metadata(adapters, method, resolved, weights, seed, report), name="merged")
+    metadata = _merged_metadata(adapters, method, resolved, weights, seed, report)
+    if calibration:
+        metadata["provenance"]["calibration"] = [c.summary() for c in calibration]
+    return Adapter(merged, metadata, name="merged")
 
 
 def _check_threads(threads: int | None) -> int:

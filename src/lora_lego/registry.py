@@ -13,9 +13,10 @@ from typing import Any, Callable, Literal, Sequence
 from .errors import MethodError
 from .types import LoraFactors
 
-# A method: fn(factors, weights, *, generator, **params) -> LoraFactors | (LoraFactors, info dict)
+# A method: fn(factors, weights, *, generator, [calibration,] **params) -> LoraFactors | (LoraFactors, info dict)
+# A method that declares `calibration` needs calibration data: merge hands it one (d_in, d_in) Gram per adapter.
 MethodFn = Callable[..., "LoraFactors | tuple[LoraFactors, dict]"]
-_RESERVED = ("generator",)
+_RESERVED = ("generator", "calibration")
 _METHODS: dict[str, "MethodSpec"] = {}
 _METHOD_ALIASES: dict[str, str] = {}  # another name users know -> registered name (e.g. PEFT's "svd")
 
@@ -31,6 +32,7 @@ class MethodSpec:
     parameters: dict[str, inspect.Parameter]
     aliases: dict[str, str]
     method_aliases: tuple[str, ...] = ()
+    needs_calibration: bool = False
 
     def resolve(self, params: dict[str, Any]) -> dict[str, Any]:
         """Validate and coerce user parameters (values may be strings from the CLI); apply aliases."""
@@ -45,8 +47,12 @@ class MethodSpec:
             resolved[name] = _coerce(self.name, name, value, self.parameters[name].annotation)
         return resolved
 
-    def __call__(self, factors: Sequence[LoraFactors], weights: Sequence[float], *, generator, **params):
-        """Run on one module; always returns (LoraFactors, info dict)."""
+    def __call__(self, factors: Sequence[LoraFactors], weights: Sequence[float], *, generator, calibration=None,
+                 **params):
+        """Run on one module (`calibration`: the adapters' Grams, for a method that needs them); always
+        returns (LoraFactors, info dict)."""
+        if self.needs_calibration:
+            params["calibration"] = list(calibration)
         result = self.fn(list(factors), list(weights), generator=generator, **params)
         return result if isinstance(result, tuple) else (result, {})
 
@@ -71,7 +77,8 @@ def register(name: str, *, paper: str | None = None, aliases: dict[str, str] | N
             if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _RESERVED
         }
         summary = (inspect.getdoc(fn) or "").split("\n", 1)[0]
-        _METHODS[name] = MethodSpec(name, fn, summary, paper, parameters, dict(aliases or {}), tuple(method_aliases))
+        _METHODS[name] = MethodSpec(name, fn, summary, paper, parameters, dict(aliases or {}), tuple(method_aliases),
+                                    needs_calibration="calibration" in signature.parameters)
         _METHOD_ALIASES.update({alias: name for alias in method_aliases})
         return fn
 

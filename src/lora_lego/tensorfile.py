@@ -1,4 +1,5 @@
-"""Read a .safetensors file one tensor at a time: the header once, then each tensor by its byte offsets.
+"""Read a .safetensors file one tensor at a time: the header once, then each tensor by its byte offsets;
+write one whose tensors arrive one at a time (`TensorWriter`).
 
 No memory map, so only the tensors asked for are ever resident (a mapped file's touched pages would
 count in the process's memory until it is closed), and nothing but the header is read up front.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,3 +90,67 @@ def read_tensor(path: str | Path, info: TensorInfo) -> torch.Tensor:
     if not buffer:
         return torch.empty(info.shape, dtype=info.dtype)
     return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
+
+
+NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+class TensorWriter:
+    """Write a .safetensors file whose tensors arrive one at a time, in any order.
+
+    The header (every key's dtype and shape, and the string metadata) is written first and the file is
+    sized at once, so each `write` puts one tensor at its offset and nothing else is held in memory.
+    The result is an ordinary safetensors file (readable by `safetensors.safe_open`). Raises OSError.
+    """
+
+    def __init__(self, path: str | Path, entries: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        header: dict[str, object] = {}
+        self._slots: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
+        offset = 0
+        for key, (dtype, shape) in entries.items():
+            size = math.prod(shape) * dtype.itemsize
+            header[key] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self._slots[key] = (dtype, tuple(shape), offset)
+            offset += size
+        if metadata:
+            header["__metadata__"] = dict(sorted(metadata.items()))
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+        self._base = 8 + len(text)
+        self._stream = open(path, "wb")
+        try:
+            self._stream.write(len(text).to_bytes(8, "little") + text)
+            self._stream.truncate(self._base + offset)
+        except BaseException:
+            self._stream.close()
+            raise
+        self._pending = set(entries)
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        """Write the tensor of `key` (its dtype and shape must be those declared)."""
+        dtype, shape, offset = self._slots[key]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"tensor {key!r}: expected {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
+        self._stream.seek(self._base + offset)
+        self._stream.write(memoryview(tensor.detach().cpu().contiguous().view(torch.uint8).numpy()))
+        self._pending.discard(key)
+
+    def close(self) -> None:
+        """Flush and close; raises ValueError if a declared tensor was never written."""
+        try:
+            if self._pending:
+                raise ValueError(f"tensors never written: {sorted(self._pending)[:3]}")
+            self._stream.flush()
+            os.fsync(self._stream.fileno())
+        finally:
+            self._stream.close()
+
+    def __enter__(self) -> "TensorWriter":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self._stream.close()

@@ -11,12 +11,15 @@ from pathlib import Path
 from typing import Sequence
 
 from .assets import base_model_dir, cache_dir
-from .experiments import EXPERIMENTS, Bench
+from .calibrated import calibrated_table
+from .experiments import EXPERIMENTS as DATA_FREE_EXPERIMENTS
+from .experiments import Bench
 from .lm import TrainConfig
 from .report import write
 from .tasks import DEFAULT_TASKS, get_task
 
 QUICK_TASKS = ("rt_polarity", "hyperbaton")
+EXPERIMENTS = {**DATA_FREE_EXPERIMENTS, "calibrated": calibrated_table}
 
 
 def run(experiments: Sequence[str], *, cache: str | Path | None = None, out: str | Path | None = None,

@@ -7,6 +7,7 @@
   seeds    `lego`, its variants and `dare_ties` over 5 seeds: spread of the mean accuracy
   heldout  merge n-1 LoRAs, evaluate on the left-out task (out of domain), against zero-shot
   autorank the `lego` variants choosing k per module (max_error, cap 3r) against fixed k = r and 3r
+  calibrated  regmean and lego_calibrated with unlabeled train prompts (in `calibrated.py`)
 
 The `lego` variants (canonical="svd", lego_rank1) are beyond the paper (issue 7).
 
@@ -25,8 +26,8 @@ from typing import Callable
 import lora_lego as ll
 
 from ..errors import LoraLegoError, LoraLegoWarning
-from ..registry import available_methods
-from .lm import TrainConfig, accuracy, applied, load_base
+from ..registry import available_methods, get_method
+from .lm import TrainConfig, applied, correct_rows, load_base
 from .pool import ensure_adapter, task_split
 from .tasks import Task
 
@@ -34,6 +35,11 @@ NEEDS_RANK = {"concat", "ensemble", "average"}  # methods whose output rank is n
 # lego and its beyond-the-paper variants (issue 7): label -> (method, parameters)
 LEGO_VARIANTS = {"lego": ("lego", {}), "lego canonical=svd": ("lego", {"canonical": "svd"}),
                  "lego_rank1": ("lego_rank1", {})}
+
+
+def data_free_methods() -> list[str]:
+    """The registered methods that need no calibration data (the calibrated ones have their own experiment)."""
+    return [m for m in available_methods() if not get_method(m).needs_calibration]
 
 
 @dataclass
@@ -44,6 +50,7 @@ class Table:
     columns: list[str]
     rows: dict[str, dict[str, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    splits: dict[str, list[str]] = field(default_factory=dict)  # e.g. "dev" -> task columns: a mean column each
 
 
 class Bench:
@@ -71,21 +78,35 @@ class Bench:
         return adapter
 
     def evaluate(self, key: str, adapter: Callable[[], ll.Adapter | None], tasks: list[Task]) -> dict[str, float]:
-        """Accuracy per task of the base model plus `adapter()` (built only if not cached under `key`)."""
-        key = f"{self.config.key()} n_test={self.n_test} {key}"  # evaluations of other settings never mix
-        missing = [t for t in tasks if f"{key} @ {t.name}" not in self._evaluations]
+        """Accuracy per task of the base model plus `adapter()` (built only if not cached under `key`).
+
+        Each test row's correctness is cached too ("<key> @ <task> #rows", a 0/1 string), for `rows`."""
+        key = self._key(key)
+        missing = [t for t in tasks if f"{key} @ {t.name} #rows" not in self._evaluations]
         if missing:
-            if self._model is None:
-                self._model = load_base(self.model_dir)
-            model, tokenizer = self._model
+            model, tokenizer = self.model()
             with applied(model, adapter()):
                 for task in missing:
                     _, test = task_split(self.cache, task, self.n_test)
-                    result = accuracy(model, tokenizer, task, test, max_length=self.config.max_length,
-                                      desc=f"{key} on {task.name}")
-                    self._evaluations[f"{key} @ {task.name}"] = result
+                    correct = correct_rows(model, tokenizer, task, test, max_length=self.config.max_length,
+                                           desc=f"{key} on {task.name}")
+                    self._evaluations[f"{key} @ {task.name}"] = sum(correct) / len(correct)
+                    self._evaluations[f"{key} @ {task.name} #rows"] = "".join("01"[c] for c in correct)
                     self._save()
         return {t.name: self._evaluations[f"{key} @ {t.name}"] for t in tasks}
+
+    def rows(self, key: str, task: Task) -> list[int]:
+        """The 0/1 correctness of each test row of `task` under an evaluation already made with `evaluate`."""
+        return [int(c) for c in self._evaluations[f"{self._key(key)} @ {task.name} #rows"]]
+
+    def _key(self, key: str) -> str:
+        return f"{self.config.key()} n_test={self.n_test} {key}"  # evaluations of other settings never mix
+
+    def model(self):
+        """(model, tokenizer) of the base model, loaded once."""
+        if self._model is None:
+            self._model = load_base(self.model_dir)
+        return self._model
 
     def _save(self) -> None:
         partial = self._evaluations_path.with_suffix(".partial")
@@ -109,7 +130,7 @@ def main_table(bench: Bench) -> Table:
     bench.references(table)
     adapters = [bench.adapter(t) for t in bench.tasks]
     r = bench.config.rank
-    for method in available_methods():
+    for method in data_free_methods():
         label = method if method in NEEDS_RANK else f"{method} (k={r})"
         table.rows[label] = bench.evaluate(f"merge {method}", lambda m=method: bench.merged(adapters, m), bench.tasks)
     table.rows[f"lego canonical=svd (k={r})"] = bench.evaluate(
@@ -163,7 +184,7 @@ def hetero_table(bench: Bench) -> Table:
     adapters = [bench.adapter(first, big)] + [bench.adapter(t) for t in bench.tasks[1:]]
     table.rows[f"own LoRA ({first.name} at r={big.rank})"] = {
         first.name: bench.evaluate(f"own {first.name} r={big.rank}", lambda: adapters[0], [first])[first.name]}
-    for method in available_methods():
+    for method in data_free_methods():
         try:
             table.rows[method] = bench.evaluate(f"hetero {method}", lambda m=method: bench.merged(adapters, m),
                                                 bench.tasks)

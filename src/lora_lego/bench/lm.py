@@ -46,11 +46,13 @@ class TrainConfig:
 
 
 def load_base(model_dir: Path):
-    """(model, tokenizer) in eval mode; left padding so the last position is every prompt's end."""
+    """(model, tokenizer) in eval mode; left padding so the last position is every prompt's end, and left
+    truncation so that a prompt longer than max_length keeps its end ("Answer:"; vitaminc's longest 10%)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -75,19 +77,20 @@ def last_logits(model, tokenizer, prompts: list[str], max_length: int) -> torch.
     return out.logits[:, -1].float()
 
 
-def accuracy(model, tokenizer, task: Task, rows: Rows, *, batch: int = 32, max_length: int = 128,
-             desc: str = "") -> float:
-    """Fraction of rows whose highest-scoring label is the true one."""
+def correct_rows(model, tokenizer, task: Task, rows: Rows, *, batch: int = 32, max_length: int = 128,
+                 desc: str = "") -> list[bool]:
+    """For each row (in order), whether its highest-scoring label is the true one."""
     ids = label_token_ids(tokenizer, task)
     labels = list(task.verbalizers)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths per batch: less padding
-    correct = 0
+    correct = [False] * len(rows)
     with torch.no_grad():
         for start in tqdm(range(0, len(order), batch), desc=desc or f"eval {task.name}", leave=False, unit="batch"):
-            chunk = [rows[i] for i in order[start:start + batch]]
-            scores = last_logits(model, tokenizer, [task.prompt(t) for t, _ in chunk], max_length)[:, ids]
-            correct += sum(labels[int(p)] == label for p, (_, label) in zip(scores.argmax(-1), chunk))
-    return correct / len(rows)
+            chunk = order[start:start + batch]
+            scores = last_logits(model, tokenizer, [task.prompt(rows[i][0]) for i in chunk], max_length)[:, ids]
+            for i, predicted in zip(chunk, scores.argmax(-1)):
+                correct[i] = labels[int(predicted)] == rows[i][1]
+    return correct
 
 
 @contextlib.contextmanager

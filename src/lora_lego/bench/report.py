@@ -22,13 +22,18 @@ def summary_columns(table: Table) -> dict[str, dict[str, float]]:
         ratios = [row[c] / own[c] for c in table.columns if c in row and own.get(c)]
         if ratios and label != OWN and "mean" not in table.columns:
             entry["normalised"] = statistics.mean(ratios)
+        for split, columns in table.splits.items():
+            values = [row[c] for c in columns if c in row]
+            if len(values) == len(columns):
+                entry[f"{split} mean"] = statistics.mean(values)
         out[label] = entry
     return out
 
 
 def markdown(table: Table) -> str:
     summary = summary_columns(table)
-    extra = sorted({k for entry in summary.values() for k in entry}, key=["mean", "normalised"].index)
+    order = ["mean", "normalised", *(f"{split} mean" for split in table.splits)]
+    extra = sorted({k for entry in summary.values() for k in entry}, key=order.index)
     header = ["", *table.columns, *extra]
     lines = [f"### {table.title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, row in table.rows.items():

@@ -83,10 +83,16 @@ BUILTIN: dict[str, Task] = {task.name: task for task in [
     Task("fever", "Is this claim true or false?", {"true": "true", "false": "false"},
          _bigbench("fact_checker/fever", lambda t: t.removesuffix("\nQ: Was this claim true or false?")),
          "fact verification"),
+    Task("vitaminc", "Based only on the evidence, is the claim true, false, or neither (not enough information)?",
+         {"True": "true", "False": "false", "Neither": "neither"}, _bigbench("vitaminc_fact_verification"),
+         "NLI (claim and evidence, 3 classes)"),
     Task("epistemic", "Does the premise entail the hypothesis? Answer entailment or non-entailment.",
          {"entailment": "entailment", "non-entailment": "non"}, _bigbench("epistemic_reasoning"), "NLI"),
+    Task("valid_parentheses", "Is this sequence of parentheses properly matched, valid or invalid?",
+         {"Valid": "valid", "Invalid": "invalid"}, _bigbench("cs_algorithms/valid_parentheses"), "algorithmic"),
 ]}
-DEFAULT_TASKS = tuple(BUILTIN)
+# epistemic's own LoRA stayed at its majority-class rate (0.643 vs 0.63): vitaminc replaces it by default
+DEFAULT_TASKS = ("rt_polarity", "tweet_sentiment", "snips_intent", "hyperbaton", "fever", "vitaminc")
 
 
 def jsonl_task(path: str | Path) -> Task:

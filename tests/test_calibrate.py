@@ -1,0 +1,174 @@
+"""Calibration on a tiny Llama built from a config (no download): the Grams from the hooks against X^T X
+computed by hand, shared inputs, chunked passes, the adapter-applied setting, the file round trip and
+the errors on bad prompts and models."""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from conftest import make_peft_adapter, tiny_llama, tiny_llama_folder, write_prompts  # noqa: E402
+
+import lora_lego as ll  # noqa: E402
+from lora_lego.calibrate import load_model, model_fingerprint, read_prompts  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tiny_llama_folder(tmp_path_factory.mktemp("model") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    return write_prompts(tmp_path_factory.mktemp("prompts") / "p.jsonl", 11, seed=1)
+
+
+def grams_by_hand(model, tokenizer, texts, adapter=None):
+    """Module path -> sum over every prompt's tokens of x x^T (float64), one prompt at a time, no padding."""
+    sums, handles = {}, []
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+    def hook(name):
+        def record(module, args):
+            x = args[0].detach().double().reshape(-1, args[0].shape[-1])
+            sums[name] = sums.get(name, 0) + x.T @ x
+        return record
+
+    with torch.no_grad():
+        saved = {}
+        if adapter is not None:  # the adapter's deltas added into the weights
+            for name, factors in adapter.items():
+                saved[name] = modules[name].weight.clone()
+                modules[name].weight += factors.delta()
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+        for text in texts:
+            ids = torch.tensor([tokenizer(text)["input_ids"]])
+            model(input_ids=ids)
+        for handle in handles:
+            handle.remove()
+        for name, weight in saved.items():
+            modules[name].weight.copy_(weight)
+    return sums
+
+
+def assert_close(actual, expected, tol=1e-6):
+    error = float((actual.double() - expected.double()).norm() / expected.double().norm())
+    assert error < tol, error
+
+
+def test_grams_equal_x_transpose_x_by_hand_and_shared_inputs_share_one(base, prompts):
+    model, tokenizer = load_model(base)
+    texts = read_prompts(prompts)
+    calibration = ll.calibrate(base, prompts, batch_size=3)  # padded batches: padding must not count
+    expected = grams_by_hand(model, tokenizer, texts)
+    assert set(calibration.modules) == set(expected)
+    for module, gram in expected.items():
+        assert_close(calibration.gram(module), gram)
+    assert calibration.tokens == sum(len(tokenizer(t)["input_ids"]) for t in texts)
+    keys = calibration.modules
+    layer = "model.layers.1."
+    assert keys[layer + "self_attn.q_proj"] == keys[layer + "self_attn.k_proj"] == keys[layer + "self_attn.v_proj"]
+    assert keys[layer + "mlp.gate_proj"] == keys[layer + "mlp.up_proj"]
+    assert len(set(keys.values())) == 2 * 4 + 1  # per layer: q/k/v, o, gate/up, down; plus lm_head
+    moment = calibration.moment(layer + "mlp.down_proj")
+    assert torch.allclose(moment, calibration.gram(layer + "mlp.down_proj") / calibration.tokens)
+
+
+def test_chunked_passes_give_the_same_grams_as_one_pass(base, prompts):
+    one = ll.calibrate(base, prompts, batch_size=4)
+    many = ll.calibrate(base, prompts, batch_size=4, gram_memory=1)  # every shared input in its own pass
+    assert one.modules == many.modules
+    for module in one.modules:
+        assert torch.equal(one.gram(module), many.gram(module))
+
+
+def test_adapter_applied_gives_the_fine_tuned_models_inputs(base, prompts, tmp_path):
+    adapter = ll.load_adapter(make_peft_adapter(tmp_path, "task", r=2, target_modules=["q_proj", "v_proj", "down_proj"]))
+    model, tokenizer = load_model(base)
+    adapted = ll.calibrate(model, prompts, tokenizer=tokenizer, adapter=adapter)
+    plain = ll.calibrate(model, prompts, tokenizer=tokenizer)
+    expected = grams_by_hand(model, tokenizer, read_prompts(prompts), adapter)
+    module = "model.layers.1.self_attn.q_proj"  # its input depends on layer 0's adapted modules
+    assert_close(adapted.gram(module), expected[module])
+    with pytest.raises(AssertionError):
+        assert_close(plain.gram(module), expected[module], tol=1e-3)
+    assert adapted.metadata["activations"] == f"adapter {adapter.name}"
+    assert adapted.fingerprint == plain.fingerprint  # the same base model
+
+
+def test_saved_calibration_reads_back_lazily_with_provenance(base, prompts, tmp_path):
+    from safetensors import safe_open
+
+    memory = ll.calibrate(base, prompts, max_prompts=5, max_length=6)
+    saved = ll.calibrate(base, prompts, max_prompts=5, max_length=6, output=tmp_path / "calib")
+    loaded = ll.load_calibration(tmp_path / "calib")
+    for module in memory.modules:
+        assert torch.equal(memory.gram(module), saved.gram(module))
+        assert torch.equal(memory.gram(module), loaded.gram(module))
+    meta = loaded.metadata
+    texts = read_prompts(prompts)[:5]
+    assert meta["n_prompts"] == 5 and meta["max_length"] == 6 and meta["model"] == str(base)
+    assert meta["prompts_sha256"] == hashlib.sha256(json.dumps(texts).encode()).hexdigest()
+    assert meta["model_fingerprint"] == model_fingerprint(load_model(base)[0])
+    assert loaded.tokens == memory.tokens <= 5 * 6
+    with safe_open(str(tmp_path / "calib" / "calibration.safetensors"), "pt") as handle:  # an ordinary file
+        key = loaded.modules["model.layers.0.mlp.down_proj"]
+        assert torch.equal(handle.get_tensor(key), loaded.gram("model.layers.0.mlp.down_proj"))
+
+
+def test_fingerprint_tells_models_apart_but_not_their_dtype():
+    model = tiny_llama(0)
+    assert model_fingerprint(model) == model_fingerprint(tiny_llama(0))
+    assert model_fingerprint(model) != model_fingerprint(tiny_llama(1))
+    halved = tiny_llama(0).to(torch.bfloat16)
+    assert model_fingerprint(halved) == model_fingerprint(model)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "holds no prompts"),
+    ("\n  \n", "holds no prompts"),
+    ('{"text": "w1 w2"}\nnot json\n', "line 2: expected a JSON object"),
+    ('{"prompt": "w1"}\n', "line 1: expected a JSON object with a \"text\""),
+    ('{"text": 3}\n', "line 1: \"text\" must be a string"),
+])
+def test_bad_prompts_files_are_named_with_the_line(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(ll.CalibrationError, match=message):
+        read_prompts(path)
+
+
+def test_text_files_hold_one_prompt_per_line(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("w1 w2\n\nw3\n")
+    assert read_prompts(path) == ["w1 w2", "w3"]
+    assert read_prompts(path, max_prompts=1) == ["w1 w2"]
+    with pytest.raises(ll.CalibrationError, match="no prompts|cannot read"):
+        read_prompts(tmp_path / "missing.txt")
+
+
+def test_modules_the_model_lacks_or_that_are_not_linear_are_refused(base, prompts):
+    with pytest.raises(ll.CalibrationError, match="has no module 'transformer.h.0.attn.c_attn'"):
+        ll.calibrate(base, prompts, modules=["transformer.h.0.attn.c_attn"])
+    with pytest.raises(ll.CalibrationError, match="Embedding; calibrated merging supports linear layers only"):
+        ll.calibrate(base, prompts, modules=["model.embed_tokens"])
+    with pytest.raises(ll.CalibrationError, match="not a transformers model folder"):
+        ll.calibrate(prompts.parent, prompts)
+
+
+def test_missing_transformers_names_the_extra(base, monkeypatch):
+    real_import = builtins.__import__
+
+    def fail(name, *args, **kwargs):
+        if name.startswith("transformers"):
+            raise ImportError("No module named 'transformers'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fail)
+    with pytest.raises(ll.CalibrationError, match=r"lora-lego\[calibrate\]"):
+        load_model(base)
