@@ -88,7 +88,8 @@ def test_chunked_passes_give_the_same_grams_as_one_pass(base, prompts):
 
 
 def test_adapter_applied_gives_the_fine_tuned_models_inputs(base, prompts, tmp_path):
-    adapter = ll.load_adapter(make_peft_adapter(tmp_path, "task", r=2, target_modules=["q_proj", "v_proj", "down_proj"]))
+    folder = make_peft_adapter(tmp_path, "task", r=2, target_modules=["q_proj", "v_proj", "down_proj"])
+    adapter = ll.load_adapter(folder)
     model, tokenizer = load_model(base)
     adapted = ll.calibrate(model, prompts, tokenizer=tokenizer, adapter=adapter)
     plain = ll.calibrate(model, prompts, tokenizer=tokenizer)

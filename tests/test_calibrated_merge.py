@@ -11,8 +11,17 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from conftest import (LLAMA, assert_matches_peft, file_checksums, load_peft, make_peft_adapter,  # noqa: E402
-                      peft_deltas, tiny_gpt2, tiny_llama_folder, write_prompts)
+from conftest import (  # noqa: E402
+    LLAMA,
+    assert_matches_peft,
+    file_checksums,
+    load_peft,
+    make_peft_adapter,
+    peft_deltas,
+    tiny_gpt2,
+    tiny_llama_folder,
+    write_prompts,
+)
 
 import lora_lego as ll  # noqa: E402
 from lora_lego.cli import main  # noqa: E402
@@ -53,7 +62,8 @@ def test_merge_with_prompts_equals_the_api_and_loads_in_peft(setup, tmp_path, ca
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # the temporary calibrations are gone
     provenance = json.loads(read_header(out / "adapter_model.safetensors")[1]["lora_lego"])
     assert [c["prompts"] for c in provenance["calibration"]] == [str(p) for p in prompts]
-    assert [c["prompts_sha256"] for c in provenance["calibration"]] == [c.metadata["prompts_sha256"] for c in calibrations]
+    hashes = [c.metadata["prompts_sha256"] for c in calibrations]
+    assert [c["prompts_sha256"] for c in provenance["calibration"]] == hashes
     assert {c["model"] for c in provenance["calibration"]} == {str(model)}
 
 
@@ -68,7 +78,8 @@ def test_calibrate_then_merge_with_calibrations_gives_the_same_file(setup, tmp_p
     code, stdout, _ = run(capsys, "inspect", calibrations[0])
     assert code == 0 and "calibration" in stdout and "prompts_sha256" in stdout
     merged = {}
-    for name, source in [("cached", ["--calibration", *calibrations]), ("direct", ["--model", model, "--prompts", *prompts])]:
+    sources = [("cached", ["--calibration", *calibrations]), ("direct", ["--model", model, "--prompts", *prompts])]
+    for name, source in sources:
         merged[name] = tmp_path / name
         assert run(capsys, "merge", *adapters, "--method", "lego_calibrated", *source, "-o", merged[name], "-q")[0] == 0
     # the calibrations made with --adapter are the adapted-activation ones: compare with --activations adapted
@@ -92,7 +103,8 @@ def test_bad_calibration_inputs_are_one_line_errors_that_leave_nothing(setup, tm
         (wide / name).write_bytes((model / name).read_bytes())
     gpt2 = make_peft_adapter(tmp_path, "gpt2", base=tiny_gpt2, target_modules=["c_attn"], fan_in_fan_out=True)
     for target, source in [("c0", model), ("c1", other), ("w1", wide)]:
-        assert run(capsys, "calibrate", "--model", source, "--prompts", prompts[0], "-o", tmp_path / target, "-q")[0] == 0
+        code = run(capsys, "calibrate", "--model", source, "--prompts", prompts[0], "-o", tmp_path / target, "-q")[0]
+        assert code == 0
     before = {p.name for p in tmp_path.iterdir()}
     out = tmp_path / "out"
     cases = [
@@ -108,10 +120,11 @@ def test_bad_calibration_inputs_are_one_line_errors_that_leave_nothing(setup, tm
     for extra, message in cases:
         code, _, err = run(capsys, "merge", *adapters, "--method", "regmean", "-o", out, "-q", *extra)
         assert code == 2 and message in err and "\n" not in err, (extra, err)
-    code, _, err = run(capsys, "merge", *adapters, "--method", "ties", "--model", model, "--prompts", *prompts, "-o", out)
+    code, _, err = run(capsys, "merge", *adapters, "--method", "ties", "--model", model, "--prompts", *prompts,
+                       "-o", out)
     assert code == 2 and "does not use calibration data" in err
-    code, _, err = run(capsys, "merge", adapters[0], gpt2, "--method", "regmean", "--model", model, "--prompts", *prompts,
-                       "-o", out, "-q")
+    code, _, err = run(capsys, "merge", adapters[0], gpt2, "--method", "regmean", "--model", model,
+                       "--prompts", *prompts, "-o", out, "-q")
     assert code == 2 and "has no module 'transformer.h.0.attn.c_attn'" in err, err
     assert {p.name for p in tmp_path.iterdir()} == before  # no output, no temporary calibration left
 

@@ -88,7 +88,8 @@ def test_weighted_truncation_is_the_generalized_svd_and_beats_plain_truncation(c
         tail = float((s[k:].pow(2).sum() / s.pow(2).sum()).sqrt())
         assert info["calibration_error"] == pytest.approx(tail, rel=1e-6)
         assert calibration_error(weighted.delta(), expected, total) == pytest.approx(tail, rel=1e-5)
-        assert plain_info["calibration_error"] == pytest.approx(calibration_error(plain.delta(), expected, total), rel=1e-5)
+        plain_error = calibration_error(plain.delta(), expected, total)
+        assert plain_info["calibration_error"] == pytest.approx(plain_error, rel=1e-5)
         assert plain_info["calibration_error"] > info["calibration_error"] * 1.01  # strictly worse on these inputs
 
 
@@ -190,7 +191,8 @@ def test_merge_refuses_calibrations_that_do_not_fit():
         ll.merge(adapters, "regmean", calibration=[good[0], other[0]])
     partial = calibrations_for(adapters)
     del partial[1].modules["model.layers.1.down_proj"]
-    with pytest.raises(ll.CalibrationError, match="calib-1.*for adapter 'a1'.*no Gram for module 'model.layers.1.down_proj'"):
+    message = "calib-1.*for adapter 'a1'.*no Gram for module 'model.layers.1.down_proj'"
+    with pytest.raises(ll.CalibrationError, match=message):
         ll.merge(adapters, "regmean", calibration=partial)
     narrow = calibrations_for([random_adapter("x", seed=5, types=("q_proj",))])[0]  # Grams 16 x 16
     narrow.modules = {m: "model.layers.0.q_proj" for m in adapters[0]}

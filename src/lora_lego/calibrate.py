@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -26,7 +26,8 @@ from .tensorfile import TensorWriter
 from .types import Adapter
 from .writing import atomic_folder, check_output_path
 
-GRAM_MEMORY = 2 * 2**30  # bytes of float64 accumulators per pass
+GRAM_MEMORY = 3 * 2**29  # bytes of float64 accumulators per pass (1.5 GiB: one Llama-2-7B layer's 1.37)
+_BLOCK = 1024  # columns of a Gram per float32 product (bounds the temporary)
 EXTRA = 'pip install "lora-lego[calibrate]"'
 
 
@@ -192,8 +193,7 @@ def calibrate(model: str | Path | torch.nn.Module, prompts: str | Path | Sequenc
                 entries = {key: (torch.float32, shape) for key, shape in shapes.items()}
                 with TensorWriter(folder / FILE_NAME, entries, header_metadata(keys, tokens, metadata)) as writer:
                     for chunk in chunks:
-                        for key, gram in _accumulate(model, targets, chunk, batches, bar,
-                                                     early_exit=not repeated).items():
+                        for key, gram in _accumulate(model, targets, chunk, batches, bar, early_exit=not repeated):
                             writer.write(key, gram)
     return load_calibration(output)
 
@@ -299,8 +299,10 @@ def _chunks(groups: list[list[str]], targets: dict[str, torch.nn.Module], budget
 
 
 def _accumulate(model: torch.nn.Module, targets: dict[str, torch.nn.Module], chunk: list[list[str]],
-                batches: list[tuple[torch.Tensor, torch.Tensor]], bar, *, early_exit: bool) -> dict[str, torch.Tensor]:
-    """One pass over the prompts: the Grams (float32, CPU) of the chunk's groups, keyed by their first module."""
+                batches: list[tuple[torch.Tensor, torch.Tensor]], bar, *,
+                early_exit: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """One pass over the prompts, then (key, Gram) for each of the chunk's groups (float32, CPU; key: the
+    group's first module), converted one at a time."""
     grams: dict[str, torch.Tensor] = {}
     state: dict[str, Any] = {}
     last = chunk[-1][0]
@@ -314,11 +316,10 @@ def _accumulate(model: torch.nn.Module, targets: dict[str, torch.nn.Module], chu
                 raise CalibrationError(f"module {key!r}: its input has {rows.shape[0]} rows for {mask.shape[0]} "
                                        "token positions (not one row per token; e.g. a mixture-of-experts layer)")
             rows = rows[mask].float()
-            product = rows.T @ rows  # (d_in, d_in), float32 per batch
-            if key in grams:
-                grams[key] += product
-            else:
-                grams[key] = product.double()
+            if key not in grams:
+                grams[key] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
+            for start in range(0, rows.shape[1], _BLOCK):  # float32 products, float64 sums, in column blocks
+                grams[key][:, start:start + _BLOCK] += rows.T @ rows[:, start:start + _BLOCK]
             if early_exit and key == last:
                 raise _Stop
         return accumulate
@@ -332,7 +333,9 @@ def _accumulate(model: torch.nn.Module, targets: dict[str, torch.nn.Module], chu
     finally:
         for handle in handles:
             handle.remove()
-    return {key: gram.float().cpu() for key, gram in grams.items()}
+    while grams:  # float32 copies one at a time, each float64 accumulator freed as it goes
+        key = next(iter(grams))
+        yield key, grams.pop(key).float().cpu()
 
 
 class _applied:

@@ -57,7 +57,10 @@ class Calibration:
 
     def moment(self, module: str) -> torch.Tensor:
         """The mean input outer product X^T X / tokens, (d_in, d_in) float32: what calibrated methods receive."""
-        return self.gram(module) / max(self.tokens, 1)
+        gram = self._grams[self.modules[module]]
+        if callable(gram):  # a fresh tensor read from disk: divided in place
+            return gram().div_(max(self.tokens, 1))
+        return gram / max(self.tokens, 1)
 
     @property
     def fingerprint(self) -> str | None:
@@ -69,6 +72,27 @@ class Calibration:
         keep = ("model", "model_fingerprint", "prompts", "prompts_sha256", "n_prompts", "max_length", "activations")
         return {**{k: self.metadata[k] for k in keep if k in self.metadata}, "tokens": self.tokens,
                 "modules": len(self.modules), "grams": len(self._grams)}
+
+
+def moments(calibrations: Sequence[Calibration], module: str) -> Sequence[torch.Tensor]:
+    """`moment(module)` of each calibration, as a sequence that reads (computes) each one when accessed."""
+    return _Moments(calibrations, module)
+
+
+class _Moments(Sequence[torch.Tensor]):
+    """The mean Grams of one module in several calibrations, each computed (read) when it is accessed, so a
+    method that walks them one at a time holds one d_in x d_in Gram, not all of them."""
+
+    def __init__(self, calibrations: Sequence[Calibration], module: str):
+        self._calibrations, self._module = list(calibrations), module
+
+    def __len__(self) -> int:
+        return len(self._calibrations)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return _Moments(self._calibrations[index], self._module)
+        return self._calibrations[index].moment(self._module)
 
 
 def header_metadata(modules: Mapping[str, str], tokens: int, metadata: dict[str, Any]) -> dict[str, str]:
@@ -107,7 +131,7 @@ def load_calibration(path: str | Path) -> Calibration:
                 gram = read_tensor(file, infos[key]).float()
             except (OSError, TensorFileError) as error:
                 raise CalibrationError(f"calibration {name!r}: cannot read Gram {key!r} ({error})") from None
-            if not bool(torch.isfinite(gram).all()):
+            if not all(bool(torch.isfinite(rows).all()) for rows in gram.split(1024)):  # bounded temporaries
                 raise CalibrationError(f"calibration {name!r}: Gram {key!r} holds NaN or Inf")
             return gram
         return read
@@ -137,8 +161,8 @@ def check_calibrations(method: str, needs: bool, adapters: Sequence[Adapter], ca
     calibrations = list(calibrations)
     names = ", ".join(repr(a.name) for a in adapters)
     if len(calibrations) != len(adapters):
-        raise CalibrationError(f"got {len(calibrations)} calibration(s) for {len(adapters)} adapters ({names}); give one "
-                               "per adapter, in the same order")
+        raise CalibrationError(f"got {len(calibrations)} calibration(s) for {len(adapters)} adapters ({names}); "
+                               "give one per adapter, in the same order")
     for calibration in calibrations:
         if not isinstance(calibration, Calibration):
             raise CalibrationError(f"expected Calibration objects (from calibrate or load_calibration); got "
@@ -147,7 +171,8 @@ def check_calibrations(method: str, needs: bool, adapters: Sequence[Adapter], ca
     if len(models) > 1:
         first, second = list(models.values())[:2]
         raise CalibrationError(f"calibrations were made on different base models: {first.name!r} on "
-                               f"{first.metadata.get('model')!r} and {second.name!r} on {second.metadata.get('model')!r}")
+                               f"{first.metadata.get('model')!r} and {second.name!r} on "
+                               f"{second.metadata.get('model')!r}")
     for module, holders in owners.items():
         for i in (i for i in holders if weights[i] != 0):
             calibration, adapter, info = calibrations[i], adapters[i], adapters[i].info(module)

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -16,10 +12,10 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .calibrate import GRAM_MEMORY, calibrate, load_model, read_prompts
 from .calibration import FILE_NAME as CALIBRATION_FILE
 from .calibration import load_calibration
-from .errors import CalibrationError, LoraLegoError, MethodError
+from .cli_calibration import add_calibration_options, calibrations_for_merge, check_calibration_args, run_calibrate
+from .errors import LoraLegoError, MethodError
 from .inspect import describe_adapters, describe_report
 from .merge import check_device, merge
 from .peft_io import load_adapter, save_adapter
@@ -56,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrated.add_argument("--activations", choices=["base", "adapted"], default="base",
                             help="take each task's inputs from the base model (default) or from the model with "
                                  "that task's adapter applied")
-    _add_calibration_options(calibrated)
+    add_calibration_options(calibrated)
 
-    calibrate_cmd = commands.add_parser("calibrate", help="input Grams of a base model on prompts, for calibrated merges")
+    calibrate_cmd = commands.add_parser("calibrate",
+                                        help="input Grams of a base model on prompts, for calibrated merges")
     calibrate_cmd.add_argument("--model", required=True, help="base model folder (transformers)")
     calibrate_cmd.add_argument("--prompts", required=True, metavar="FILE", help="prompts file (.jsonl or .txt)")
     calibrate_cmd.add_argument("-o", "--output", required=True, help="output folder")
@@ -68,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate_cmd.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda or cuda:N")
     calibrate_cmd.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     calibrate_cmd.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    _add_calibration_options(calibrate_cmd)
+    add_calibration_options(calibrate_cmd)
 
     prune_cmd = commands.add_parser("prune", help="reduce one adapter to a lower rank (lego on one adapter)")
     prune_cmd.add_argument("adapters", nargs=1, metavar="ADAPTER", help="a PEFT LoRA folder")
@@ -107,15 +104,6 @@ def _add_common(command: argparse.ArgumentParser, *, rank_required: bool) -> Non
     command.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
-def _add_calibration_options(group) -> None:
-    group.add_argument("--max-prompts", type=int, metavar="N", help="use the first N prompts of each file")
-    group.add_argument("--max-length", type=int, default=512, metavar="L", help="tokens per prompt (default 512)")
-    group.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts per forward pass (default 8)")
-    group.add_argument("--gram-memory", type=float, default=GRAM_MEMORY / 2**30, metavar="GB",
-                       help="float64 Grams accumulated per pass over the prompts (default 2 GB; more passes if "
-                            "the model's Grams exceed it)")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 bad input, 1 internal error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -151,14 +139,14 @@ def _run_merge(args: argparse.Namespace) -> int:
     spec = get_method(args.method)
     spec.resolve(params)  # fail fast on a bad method, parameter or device, before loading
     check_device(args.device)
-    _check_calibration_args(args, spec.needs_calibration)
+    check_calibration_args(args, spec.needs_calibration)
     check_output_path(args.output, args.adapters, overwrite=args.overwrite)
     if args.report:  # checked before any work: a report that cannot be written must not leave an output behind
         check_report_path(args.report, args.adapters, args.output)
     started = time.perf_counter()
     adapters = [load_adapter(path, lazy=True) for path in args.adapters]  # read module by module while merging
     weights = getattr(args, "weights", None)
-    with _calibrations(args, adapters) as calibrations:
+    with calibrations_for_merge(args, adapters) as calibrations:
         merged = merge(adapters, args.method, weights=weights, seed=args.seed, progress=not args.quiet,
                        threads=args.threads, device=args.device, calibration=calibrations, **params)
     save_adapter(merged, args.output, dtype=args.dtype, overwrite=args.overwrite)
@@ -171,86 +159,6 @@ def _run_merge(args: argparse.Namespace) -> int:
     print(f"{args.command}: {len(adapters)} adapter(s) -> {args.output} with {args.method}: {len(merged)} modules, "
           f"rank {'/'.join(map(str, ranks))}, {merged.num_parameters():,} parameters, mean relative error "
           f"{error:.3g}, {time.perf_counter() - started:.1f} s")
-    return 0
-
-
-def _check_calibration_args(args: argparse.Namespace, needs: bool) -> None:
-    """Refuse, before any work, calibration options that do not fit the method or each other."""
-    if args.command != "merge":
-        if needs:
-            raise MethodError(f"method {args.method!r} needs calibration data; prune with it through `merge` with one "
-                              "adapter and --model/--prompts or --calibration")
-        return
-    given = args.prompts is not None or args.calibration is not None
-    if not needs:
-        if given or args.model:
-            raise MethodError(f"method {args.method!r} does not use calibration data (--model, --prompts, --calibration)")
-        return
-    if args.prompts is not None and args.calibration is not None:
-        raise CalibrationError("give either --prompts (with --model) or --calibration, not both")
-    if not given:
-        raise MethodError(f"method {args.method!r} needs calibration data: --model BASE_DIR --prompts P1 P2 ... (one "
-                          "prompts file per adapter), or --calibration C1 C2 ...")
-    files = args.prompts if args.prompts is not None else args.calibration
-    if len(files) != len(args.adapters):
-        raise CalibrationError(f"got {len(files)} {'prompts files' if args.prompts else 'calibrations'} for "
-                               f"{len(args.adapters)} adapters; give one per adapter, in the same order")
-    if args.prompts is not None and not args.model:
-        raise CalibrationError("--prompts needs --model BASE_DIR (the base model the adapters were trained on)")
-    for path in args.prompts or []:  # every file checked before the model is loaded
-        read_prompts(path, max_prompts=args.max_prompts)
-    if args.calibration is not None and args.model:
-        raise CalibrationError("--model is only used with --prompts; a saved --calibration already holds its model")
-
-
-@contextlib.contextmanager
-def _calibrations(args: argparse.Namespace, adapters: list):
-    """The merge's calibrations: loaded (--calibration), or computed now (--model/--prompts) into a temporary
-    folder beside the output (removed afterwards), so that even a large model's Grams are never all in memory."""
-    if getattr(args, "calibration", None):
-        yield [load_calibration(path) for path in args.calibration]
-        return
-    if not getattr(args, "prompts", None):
-        yield None
-        return
-    output = Path(args.output).resolve()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-calibration", dir=output.parent))
-    try:
-        model, tokenizer = load_model(args.model, device=args.device, quiet=args.quiet)
-        calibrations = []
-        for index, (adapter, prompts) in enumerate(zip(adapters, args.prompts)):
-            calibrations.append(calibrate(
-                model, prompts, tokenizer=tokenizer, modules=list(adapter), adapter=adapter
-                if args.activations == "adapted" else None, output=work / str(index), progress=not args.quiet,
-                **_calibration_options(args)))
-            calibrations[-1].metadata["model"] = args.model
-        del model
-        yield calibrations
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _calibration_options(args: argparse.Namespace) -> dict:
-    return {"max_prompts": args.max_prompts, "max_length": args.max_length, "batch_size": args.batch_size,
-            "gram_memory": max(int(args.gram_memory * 2**30), 1)}
-
-
-def _run_calibrate(args: argparse.Namespace) -> int:
-    check_device(args.device)
-    check_output_path(args.output, [args.model, args.prompts] + ([args.adapter] if args.adapter else []),
-                      overwrite=args.overwrite)
-    started = time.perf_counter()
-    adapter = load_adapter(args.adapter, lazy=True) if args.adapter else None
-    read_prompts(args.prompts, max_prompts=args.max_prompts)
-    model, tokenizer = load_model(args.model, device=args.device, quiet=args.quiet)
-    modules = args.modules or (list(adapter) if adapter is not None else None)
-    result = calibrate(model, args.prompts, tokenizer=tokenizer, modules=modules, adapter=adapter, output=args.output,
-                       overwrite=args.overwrite, progress=not args.quiet, **_calibration_options(args))
-    summary = result.summary()
-    print(f"calibrate: {summary['n_prompts']} prompts ({summary['tokens']:,} tokens) through {args.model} -> "
-          f"{args.output}: {summary['modules']} modules, {summary['grams']} Grams, "
-          f"{time.perf_counter() - started:.1f} s")
     return 0
 
 
@@ -313,5 +221,5 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {_one_line(message) if isinstance(message, Warning) else message}", file=sys.stderr)
 
 
-_COMMANDS = {"merge": _run_merge, "prune": _run_merge, "calibrate": _run_calibrate, "methods": _run_methods,
+_COMMANDS = {"merge": _run_merge, "prune": _run_merge, "calibrate": run_calibrate, "methods": _run_methods,
              "inspect": _run_inspect, "bench": _run_bench}

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .calibration import Calibration, check_calibrations
+from .calibration import Calibration, check_calibrations, moments
 from .errors import IncompatibleAdaptersError, LoraLegoError, LoraLegoWarning, MethodError
 from .lowrank import concat_factors, factor_grams, relative_error_from_grams
 from .peft_io import check_factor_values
@@ -139,7 +139,7 @@ def merge(
         factors = [_read(adapters[i], module).to(device) for i in holders]
         module_weights = [weights[i] for i in holders]
         names = ", ".join(repr(adapters[i].name) for i in holders)
-        grams = [calibration[i].moment(module) for i in holders] if calibration else None
+        grams = moments([calibration[i] for i in holders], module) if calibration else None  # read one at a time
         try:
             result, info = spec(factors, module_weights, generator=module_generator(seed, module), calibration=grams,
                                 **resolved)

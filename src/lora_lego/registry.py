@@ -52,7 +52,7 @@ class MethodSpec:
         """Run on one module (`calibration`: the adapters' Grams, for a method that needs them); always
         returns (LoraFactors, info dict)."""
         if self.needs_calibration:
-            params["calibration"] = list(calibration)
+            params["calibration"] = calibration  # a sequence of Grams (merge's reads each one on access)
         result = self.fn(list(factors), list(weights), generator=generator, **params)
         return result if isinstance(result, tuple) else (result, {})
 

@@ -14,7 +14,7 @@ No (d_out, d_in) matrix is formed; the cost is one Cholesky of G (O(d_in^3)) per
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 
@@ -32,44 +32,47 @@ _BLOCK = 1024  # columns of a Gram converted to float64 at a time (bounds the te
 _PIVOT = 1e-10  # smallest squared Cholesky pivot, relative to the largest diagonal entry of G
 
 
-def whiten(factors: list[LoraFactors], weights: list[float], grams: list[torch.Tensor],
+def whiten(factors: list[LoraFactors], weights: list[float], grams: Sequence[torch.Tensor],
            shrink: float) -> tuple[LoraFactors, torch.Tensor]:
     """RegMean's solution in whitened coordinates, T = W* L (A = C (u, d_in), B = B_w (d_out, u)), and
     L (d_in, d_in), the lower Cholesky factor of G = sum_t |w_t| G~_t; float64, on the factors' device."""
     if isinstance(shrink, bool) or not 0.0 <= shrink <= 1.0:
-        raise MethodError(f"shrink (RegMean's scale of the Grams' off-diagonal entries) must be in [0, 1]; got {shrink}")
+        raise MethodError(f"shrink (RegMean's scale of the Grams' off-diagonal entries) must be in [0, 1]; "
+                          f"got {shrink}")
     d, device = factors[0].d_in, factors[0].A.device
     if factors[0].kind != "linear":
         raise MethodError(f"calibrated merging supports linear modules only, not {factors[0].kind} ones")
     total = torch.zeros(d, d, dtype=torch.float64, device=device)
     products, columns = [], []
-    for f, w, gram in zip(factors, weights, grams, strict=True):
+    for f, w, gram in zip(factors, weights, grams, strict=True):  # `grams` may read each Gram on access: one at a time
         if tuple(gram.shape) != (d, d):
             raise MethodError(f"a calibration Gram of shape {tuple(gram.shape)} does not fit the module's d_in = {d} "
                               "(made for another model?)")
         gram = gram.to(device)
         diagonal = gram.diagonal().double()
         A = f.A.double()
-        product = torch.empty(f.rank, d, dtype=torch.float64, device=device)  # A_t G~_t
-        for start in range(0, d, _BLOCK):
-            product[:, start:start + _BLOCK] = A @ gram[:, start:start + _BLOCK].double()
-        products.append(shrink * product + (1 - shrink) * A * diagonal)
-        total.add_(gram, alpha=shrink * abs(w))
+        product = torch.empty(f.rank, d, dtype=torch.float64, device=device)  # A_t G_t
+        for start in range(0, d, _BLOCK):  # float64 copies of a block of columns only
+            block = gram[:, start:start + _BLOCK].double()
+            product[:, start:start + _BLOCK] = A @ block
+            total[:, start:start + _BLOCK].add_(block, alpha=shrink * abs(w))
+        products.append(shrink * product + (1 - shrink) * A * diagonal)  # A_t G~_t
         total.diagonal().add_(diagonal, alpha=(1 - shrink) * abs(w))
         columns.append(f.B.double() * w)
-        del gram
-    factor = _cholesky(total)
-    del total
+        del gram, block
+    factor = _cholesky(total)  # in place: total becomes L
     whitened = torch.linalg.solve_triangular(factor, torch.cat(products).T, upper=False).T  # P L^-T
     return LoraFactors(whitened, torch.cat(columns, dim=1), factors[0].kind), factor
 
 
 def _cholesky(gram: torch.Tensor) -> torch.Tensor:
-    """L with L L^T = gram, or a MethodError saying why the calibration cannot be used."""
-    factor, info = torch.linalg.cholesky_ex(gram)
-    largest = float(gram.diagonal().max()) if gram.numel() else 0.0
+    """L with L L^T = gram, computed in place (gram's storage becomes L: one d_in x d_in matrix, not two),
+    or a MethodError saying why the calibration cannot be used."""
+    diagonal = gram.diagonal().clone()
+    largest = float(diagonal.max()) if diagonal.numel() else 0.0
+    factor, info = torch.linalg.cholesky_ex(gram, out=(gram, torch.empty((), dtype=torch.int32, device=gram.device)))
     if int(info) != 0 or largest <= 0 or float(factor.diagonal().min()) ** 2 < _PIVOT * largest:
-        zero = int((gram.diagonal() <= 0).sum())
+        zero = int((diagonal <= 0).sum())
         raise MethodError(f"the calibration Gram (d_in = {gram.shape[0]}) is singular"
                           + (f": {zero} input dimension(s) are always 0" if zero else
                              " (fewer distinct inputs than d_in?)")
@@ -86,8 +89,9 @@ def unwhiten(factors: LoraFactors, factor: torch.Tensor, dtype: torch.dtype) -> 
 
 @register("regmean", paper=REGMEAN)
 def regmean(factors: list[LoraFactors], weights: list[float], *, generator: torch.Generator,
-            calibration: list[torch.Tensor], rank: int | None = None, shrink: float = 0.9,
-            norm: Literal["calibration", "frobenius"] = "calibration", max_error: float = 0.0) -> tuple[LoraFactors, dict]:
+            calibration: Sequence[torch.Tensor], rank: int | None = None, shrink: float = 0.9,
+            norm: Literal["calibration", "frobenius"] = "calibration",
+            max_error: float = 0.0) -> tuple[LoraFactors, dict]:
     """RegMean for LoRA (needs calibration): W = (sum_t w_t B_t A_t G~_t)(sum_t |w_t| G~_t)^-1, exact in low rank.
 
     Default rank: the sum of the input ranks (the exact solution). `rank` k below it gives the best rank-k
@@ -120,7 +124,7 @@ def regmean(factors: list[LoraFactors], weights: list[float], *, generator: torc
 
 @register("lego_calibrated", paper=LEGO_PAPER, aliases={"rank": "n_clusters"})
 def lego_calibrated(factors: list[LoraFactors], weights: list[float], *, generator: torch.Generator,
-                    calibration: list[torch.Tensor], n_clusters: int | None = None, shrink: float = 0.9,
+                    calibration: Sequence[torch.Tensor], n_clusters: int | None = None, shrink: float = 0.9,
                     basis: Literal["regmean", "adapter"] = "regmean", clustering: Literal["rank1", "units"] = "rank1",
                     refit: bool = True, n_init: int = 10, max_iter: int = 300,
                     tol: float = 1e-4) -> tuple[LoraFactors, dict]:

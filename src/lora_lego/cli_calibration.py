@@ -1,0 +1,109 @@
+"""The calibration side of the `lora-lego` command: `calibrate`, and `merge --model/--prompts` or
+`--calibration` for the methods that need calibration data (thin, over `calibrate` and `load_calibration`)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from .calibrate import GRAM_MEMORY, calibrate, load_model, read_prompts
+from .calibration import load_calibration
+from .errors import CalibrationError, MethodError
+from .merge import check_device
+from .peft_io import load_adapter
+from .writing import check_output_path
+
+
+def add_calibration_options(group) -> None:
+    group.add_argument("--max-prompts", type=int, metavar="N", help="use the first N prompts of each file")
+    group.add_argument("--max-length", type=int, default=512, metavar="L", help="tokens per prompt (default 512)")
+    group.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts per forward pass (default 8)")
+    group.add_argument("--gram-memory", type=float, default=GRAM_MEMORY / 2**30, metavar="GB",
+                       help="float64 Grams accumulated per pass over the prompts (default 2 GB; more passes if "
+                            "the model's Grams exceed it)")
+
+
+def check_calibration_args(args: argparse.Namespace, needs: bool) -> None:
+    """Refuse, before any work, calibration options that do not fit the method or each other."""
+    if args.command != "merge":
+        if needs:
+            raise MethodError(f"method {args.method!r} needs calibration data; prune with it through `merge` with one "
+                              "adapter and --model/--prompts or --calibration")
+        return
+    given = args.prompts is not None or args.calibration is not None
+    if not needs:
+        if given or args.model:
+            raise MethodError(f"method {args.method!r} does not use calibration data (--model, --prompts, "
+                              "--calibration)")
+        return
+    if args.prompts is not None and args.calibration is not None:
+        raise CalibrationError("give either --prompts (with --model) or --calibration, not both")
+    if not given:
+        raise MethodError(f"method {args.method!r} needs calibration data: --model BASE_DIR --prompts P1 P2 ... (one "
+                          "prompts file per adapter), or --calibration C1 C2 ...")
+    files = args.prompts if args.prompts is not None else args.calibration
+    if len(files) != len(args.adapters):
+        raise CalibrationError(f"got {len(files)} {'prompts files' if args.prompts else 'calibrations'} for "
+                               f"{len(args.adapters)} adapters; give one per adapter, in the same order")
+    if args.prompts is not None and not args.model:
+        raise CalibrationError("--prompts needs --model BASE_DIR (the base model the adapters were trained on)")
+    for path in args.prompts or []:  # every file checked before the model is loaded
+        read_prompts(path, max_prompts=args.max_prompts)
+    if args.calibration is not None and args.model:
+        raise CalibrationError("--model is only used with --prompts; a saved --calibration already holds its model")
+
+
+@contextlib.contextmanager
+def calibrations_for_merge(args: argparse.Namespace, adapters: list):
+    """The merge's calibrations: loaded (--calibration), or computed now (--model/--prompts) into a temporary
+    folder beside the output (removed afterwards), so that even a large model's Grams are never all in memory."""
+    if getattr(args, "calibration", None):
+        yield [load_calibration(path) for path in args.calibration]
+        return
+    if not getattr(args, "prompts", None):
+        yield None
+        return
+    output = Path(args.output).resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-calibration", dir=output.parent))
+    try:
+        model, tokenizer = load_model(args.model, device=args.device, quiet=args.quiet)
+        calibrations = []
+        for index, (adapter, prompts) in enumerate(zip(adapters, args.prompts)):
+            calibrations.append(calibrate(
+                model, prompts, tokenizer=tokenizer, modules=list(adapter), adapter=adapter
+                if args.activations == "adapted" else None, output=work / str(index), progress=not args.quiet,
+                **_calibration_options(args)))
+            calibrations[-1].metadata["model"] = args.model
+        del model
+        yield calibrations
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _calibration_options(args: argparse.Namespace) -> dict:
+    return {"max_prompts": args.max_prompts, "max_length": args.max_length, "batch_size": args.batch_size,
+            "gram_memory": max(int(args.gram_memory * 2**30), 1)}
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    check_device(args.device)
+    check_output_path(args.output, [args.model, args.prompts] + ([args.adapter] if args.adapter else []),
+                      overwrite=args.overwrite)
+    started = time.perf_counter()
+    adapter = load_adapter(args.adapter, lazy=True) if args.adapter else None
+    read_prompts(args.prompts, max_prompts=args.max_prompts)
+    model, tokenizer = load_model(args.model, device=args.device, quiet=args.quiet)
+    modules = args.modules or (list(adapter) if adapter is not None else None)
+    result = calibrate(model, args.prompts, tokenizer=tokenizer, modules=modules, adapter=adapter, output=args.output,
+                       overwrite=args.overwrite, progress=not args.quiet, **_calibration_options(args))
+    summary = result.summary()
+    print(f"calibrate: {summary['n_prompts']} prompts ({summary['tokens']:,} tokens) through {args.model} -> "
+          f"{args.output}: {summary['modules']} modules, {summary['grams']} Grams, "
+          f"{time.perf_counter() - started:.1f} s")
+    return 0
