@@ -331,3 +331,15 @@ def test_output_names_with_glob_characters(tmp_path, peft_adapter):
 def test_lego_rank1_checks_its_kmeans_parameters(peft_adapter):
     with pytest.raises(MethodError, match="n_init"):
         ll.merge([ll.load_adapter(peft_adapter("a"))], "lego_rank1", rank=2, n_init=0)
+
+
+def test_outputs_get_the_usual_permissions_not_mkdtemps_private_ones(tmp_path, peft_adapter):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        ll.save_adapter(ll.load_adapter(peft_adapter("a")), tmp_path / "out")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755

@@ -91,6 +91,7 @@ def atomic_folder(path: str | Path, *, overwrite: bool = False) -> Iterator[Path
         parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(parent, final.name)
         temporary = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=parent))
+        os.chmod(temporary, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the output from other users
     except OSError as error:
         raise OutputError(f"cannot write output {str(path)!r}: {error.strerror or error}") from None
     try:
@@ -102,6 +103,12 @@ def atomic_folder(path: str | Path, *, overwrite: bool = False) -> Iterator[Path
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _replace(temporary: Path, final: Path) -> None:
