@@ -35,7 +35,7 @@ from lora_lego.types import Adapter, LoraFactors
 SHAPES = {"self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096), "self_attn.v_proj": (4096, 4096),
           "self_attn.o_proj": (4096, 4096), "mlp.gate_proj": (11008, 4096), "mlp.up_proj": (11008, 4096),
           "mlp.down_proj": (4096, 11008)}
-GB = 2**30
+GB = 2**30  # figures are printed in GiB
 
 
 class PeakMemory:
@@ -130,7 +130,7 @@ def main() -> None:
                                    progress=True)
     result["calibrate_s"] = time.perf_counter() - started
     result["calibrate_peak_rss"] = peak.peak
-    result["calibrate_peak_over_model_gb"] = (peak.peak - result["model_bytes"]) / GB
+    result["calibrate_peak_over_model_gib"] = (peak.peak - result["model_bytes"]) / GB
     result["calibration_file_bytes"] = (scratch / "calibration" / "calibration.safetensors").stat().st_size
     del model
 
@@ -142,9 +142,9 @@ def main() -> None:
                           device=args.device)
     result["merge_s"] = time.perf_counter() - started
     result["merge_modules"] = len(merged)
-    result["merge_peak_over_start_gb"] = (peak.peak - result["rss_before_merge"]) / GB
+    result["merge_peak_over_start_gib"] = (peak.peak - result["rss_before_merge"]) / GB
     for key, value in result.items():
-        print(f"{key}: {value / GB:.2f} GB" if key.endswith(("rss", "bytes")) or "_rss_" in key else f"{key}: {value}")
+        print(f"{key}: {value / GB:.2f} GiB" if key.endswith(("rss", "bytes")) or "_rss_" in key else f"{key}: {value}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 

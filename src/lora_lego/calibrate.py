@@ -169,7 +169,19 @@ def calibrate(model: str | Path | torch.nn.Module, prompts: str | Path | Sequenc
         model_name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
         if tokenizer is None:
             raise CalibrationError("calibrate(model, ...) with a loaded model needs its tokenizer=")
-        model.eval()
+    training = model.training
+    try:
+        model.eval()  # no dropout; the caller's mode is restored afterwards
+        return _calibrate(model, model_name, tokenizer, texts, source, modules=modules, max_length=max_length,
+                          batch_size=batch_size, adapter=adapter, output=output, overwrite=overwrite,
+                          gram_memory=gram_memory, progress=progress)
+    finally:
+        model.train(training)
+
+
+def _calibrate(model: torch.nn.Module, model_name: str, tokenizer, texts: list[str], source: str, *,
+               modules: Iterable[str] | None, max_length: int, batch_size: int, adapter: Adapter | None,
+               output: str | Path | None, overwrite: bool, gram_memory: int, progress: bool) -> Calibration:
     targets = _targets(model, model_name, modules)
     batches = _batches(tokenizer, texts, max_length, batch_size, source)
     tokens = sum(int(mask.sum()) for _, mask in batches)
@@ -181,7 +193,8 @@ def calibrate(model: str | Path | torch.nn.Module, prompts: str | Path | Sequenc
         chunks = _chunks(groups, targets, gram_memory)
         keys = {module: group[0] for group in groups for module in group}
         shapes = {group[0]: (_in_features(targets[group[0]]),) * 2 for group in groups}
-        bar = tqdm(total=len(texts) * len(chunks), desc=f"calibrate {Path(source).name}", unit="prompt",
+        bar = tqdm(total=sum(ids.shape[0] for ids, _ in batches) * len(chunks), unit="prompt",
+                   desc=f"calibrate {Path(source).name}" + (f" ({len(chunks)} passes)" if len(chunks) > 1 else ""),
                    disable=None if progress else True, leave=False)
         with bar:
             if output is None:
