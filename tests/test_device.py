@@ -71,3 +71,30 @@ def test_cuda_merge_matches_the_cpu_merge(method):
         torch.testing.assert_close(on_gpu[module].delta(), factors.delta(), rtol=1e-3, atol=1e-4)
         if "labels" in on_cpu.metadata["report"][module]:
             assert on_gpu.metadata["report"][module]["labels"] == on_cpu.metadata["report"][module]["labels"]
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["regmean", "lego_calibrated"])
+def test_cuda_calibrated_merge_matches_the_cpu_merge(method):
+    inputs = adapters()
+    calibration = random_calibrations(inputs)
+    on_cpu = ll.merge(inputs, method, rank=4, seed=2, calibration=calibration)
+    on_gpu = ll.merge(inputs, method, rank=4, seed=2, calibration=calibration, device="cuda")
+    for module, factors in on_cpu.items():
+        assert on_gpu[module].A.device.type == "cpu"
+        torch.testing.assert_close(on_gpu[module].delta(), factors.delta(), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_calibration_matches_the_cpu_one(tmp_path):
+    pytest.importorskip("transformers")
+    from conftest import tiny_llama_folder, write_prompts
+
+    model = tiny_llama_folder(tmp_path / "model")
+    prompts = write_prompts(tmp_path / "p.jsonl", 9, seed=3)
+    on_cpu = ll.calibrate(model, prompts, batch_size=4)
+    on_gpu = ll.calibrate(model, prompts, batch_size=4, device="cuda")
+    assert on_gpu.fingerprint == on_cpu.fingerprint and on_gpu.modules == on_cpu.modules
+    for module in on_cpu.modules:
+        assert on_gpu.gram(module).device.type == "cpu"
+        torch.testing.assert_close(on_gpu.gram(module), on_cpu.gram(module), rtol=1e-4, atol=1e-4)

@@ -23,9 +23,9 @@ def add_calibration_options(group) -> None:
     group.add_argument("--max-prompts", type=int, metavar="N", help="use the first N prompts of each file")
     group.add_argument("--max-length", type=int, default=512, metavar="L", help="tokens per prompt (default 512)")
     group.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts per forward pass (default 8)")
-    group.add_argument("--gram-memory", type=float, default=GRAM_MEMORY / 2**30, metavar="GB",
-                       help="float64 Grams accumulated per pass over the prompts (default 2 GB; more passes if "
-                            "the model's Grams exceed it)")
+    group.add_argument("--gram-memory", type=float, default=GRAM_MEMORY / 2**30, metavar="GIB",
+                       help=f"float64 Grams accumulated per pass over the prompts (default {GRAM_MEMORY / 2**30:g} "
+                            "GiB, one Llama-2-7B layer; a model whose Grams exceed it takes several passes)")
 
 
 def check_calibration_args(args: argparse.Namespace, needs: bool) -> None:
@@ -87,6 +87,8 @@ def calibrations_for_merge(args: argparse.Namespace, adapters: list):
 
 
 def _calibration_options(args: argparse.Namespace) -> dict:
+    if not args.gram_memory > 0:
+        raise CalibrationError(f"--gram-memory must be a positive number of GiB; got {args.gram_memory}")
     return {"max_prompts": args.max_prompts, "max_length": args.max_length, "batch_size": args.batch_size,
             "gram_memory": max(int(args.gram_memory * 2**30), 1)}
 
