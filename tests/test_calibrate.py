@@ -173,3 +173,19 @@ def test_missing_transformers_names_the_extra(base, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fail)
     with pytest.raises(ll.CalibrationError, match=r"lora-lego\[calibrate\]"):
         load_model(base)
+
+
+def test_files_that_are_not_calibrations_are_refused(base, prompts, tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.raises(ll.CalibrationError, match="no calibration.safetensors there"):
+        ll.load_calibration(tmp_path)
+    other = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(2, 2)}, other)
+    with pytest.raises(ll.CalibrationError, match="not a lora-lego calibration file"):
+        ll.load_calibration(other)
+    ll.calibrate(base, prompts, max_prompts=2, output=tmp_path / "calib")
+    file = tmp_path / "calib" / "calibration.safetensors"
+    file.write_bytes(file.read_bytes()[:-100])  # truncated: the header's offsets run past the end
+    with pytest.raises(ll.CalibrationError, match="cannot read calibration.safetensors"):
+        ll.load_calibration(tmp_path / "calib")

@@ -91,8 +91,9 @@ BUILTIN: dict[str, Task] = {task.name: task for task in [
     Task("valid_parentheses", "Is this sequence of parentheses properly matched, valid or invalid?",
          {"Valid": "valid", "Invalid": "invalid"}, _bigbench("cs_algorithms/valid_parentheses"), "algorithmic"),
 ]}
-# epistemic's own LoRA stayed at its majority-class rate (0.643 vs 0.63): vitaminc replaces it by default
-DEFAULT_TASKS = ("rt_polarity", "tweet_sentiment", "snips_intent", "hyperbaton", "fever", "vitaminc")
+# epistemic's own LoRA stayed at its majority-class rate (0.643 vs 0.63), and so did vitaminc's (0.49 vs 0.50 after
+# 150 steps): neither says anything about merging. valid_parentheses (algorithmic) learns: 0.45 zero-shot, 0.91 own.
+DEFAULT_TASKS = ("rt_polarity", "tweet_sentiment", "snips_intent", "hyperbaton", "fever", "valid_parentheses")
 
 
 def jsonl_task(path: str | Path) -> Task:
