@@ -15,6 +15,7 @@ from pathlib import Path
 import lora_lego as ll
 
 from ..calibration import FILE_NAME, load_calibration
+from ..errors import LoraLegoError
 from .experiments import Bench, Table
 from .pool import task_split
 from .stats import describe, paired_difference
@@ -56,8 +57,12 @@ def calibrated_table(bench: Bench) -> Table:
     r, u = bench.config.rank, bench.config.rank * len(adapters)
     keys: dict[str, str] = {}
 
-    def add(label: str, key: str, build) -> str:
-        table.rows[label] = bench.evaluate(key, build, bench.tasks)
+    def add(label: str, key: str, build) -> str | None:
+        try:
+            table.rows[label] = bench.evaluate(key, build, bench.tasks)
+        except LoraLegoError as error:  # e.g. shrink=1 on a singular Gram: a finding, not a crash
+            table.notes.append(f"{label}: refused ({' '.join(str(error).split())})")
+            return None
         keys[label] = key
         return label
 
@@ -80,7 +85,7 @@ def calibrated_table(bench: Bench) -> Table:
     adapted = [add(f"regmean (rank {u}), adapted activations", *calibrated("regmean", activations="adapted")),
                add(f"regmean k={r}, adapted activations", *calibrated("regmean", rank=r, activations="adapted"))]
     shrinks = {s: add(f"regmean (rank {u}), shrink={s}", *calibrated("regmean", shrink=s)) for s in SHRINKS if s != 0.9}
-    shrinks[0.9] = full
+    shrinks = {s: label for s, label in {**shrinks, 0.9: full}.items() if label is not None}
     counts = {}
     for n in PROMPT_COUNTS:
         counts[n] = (full, low) if n == PROMPTS else (
@@ -97,8 +102,10 @@ def _notes(bench, table, keys, data_free, full, low, plain, lego, variants, adap
                      for split, columns in {**table.splits, "all": bench.names}.items()} for label in table.rows}
     best = max(data_free, key=lambda label: means[label]["dev"])  # chosen on the dev tasks
 
-    def compare(first: str, second: str) -> list[str]:
+    def compare(first: str | None, second: str | None) -> list[str]:
         lines = []
+        if first is None or second is None:  # a refused row (see its note)
+            return lines
         for split, columns in table.splits.items():
             result = paired_difference({c: bench.rows(keys[first], tasks[c]) for c in columns},
                                        {c: bench.rows(keys[second], tasks[c]) for c in columns}, columns)
@@ -142,8 +149,9 @@ def _plot_counts(table: Table, counts: dict[int, tuple[str, str]], data_free: li
     for index, (style, name) in enumerate([("-o", "rank sum"), ("--s", "k = r")]):
         for split, columns, colour in [("all", table.columns, "#4c72b0"), ("dev", table.splits["dev"], "#55a868"),
                                        ("confirm", table.splits["confirm"], "#c44e52")]:
-            values = [statistics.mean(table.rows[counts[n][index]][c] for c in columns) for n in ns]
-            axis.plot(ns, values, style, color=colour, label=f"regmean {name}, {split} tasks", markersize=4)
+            present = [n for n in ns if counts[n][index] is not None]  # refused rows are left out
+            values = [statistics.mean(table.rows[counts[n][index]][c] for c in columns) for n in present]
+            axis.plot(present, values, style, color=colour, label=f"regmean {name}, {split} tasks", markersize=4)
     for label, style in [(max(data_free, key=lambda lb: statistics.mean(table.rows[lb].values())), ":"),
                          ("own LoRA (upper reference)", "-.")]:
         axis.axhline(statistics.mean(table.rows[label].values()), linestyle=style, color="grey", linewidth=1)

@@ -73,10 +73,11 @@ def _cholesky(gram: torch.Tensor) -> torch.Tensor:
     factor, info = torch.linalg.cholesky_ex(gram, out=(gram, torch.empty((), dtype=torch.int32, device=gram.device)))
     if int(info) != 0 or largest <= 0 or float(factor.diagonal().min()) ** 2 < _PIVOT * largest:
         zero = int((diagonal <= 0).sum())
-        raise MethodError(f"the calibration Gram (d_in = {gram.shape[0]}) is singular"
-                          + (f": {zero} input dimension(s) are always 0" if zero else
-                             " (fewer distinct inputs than d_in?)")
-                          + "; use shrink < 1, or more or longer prompts")
+        raise MethodError(f"the calibration Gram (d_in = {gram.shape[0]}) is singular: "
+                          + (f"{zero} input dimension(s) are always 0" if zero else
+                             f"the inputs span fewer than {gram.shape[0]} directions (too few tokens, or low-rank "
+                             "activations such as attention heads that only attend to the first token)")
+                          + "; use shrink < 1 (RegMean's default 0.9), or more prompts")
     return factor
 
 
