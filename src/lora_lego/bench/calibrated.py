@@ -130,7 +130,8 @@ def _notes(bench, table, keys, data_free, full, low, plain, lego, variants, adap
     choice = max(shrinks, key=lambda s: means[shrinks[s]]["dev"])
     table.notes.append("shrink on the dev tasks (rank sum): " + ", ".join(
         f"{s}: {means[shrinks[s]]['dev']:.3f}" for s in sorted(shrinks)) + f"; best {choice}, which scores "
-        f"{means[shrinks[choice]]['confirm']:.3f} on the confirm tasks (0.9: {means[shrinks[0.9]]['confirm']:.3f}).")
+        f"{means[shrinks[choice]]['confirm']:.3f} on the confirm tasks"
+        + (f" (the default 0.9: {means[shrinks[0.9]]['confirm']:.3f})." if choice != 0.9 else "."))
     for first, second in [(full, best), (low, best), (low, plain), (lego, low), (adapted[0], full), (adapted[1], low)]:
         table.notes += compare(first, second)
     for variant in variants:
