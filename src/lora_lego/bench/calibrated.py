@@ -92,25 +92,20 @@ def calibrated_table(bench: Bench) -> Table:
             add(f"regmean (rank {u}), {n} prompts", *calibrated("regmean", n=n)),
             add(f"regmean k={r}, {n} prompts", *calibrated("regmean", n=n, rank=r)))
     _notes(bench, table, keys, data_free, full, low, plain, lego, variants, adapted, shrinks, r, u)
+    few = min(counts)
+    for fewest, default in zip(counts[few], (full, low)):  # do more prompts help?
+        table.notes += _compare(bench, table, keys, fewest, default)
     _plot_counts(table, counts, data_free, bench.out / "calibrated_prompts.png")
     return table
 
 
 def _notes(bench, table, keys, data_free, full, low, plain, lego, variants, adapted, shrinks, r, u) -> None:
-    tasks = {t.name: t for t in bench.tasks}
     means = {label: {split: statistics.mean(table.rows[label][c] for c in columns)
                      for split, columns in {**table.splits, "all": bench.names}.items()} for label in table.rows}
     best = max(data_free, key=lambda label: means[label]["dev"])  # chosen on the dev tasks
 
     def compare(first: str | None, second: str | None) -> list[str]:
-        lines = []
-        if first is None or second is None:  # a refused row (see its note)
-            return lines
-        for split, columns in table.splits.items():
-            result = paired_difference({c: bench.rows(keys[first], tasks[c]) for c in columns},
-                                       {c: bench.rows(keys[second], tasks[c]) for c in columns}, columns)
-            lines.append(describe(first, second, result, f"{split} tasks ({', '.join(columns)})"))
-        return lines
+        return _compare(bench, table, keys, first, second)
 
     own = means["own LoRA (upper reference)"]["all"]
     zero = table.rows["zero-shot (base model)"]
@@ -136,6 +131,19 @@ def _notes(bench, table, keys, data_free, full, low, plain, lego, variants, adap
         table.notes += compare(first, second)
     for variant in variants:
         table.notes += compare(lego, variant)
+
+
+def _compare(bench: Bench, table: Table, keys: dict[str, str], first: str | None, second: str | None) -> list[str]:
+    """`first` - `second` with its paired 95% interval on the dev and on the confirm tasks (none for a refused row)."""
+    if first is None or second is None:
+        return []
+    tasks = {t.name: t for t in bench.tasks}
+    lines = []
+    for split, columns in table.splits.items():
+        result = paired_difference({c: bench.rows(keys[first], tasks[c]) for c in columns},
+                                   {c: bench.rows(keys[second], tasks[c]) for c in columns}, columns)
+        lines.append(describe(first, second, result, f"{split} tasks ({', '.join(columns)})"))
+    return lines
 
 
 def _plot_counts(table: Table, counts: dict[int, tuple[str, str]], data_free: list[str], path: Path) -> None:
