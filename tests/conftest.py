@@ -216,3 +216,18 @@ def write_prompts(path: str | Path, n: int, *, seed: int, length: tuple[int, int
     lines = [json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(*length)))}) for _ in range(n)]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture
+def without_transformers(monkeypatch):
+    """Make `import transformers` fail for the test, as on a machine without the calibrate extra."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fail(name, *args, **kwargs):
+        if name.startswith("transformers"):
+            raise ImportError("No module named 'transformers'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fail)

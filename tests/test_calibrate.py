@@ -4,7 +4,6 @@ the errors on bad prompts and models."""
 
 from __future__ import annotations
 
-import builtins
 import hashlib
 import json
 
@@ -162,15 +161,7 @@ def test_modules_the_model_lacks_or_that_are_not_linear_are_refused(base, prompt
         ll.calibrate(prompts.parent, prompts)
 
 
-def test_missing_transformers_names_the_extra(base, monkeypatch):
-    real_import = builtins.__import__
-
-    def fail(name, *args, **kwargs):
-        if name.startswith("transformers"):
-            raise ImportError("No module named 'transformers'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fail)
+def test_missing_transformers_names_the_extra(base, without_transformers):
     with pytest.raises(ll.CalibrationError, match=r"lora-lego\[calibrate\]"):
         load_model(base)
 

@@ -4,7 +4,6 @@ and leaves nothing behind."""
 
 from __future__ import annotations
 
-import builtins
 import json
 
 import pytest
@@ -129,16 +128,8 @@ def test_bad_calibration_inputs_are_one_line_errors_that_leave_nothing(setup, tm
     assert {p.name for p in tmp_path.iterdir()} == before  # no output, no temporary calibration left
 
 
-def test_missing_transformers_is_one_line_naming_the_extra(setup, tmp_path, capsys, monkeypatch):
+def test_missing_transformers_is_one_line_naming_the_extra(setup, tmp_path, capsys, without_transformers):
     root, model, adapters, prompts = setup
-    real_import = builtins.__import__
-
-    def fail(name, *args, **kwargs):
-        if name.startswith("transformers"):
-            raise ImportError("No module named 'transformers'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fail)
     code, _, err = run(capsys, "merge", *adapters, "--method", "regmean", "--model", model, "--prompts", *prompts,
                        "-o", tmp_path / "out", "-q")
     assert code == 2 and 'pip install "lora-lego[calibrate]"' in err and not (tmp_path / "out").exists()
