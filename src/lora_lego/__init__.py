@@ -15,7 +15,7 @@ from .errors import (  # noqa: E402
 from .calibrate import calibrate  # noqa: E402
 from .calibration import Calibration, load_calibration  # noqa: E402
 from .merge import merge, prune  # noqa: E402
-from .peft_io import load_adapter, save_adapter  # noqa: E402
+from .formats import load_adapter, save_adapter  # noqa: E402
 from .registry import available_methods, get_method, register  # noqa: E402
 from .types import Adapter, LoraFactors  # noqa: E402
 

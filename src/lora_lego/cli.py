@@ -18,7 +18,7 @@ from .cli_calibration import add_calibration_options, calibrations_for_merge, ch
 from .errors import LoraLegoError, MethodError
 from .inspect import describe_adapters, describe_report
 from .merge import check_device, merge
-from .peft_io import load_adapter, save_adapter
+from .formats import load_adapter, save_adapter
 from .registry import available_methods, get_method
 from .writing import check_output_path, check_report_path, dtype_from_name, write_json_atomic
 

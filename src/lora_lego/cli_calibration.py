@@ -15,7 +15,7 @@ from .calibrate import GRAM_MEMORY, calibrate, load_model, read_prompts
 from .calibration import load_calibration
 from .errors import CalibrationError, MethodError
 from .merge import check_device
-from .peft_io import load_adapter
+from .formats import load_adapter
 from .writing import check_output_path
 
 

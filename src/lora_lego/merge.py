@@ -18,7 +18,7 @@ from . import __version__
 from .calibration import Calibration, check_calibrations, moments
 from .errors import IncompatibleAdaptersError, LoraLegoError, LoraLegoWarning, MethodError
 from .lowrank import concat_factors, factor_grams, relative_error_from_grams
-from .peft_io import check_factor_values
+from .types import check_factor_values
 from .registry import get_method
 from .types import Adapter, LoraFactors
 from .writing import source_folders
@@ -92,6 +92,24 @@ def align_modules(adapters: Sequence[Adapter]) -> dict[str, list[int]]:
     return owners
 
 
+def check_origins(adapters: Sequence[Adapter]) -> None:
+    """Refuse adapters of different base-model families (e.g. SD 1.x and SDXL) or module namings.
+
+    A family ("sd1", "sdxl", "flux", ...) is known for diffusion-model files; a naming differs between
+    kohya files and the others (`formats.convert_adapter` translates it; the CLI does so itself).
+    """
+    families = {a.metadata.get("family") for a in adapters} - {None}
+    if len(families) > 1:
+        shown = ", ".join(f"{a.name!r}: {a.metadata.get('family')}" for a in adapters if a.metadata.get("family"))
+        raise IncompatibleAdaptersError(f"adapters are for different base-model families ({shown}); "
+                                        "merge adapters of one base model")
+    kohya = {a.metadata.get("format") == "kohya" for a in adapters}
+    if len(kohya) > 1:
+        shown = ", ".join(f"{a.name!r}: {a.metadata.get('format', 'in memory')}" for a in adapters)
+        raise IncompatibleAdaptersError(f"adapters name their modules differently ({shown}); convert them to one "
+                                        "format first (lora_lego.formats.convert_adapter; the CLI does it itself)")
+
+
 def merge(
     adapters: Sequence[Adapter],
     method: str = "lego",
@@ -126,6 +144,7 @@ def merge(
     weights = check_weights(weights, len(adapters), [a.name for a in adapters])
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise MethodError(f"seed must be a non-negative integer; got {seed!r}")
+    check_origins(adapters)
     owners = align_modules(adapters)
     calibration = check_calibrations(method, spec.needs_calibration, adapters, calibration, owners, weights)
     threads, device = _check_threads(threads), check_device(device)
@@ -278,6 +297,9 @@ def _merged_metadata(adapters, method, params, weights, seed, report) -> dict[st
     if len(bases) > 1:
         warnings.warn(f"adapters name different base models: {sorted(bases)}", LoraLegoWarning, stacklevel=3)
     return {
+        "format": first.get("format"),  # the inputs' format and family: writers keep what still holds of them
+        "family": first.get("family"),
+        "source_headers": [a.metadata.get("header", {}) for a in adapters],
         "base_model_name_or_path": first.get("base_model_name_or_path"),
         "task_type": first.get("task_type"),
         "fan_in_fan_out": first.get("fan_in_fan_out", False),

@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-KINDS = ("linear", "embedding")
+from .errors import AdapterFormatError
+
+KINDS = ("linear", "embedding")  # and "conv{kh}x{kw}" (see conv_kind)
+_CONV = re.compile(r"^conv(\d+)x(\d+)$")
+MAX_ABS = 1e8  # largest |entry| of a factor (scale folded in); real LoRAs stay below ~1e2
+
+
+def conv_kind(kernel: tuple[int, int]) -> str:
+    """The kind of a 2-D convolution LoRA with kernel (kh, kw), e.g. "conv3x3"."""
+    kh, kw = kernel
+    return f"conv{kh}x{kw}"
+
+
+def kernel_size(kind: str) -> tuple[int, int] | None:
+    """(kh, kw) of a convolution kind, None for "linear" and "embedding"."""
+    match = _CONV.match(kind)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def is_valid_kind(kind: object) -> bool:
+    return isinstance(kind, str) and (kind in KINDS or (kernel_size(kind) is not None and min(kernel_size(kind)) >= 1))
 
 
 @dataclass(frozen=True)
@@ -16,7 +37,9 @@ class LoraFactors:
 
     A is of shape (r, d_in), B of shape (d_out, r). For an embedding LoRA, d_in is the number of
     embeddings and d_out the embedding size (PEFT's lora_embedding_A / lora_embedding_B), so the
-    embedding weight's update is delta.T.
+    embedding weight's update is delta.T. A convolution LoRA (kind "conv{kh}x{kw}") is a linear LoRA on
+    the unfolded weight: A (r, c_in * kh * kw) is lora_down flattened, B (c_out, r) is lora_up, and the
+    weight's update is delta.reshape(c_out, c_in, kh, kw).
     """
 
     A: torch.Tensor
@@ -26,8 +49,12 @@ class LoraFactors:
     def __post_init__(self) -> None:
         if self.A.ndim != 2 or self.B.ndim != 2 or self.A.shape[0] != self.B.shape[1]:
             raise ValueError(f"LoraFactors needs A (r, d_in) and B (d_out, r); got A {tuple(self.A.shape)}, B {tuple(self.B.shape)}")
-        if self.kind not in KINDS:
-            raise ValueError(f"LoraFactors kind must be one of {KINDS}, got {self.kind!r}")
+        if not is_valid_kind(self.kind):
+            raise ValueError(f"LoraFactors kind must be one of {KINDS} or 'conv<kh>x<kw>', got {self.kind!r}")
+        kernel = kernel_size(self.kind)
+        if kernel is not None and self.A.shape[1] % (kernel[0] * kernel[1]):
+            raise ValueError(f"a {self.kind} LoraFactors needs d_in divisible by {kernel[0] * kernel[1]}; "
+                             f"got A {tuple(self.A.shape)}")
 
     @property
     def rank(self) -> int:
@@ -143,3 +170,22 @@ class Adapter:
 
     def num_parameters(self) -> int:
         return sum(i.rank * (i.shape[0] + i.shape[1]) for i in map(self.info, self.modules))
+
+
+def check_factor_values(factors: LoraFactors, where: str) -> None:
+    """Refuse factors with NaN / Inf or entries above MAX_ABS: their products would overflow float32.
+
+    `where` names the adapter and module ("adapter 'x', module 'y'"). One pass per factor: NaN
+    propagates through the min / max, and so does Inf. Raises AdapterFormatError.
+    """
+    for side, tensor in (("A", factors.A), ("B", factors.B)):
+        if not tensor.numel():
+            continue
+        low, high = torch.aminmax(tensor)
+        peak = max(-float(low), float(high))
+        if peak <= MAX_ABS:  # False for NaN
+            continue
+        if not torch.isfinite(tensor).all():
+            raise AdapterFormatError(f"{where}: lora_{side} contains NaN or Inf")
+        raise AdapterFormatError(f"{where}: lora_{side} has entries up to {peak:.3g}; expected |values| <= "
+                                 f"{MAX_ABS:g} (larger ones make float32 products overflow)")

@@ -33,6 +33,15 @@ def dtype_from_name(dtype: str | torch.dtype) -> torch.dtype:
     raise OutputError(f"unsupported output dtype {dtype!r} (use bf16, fp16 or fp32)")
 
 
+def output_dtype(adapter: Adapter, dtype: str | torch.dtype | None) -> torch.dtype:
+    """The dtype to write: `dtype` if given, else the adapter's (its inputs'), float32 for others (e.g. float64)."""
+    if dtype is None:
+        dtype = adapter.metadata.get("dtype", "float32")
+        if dtype not in DTYPES and dtype not in DTYPES.values():
+            dtype = "float32"
+    return dtype_from_name(dtype)
+
+
 def check_output_path(output: str | Path, inputs: Sequence[str | Path], *, overwrite: bool) -> None:
     """Refuse an output that exists (unless overwrite), equals or lies inside an input, or contains one."""
     out = Path(output).resolve()

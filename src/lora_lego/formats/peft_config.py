@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import AdapterFormatError
+from ..errors import AdapterFormatError
 
 CONFIG_NAME = "adapter_config.json"
 

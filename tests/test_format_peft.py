@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import lora_lego as ll
-import lora_lego.peft_io as peft_io
+import lora_lego.formats.peft as peft_io
 from conftest import (
     assert_matches_peft,
     build_peft_model,

@@ -1,5 +1,5 @@
-"""The PEFT LoRA folder format: `load_adapter` reads adapter_config.json with adapter_model.safetensors
-(or .bin) into float32 factors with the scale folded in; `save_adapter` writes a folder PEFT loads unchanged."""
+"""The PEFT LoRA folder format: `load_peft` reads adapter_config.json with adapter_model.safetensors
+(or .bin) into float32 factors with the scale folded in; `save_peft` writes a folder PEFT loads unchanged."""
 
 from __future__ import annotations
 
@@ -12,21 +12,20 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
-from .errors import AdapterFormatError, LoraLegoWarning
+from ..errors import AdapterFormatError, LoraLegoWarning
+from ..tensorfile import TensorFileError, TensorInfo, read_header, read_tensor
+from ..types import MAX_ABS, Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values  # noqa: F401
+from ..writing import atomic_folder, check_output_path, output_dtype, source_folders
 from .peft_config import CONFIG_NAME, module_scaling, pattern_value, read_config  # noqa: F401  (re-exported)
-from .tensorfile import TensorFileError, TensorInfo, read_header, read_tensor
-from .types import Adapter, LazyModules, LoraFactors, ModuleInfo
-from .writing import DTYPES, atomic_folder, check_output_path, dtype_from_name, source_folders
 
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 _PREFIX = "base_model.model."
 _PARTS = {"lora_A.weight": ("A", "linear"), "lora_B.weight": ("B", "linear"),
           "lora_embedding_A": ("A", "embedding"), "lora_embedding_B": ("B", "embedding")}
-MAX_ABS = 1e8  # largest |entry| of a factor (scale folded in); real LoRAs stay below ~1e2
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
 
 
-def load_adapter(path: str | Path, *, lazy: bool = False) -> Adapter:
+def load_peft(path: str | Path, *, lazy: bool = False) -> Adapter:
     """Read a PEFT LoRA folder. Factors are float32 with sqrt(scaling) folded into A and B.
 
     Honours r, lora_alpha, use_rslora, rank_pattern / alpha_pattern (PEFT's matching rule),
@@ -60,6 +59,7 @@ def load_adapter(path: str | Path, *, lazy: bool = False) -> Adapter:
         "scaling": scalings,
         "peft_config": config,
         "folder": str(folder.resolve()),  # what save_adapter must never write into (see writing.source_folders)
+        "format": "peft",
     }
     modules = LazyModules(infos, read) if lazy else {module: read(module) for module in infos}
     return Adapter(modules, metadata, name=name)
@@ -133,8 +133,8 @@ def _check_parts(module: str, parts: dict[str, Any], name: str) -> ModuleInfo:
             raise AdapterFormatError(f"{where}: lora_{side} has dtype {entry.dtype}; expected a float tensor")
         if len(entry.shape) != 2:
             raise AdapterFormatError(
-                f"{where}: lora_{side} has shape {tuple(entry.shape)}; only 2-D (linear or embedding) LoRA is "
-                "supported (convolution LoRA is not)"
+                f"{where}: lora_{side} has shape {tuple(entry.shape)}; a PEFT folder holds only 2-D (linear or "
+                "embedding) LoRA here (convolution LoRA is read from kohya / LyCORIS files)"
             )
     a_shape, b_shape = tuple(parts["A"].shape), tuple(parts["B"].shape)
     if a_shape[0] != b_shape[1]:
@@ -159,32 +159,13 @@ def _read_factors(parts: dict[str, Any], scaling: float, fetch: Callable[[Any], 
     return factors
 
 
-def check_factor_values(factors: LoraFactors, where: str) -> None:
-    """Refuse factors with NaN / Inf or entries above MAX_ABS: their products would overflow float32.
-
-    `where` names the adapter and module ("adapter 'x', module 'y'"). One pass per factor: NaN
-    propagates through the min / max, and so does Inf.
-    """
-    for side, tensor in (("A", factors.A), ("B", factors.B)):
-        if not tensor.numel():
-            continue
-        low, high = torch.aminmax(tensor)
-        peak = max(-float(low), float(high))
-        if peak <= MAX_ABS:  # False for NaN
-            continue
-        if not torch.isfinite(tensor).all():
-            raise AdapterFormatError(f"{where}: lora_{side} contains NaN or Inf")
-        raise AdapterFormatError(f"{where}: lora_{side} has entries up to {peak:.3g}; expected |values| <= "
-                                 f"{MAX_ABS:g} (larger ones make float32 products overflow)")
-
-
 def _some(keys: list[str], limit: int = 3) -> str:
     shown = ", ".join(repr(k) for k in keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def save_adapter(adapter: Adapter, path: str | Path, *, dtype: str | torch.dtype | None = None,
-                 overwrite: bool = False) -> Path:
+def save_peft(adapter: Adapter, path: str | Path, *, dtype: str | torch.dtype | None = None,
+              overwrite: bool = False) -> Path:
     """Write `adapter` as a PEFT LoRA folder, atomically (temporary folder, then rename).
 
     Config: r = the most common module rank, lora_alpha = r (scaling 1), rank_pattern / alpha_pattern
@@ -194,11 +175,7 @@ def save_adapter(adapter: Adapter, path: str | Path, *, dtype: str | torch.dtype
     equals, lies inside or contains a folder the adapter (or its merge inputs) was read from.
     """
     check_output_path(path, source_folders(adapter), overwrite=overwrite)  # never into (or over) an input
-    if dtype is None:
-        dtype = adapter.metadata.get("dtype", "float32")
-        if dtype not in DTYPES and dtype not in DTYPES.values():  # e.g. float64 inputs: float32, as computed
-            dtype = "float32"
-    target = dtype_from_name(dtype)
+    target = output_dtype(adapter, dtype)
     config = peft_config(adapter)
     tensors: dict[str, torch.Tensor] = {}
     for module, factors in adapter.items():
@@ -263,3 +240,12 @@ def peft_config(adapter: Adapter) -> dict[str, Any]:
         "inference_mode": True,
         "modules_to_save": None,
     }
+
+
+def read(path: Path, *, lazy: bool = False, **_options) -> Adapter:
+    """The format registry's reader (LyCORIS options do not apply to PEFT folders)."""
+    return load_peft(path, lazy=lazy)
+
+
+def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = None, overwrite: bool = False) -> Path:
+    return save_peft(adapter, path, dtype=dtype, overwrite=overwrite)

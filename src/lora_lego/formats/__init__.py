@@ -1,0 +1,175 @@
+"""The one registry of adapter formats. Each format is a reader and a writer to and from the same
+`Adapter`; a single file's format is detected from its tensor names, a folder is PEFT.
+
+Module names stay those of the format read ("model.layers.0.self_attn.q_proj" for PEFT,
+"unet.down_blocks.0...." for diffusers files, "lora_unet_down_blocks_0_..." for kohya files), and
+`convert_adapter` translates them (see `names.py`) when adapters of two namings meet or a writer
+needs the other one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from ..errors import AdapterFormatError
+from ..tensorfile import TensorFileError, read_header
+from ..types import Adapter
+
+SINGLE_FILE = ".safetensors"
+
+
+@dataclass(frozen=True)
+class Format:
+    """A registered format.
+
+    read(path, *, lazy, expand, expand_rank) -> Adapter; write(adapter, path, *, dtype, overwrite) -> Path.
+    `owns(key)` says whether a tensor key of a single file belongs to this format (None for folders);
+    `naming` is "dotted" (module paths) or "kohya" (lora_<component>_<path with "_">).
+    """
+
+    name: str
+    summary: str
+    read: Callable[..., Adapter]
+    write: Callable[..., Path]
+    naming: str = "dotted"
+    owns: Callable[[str], bool] | None = None
+
+    @property
+    def single_file(self) -> bool:
+        return self.owns is not None
+
+
+_FORMATS: dict[str, Format] = {}
+
+
+def register_format(fmt: Format) -> Format:
+    if fmt.name in _FORMATS:
+        raise ValueError(f"format {fmt.name!r} is already registered")
+    _FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def available_formats() -> list[str]:
+    return list(_FORMATS)
+
+
+def get_format(name: str) -> Format:
+    try:
+        return _FORMATS[name]
+    except KeyError:
+        raise AdapterFormatError(f"unknown format {name!r}; choose from {', '.join(_FORMATS)}") from None
+
+
+def detect_format(path: str | Path) -> str:
+    """The format of an adapter on disk: "peft" for a folder, else from a single file's tensor names.
+
+    Raises AdapterFormatError for a missing path, an unreadable file, a key no format knows, or a
+    file whose keys mix formats (naming both, with an example key of each).
+    """
+    path = Path(path)
+    if path.is_dir() or not path.exists():
+        return "peft"  # the PEFT reader explains a missing folder
+    try:
+        infos, _ = read_header(path)
+    except (OSError, TensorFileError) as error:
+        raise AdapterFormatError(f"adapter {str(path)!r}: not a readable safetensors file ({error})") from None
+    if not infos:
+        raise AdapterFormatError(f"adapter {str(path)!r}: the file holds no tensors")
+    claimed: dict[str, list[str]] = {}
+    for key in infos:
+        owners = [fmt.name for fmt in _FORMATS.values() if fmt.owns is not None and fmt.owns(key)]
+        if not owners:
+            raise AdapterFormatError(f"adapter {str(path)!r}: tensor {key!r} is not a LoRA key of any known format "
+                                     f"({', '.join(n for n, f in _FORMATS.items() if f.single_file)})")
+        claimed.setdefault(owners[0], []).append(key)
+    if len(claimed) > 1:
+        shown = "; ".join(f"{name} ({len(keys)} keys, e.g. {keys[0]!r})" for name, keys in claimed.items())
+        raise AdapterFormatError(f"adapter {str(path)!r}: its keys mix formats: {shown}")
+    return next(iter(claimed))
+
+
+def load_adapter(path: str | Path, *, lazy: bool = False, format: str | None = None, expand: bool = False,
+                 expand_rank: int | None = None) -> Adapter:
+    """Read an adapter: a PEFT folder or a single .safetensors file (kohya / LyCORIS, diffusers).
+
+    Factors are float32 with each module's scale folded in. `lazy=True` reads headers now and each
+    module's factors on access. `format` overrides detection. LyCORIS LoHa / LoKr modules are refused
+    unless `expand` (an exact plain LoRA of rank r^2 / rank(w1) * rank(w2)) or `expand_rank=K` (their
+    best rank-K approximation, by a truncated SVD).
+    """
+    fmt = get_format(format) if format is not None else get_format(detect_format(path))
+    return fmt.read(Path(path), lazy=lazy, expand=expand, expand_rank=expand_rank)
+
+
+def output_format(path: str | Path, adapter: Adapter | None = None, format: str | None = None) -> str:
+    """The format `save_adapter` writes: `format` if given; for a .safetensors path the adapter's own
+    single-file format, else kohya for diffusion-model adapters and diffusers for others; else PEFT."""
+    if format is not None:
+        return get_format(format).name
+    if not str(path).endswith(SINGLE_FILE):
+        return "peft"
+    meta = adapter.metadata if adapter is not None else {}
+    own = meta.get("format")
+    if own in _FORMATS and _FORMATS[own].single_file:
+        return own
+    return "kohya" if meta.get("family") else "diffusers"
+
+
+def save_adapter(adapter: Adapter, path: str | Path, *, format: str | None = None,
+                 dtype: str | torch.dtype | None = None, overwrite: bool = False) -> Path:
+    """Write `adapter` atomically in `format` (default: see `output_format`), translating its module
+    names first when the format names modules another way. Returns the path written."""
+    fmt = get_format(output_format(path, adapter, format))
+    if fmt.single_file and Path(path).is_dir():
+        raise AdapterFormatError(f"output {str(path)!r} is a folder; format {fmt.name} writes a single file")
+    return fmt.write(convert_adapter(adapter, fmt.name), Path(path), dtype=dtype, overwrite=overwrite)
+
+
+def naming(adapter: Adapter) -> str:
+    """How the adapter's modules are named: "kohya" or "dotted" (PEFT, diffusers, adapters built in memory)."""
+    own = adapter.metadata.get("format")
+    return _FORMATS[own].naming if own in _FORMATS else "dotted"
+
+
+def convert_adapter(adapter: Adapter, format: str) -> Adapter:
+    """The same deltas with the module names (and, for Flux, the module split) of `format`.
+
+    Exact: renaming, or splitting a fused qkv LoRA into q / k / v (same A, row blocks of B) and fusing
+    them back (rank 3r, block-diagonal B). Raises AdapterFormatError for a name that has no
+    translation.
+    """
+    target = get_format(format)
+    if naming(adapter) == target.naming:
+        return adapter
+    from .names import translate
+
+    return translate(adapter, target.naming)
+
+
+def harmonise(adapters: Sequence[Adapter]) -> list[Adapter]:
+    """The adapters with one naming, that of the first (for merging files of different formats)."""
+    if len({naming(a) for a in adapters}) <= 1:
+        return list(adapters)
+    first = adapters[0].metadata.get("format", "peft")
+    return [convert_adapter(a, first) for a in adapters]
+
+
+def _register_builtins() -> None:
+    from . import diffusers, kohya, peft
+
+    register_format(Format("peft", "PEFT folder (adapter_config.json + adapter_model.safetensors or .bin)",
+                           peft.read, peft.write))
+    if not hasattr(kohya, "read") or not hasattr(diffusers, "read"):  # TEMPORARY while the readers land
+        return
+    register_format(Format("kohya", "kohya / LyCORIS single file (lora_down / lora_up / alpha; LoCon, Tucker)",
+                           kohya.read, kohya.write, naming="kohya", owns=kohya.owns))
+    register_format(Format("diffusers", "diffusers / ai-toolkit / SimpleTuner single file (lora_A / lora_B, "
+                           "component prefixes, lora_adapter_metadata)", diffusers.read, diffusers.write,
+                           owns=diffusers.owns))
+
+
+_register_builtins()

@@ -1,0 +1,1 @@
+"""kohya / LyCORIS single files (placeholder until the reader lands)."""
