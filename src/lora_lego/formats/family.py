@@ -1,0 +1,59 @@
+"""The base-model family of a diffusion-model LoRA file ("sd1", "sd2", "sdxl", "flux"), from its header
+metadata when it says so, else from its module names; None for other adapters (e.g. LLMs)."""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable, Mapping
+
+FAMILIES = ("sd1", "sd2", "sdxl", "flux")
+# ss_base_model_version (sd-scripts) and modelspec.architecture (SAI model spec) prefixes -> family
+_VERSIONS = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl": "sdxl", "flux1": "flux"}
+_ARCHITECTURES = {"stable-diffusion-v1": "sd1", "stable-diffusion-v2": "sd2", "stable-diffusion-xl": "sdxl",
+                  "flux-1": "flux"}
+
+
+def family_from_metadata(header: Mapping[str, str]) -> str | None:
+    """The family a file's header names (sd-scripts' ss_base_model_version / ss_v2, modelspec, or diffusers'
+    lora_adapter_metadata does not say), or None."""
+    version = str(header.get("ss_base_model_version", ""))
+    for prefix, family in _VERSIONS.items():
+        if version.startswith(prefix):
+            return family
+    architecture = str(header.get("modelspec.architecture", ""))
+    for prefix, family in _ARCHITECTURES.items():
+        if architecture.startswith(prefix):
+            return family
+    if str(header.get("ss_v2", "")).lower() == "true":
+        return "sd2"
+    return None
+
+
+def family_from_modules(modules: Iterable[str], cross_attention_dim: int | None = None) -> str | None:
+    """The family that module names imply (kohya or diffusers spellings), or None when they say nothing.
+
+    SD 1.x and 2.x share module names; `cross_attention_dim` (the d_in of a UNet cross-attention to_k:
+    768 for SD 1.x, 1024 for SD 2.x, 2048 for SDXL) tells them apart, and SD 1.x is assumed when it
+    is unknown.
+    """
+    names = list(modules)
+    text = " ".join(names)
+    if any(token in text for token in ("double_blocks", "single_blocks", "single_transformer_blocks")):
+        return "flux"
+    if "transformer." in text and "transformer_blocks" in text and "unet" not in text:
+        return "flux"
+    if any(n.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for n in names) or any(
+            token in text for token in ("input_blocks", "output_blocks", "middle_block")) or cross_attention_dim == 2048:
+        return "sdxl"
+    if any(n.startswith(("lora_unet_", "lora_te_", "unet.", "text_encoder.")) for n in names):
+        return "sd2" if cross_attention_dim == 1024 else "sd1"
+    return None
+
+
+def header_json(header: Mapping[str, str], key: str) -> dict:
+    """A header entry that holds JSON (e.g. ss_network_args, lora_adapter_metadata), {} if absent or bad."""
+    try:
+        value = json.loads(header.get(key) or "{}")
+    except (TypeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
