@@ -100,7 +100,7 @@ def atomic_folder(path: str | Path, *, overwrite: bool = False) -> Iterator[Path
         parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(parent, final.name)
         temporary = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=parent))
-        os.chmod(temporary, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the output from other users
+        os.chmod(temporary, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide the output from other users
     except OSError as error:
         raise OutputError(f"cannot write output {str(path)!r}: {error.strerror or error}") from None
     try:
@@ -114,7 +114,7 @@ def atomic_folder(path: str | Path, *, overwrite: bool = False) -> Iterator[Path
         raise
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -1,0 +1,90 @@
+"""What every single-file format shares: opening a .safetensors file with errors that name it, and
+writing one atomically with sorted metadata (bitwise-identical files for the same adapter)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+
+from ..errors import AdapterFormatError, OutputError
+from ..tensorfile import TensorFileError, TensorInfo, TensorWriter, read_header, read_tensor
+from ..types import Adapter
+from ..writing import check_output_path, current_umask, source_folders
+
+
+def open_file(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], Callable[[TensorInfo], torch.Tensor]]:
+    """A single adapter file's tensor infos by key, its string metadata, and how to read one tensor.
+
+    Raises AdapterFormatError naming the file when it is missing or not a readable safetensors file.
+    """
+    name = str(path)
+    if not path.is_file():
+        raise AdapterFormatError(f"adapter {name!r}: no such file")
+    try:
+        infos, header = read_header(path)
+    except (OSError, TensorFileError) as error:
+        raise AdapterFormatError(f"adapter {name!r}: not a readable safetensors file ({error})") from None
+
+    def fetch(info: TensorInfo) -> torch.Tensor:
+        try:
+            return read_tensor(path, info)
+        except (OSError, TensorFileError) as error:
+            raise AdapterFormatError(f"adapter {name!r}: cannot read a tensor ({error})") from None
+    return infos, dict(header), fetch
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path beside `path`; on success it replaces `path`, on failure it is removed."""
+    final = Path(path)
+    if final.exists() and not overwrite:
+        raise OutputError(f"output {str(path)!r} already exists (pass --overwrite / overwrite=True to replace it)")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent)
+        os.close(handle)
+        os.chmod(name, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the output from other users
+    except OSError as error:
+        raise OutputError(f"cannot write output {str(path)!r}: {error.strerror or error}") from None
+    temporary = Path(name)
+    try:
+        yield temporary
+        os.replace(temporary, final)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise OutputError(f"cannot write output {str(path)!r}: {error.strerror or error}") from None
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_file(adapter: Adapter, path: Path, tensors: Mapping[str, Callable[[], torch.Tensor] | torch.Tensor],
+               metadata: Mapping[str, str], *, shapes: Mapping[str, tuple[torch.dtype, tuple[int, ...]]] | None = None,
+               overwrite: bool = False) -> Path:
+    """Write one .safetensors file atomically, refusing a path that is (or is inside) an input.
+
+    `tensors` maps key -> tensor, or key -> a function making it (then `shapes` gives each key's dtype
+    and shape, so only one tensor is in memory at a time). Keys are written in the given order,
+    metadata keys sorted, so the same adapter gives the same bytes.
+    """
+    if path.is_dir():
+        raise OutputError(f"output {str(path)!r} is a folder; expected a .safetensors file path")
+    check_output_path(path, source_folders(adapter), overwrite=overwrite)
+    if shapes is None:
+        shapes = {key: (t.dtype, tuple(t.shape)) for key, t in tensors.items()}  # type: ignore[union-attr]
+    with atomic_file(path, overwrite=overwrite) as temporary:
+        with TensorWriter(temporary, dict(shapes), dict(metadata)) as writer:
+            for key, tensor in tensors.items():
+                writer.write(key, (tensor() if callable(tensor) else tensor).contiguous())
+    return path
+
+
+def some(keys: list[Any], limit: int = 3) -> str:
+    """The first `limit` items, quoted, and how many more (for error messages)."""
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
