@@ -15,10 +15,11 @@ from . import __version__
 from .calibration import FILE_NAME as CALIBRATION_FILE
 from .calibration import load_calibration
 from .cli_calibration import add_calibration_options, calibrations_for_merge, check_calibration_args, run_calibrate
+from .cli_convert import add_input_options, add_output_format, run_convert
 from .errors import LoraLegoError, MethodError
 from .inspect import describe_adapters, describe_report
 from .merge import check_device, merge
-from .formats import load_adapter, save_adapter
+from .formats import available_formats, harmonise, load_adapter, output_format, save_adapter
 from .registry import available_methods, get_method
 from .writing import check_output_path, check_report_path, dtype_from_name, write_json_atomic
 
@@ -33,13 +34,15 @@ class _UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lora-lego", description="Merge and prune LoRA adapters (PEFT folders).")
+    parser = _Parser(prog="lora-lego", description="Merge, prune and convert LoRA adapters (PEFT folders; kohya, "
+                     "LyCORIS and diffusers .safetensors files).")
     parser.add_argument("--version", action="version", version=f"lora-lego {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     merge_cmd = commands.add_parser("merge", help="merge several adapters into one")
-    merge_cmd.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT LoRA folders")
+    merge_cmd.add_argument("adapters", nargs="+", metavar="ADAPTER",
+                           help="PEFT LoRA folders or .safetensors files (kohya / LyCORIS / diffusers)")
     merge_cmd.add_argument("--method", default="lego", help="merge method (see `lora-lego methods`; default lego)")
     merge_cmd.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per adapter")
     _add_common(merge_cmd, rank_required=False)
@@ -68,13 +71,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibration_options(calibrate_cmd)
 
     prune_cmd = commands.add_parser("prune", help="reduce one adapter to a lower rank (lego on one adapter)")
-    prune_cmd.add_argument("adapters", nargs=1, metavar="ADAPTER", help="a PEFT LoRA folder")
+    prune_cmd.add_argument("adapters", nargs=1, metavar="ADAPTER", help="a PEFT LoRA folder or a .safetensors file")
     prune_cmd.add_argument("--method", default="lego", help="method used to prune (default lego)")
     _add_common(prune_cmd, rank_required=True)
 
+    convert_cmd = commands.add_parser("convert", help="rewrite an adapter in another format, exactly (checked)")
+    convert_cmd.add_argument("adapters", nargs=1, metavar="ADAPTER", help="a PEFT LoRA folder or a .safetensors file")
+    convert_cmd.add_argument("-o", "--output", required=True,
+                             help="output: a folder (PEFT) or a .safetensors file (kohya or diffusers)")
+    convert_cmd.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="output dtype (default: the input's)")
+    convert_cmd.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    add_output_format(convert_cmd)
+    add_input_options(convert_cmd)
+
     commands.add_parser("methods", help="list the merge methods and their parameters")
+    commands.add_parser("formats", help="list the adapter formats")
     inspect_cmd = commands.add_parser("inspect", help="describe adapters, or summarise a merge report (.json)")
-    inspect_cmd.add_argument("paths", nargs="+", metavar="ADAPTER_OR_REPORT")
+    inspect_cmd.add_argument("paths", nargs="+", metavar="ADAPTER_OR_REPORT",
+                             help="adapter folders or files, calibrations, or merge reports (.json)")
+    add_input_options(inspect_cmd)
 
     bench_cmd = commands.add_parser("bench", help="offline benchmark on SmolLM2-135M and real tasks (extra [bench])")
     bench_cmd.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
@@ -90,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_common(command: argparse.ArgumentParser, *, rank_required: bool) -> None:
-    command.add_argument("-o", "--output", required=True, help="output folder (must not exist unless --overwrite)")
+    command.add_argument("-o", "--output", required=True,
+                         help="output folder (PEFT) or .safetensors file (must not exist unless --overwrite)")
     command.add_argument("--rank", type=int, required=rank_required, help="output rank k (the method's rank parameter)")
     command.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     command.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
@@ -102,6 +118,8 @@ def _add_common(command: argparse.ArgumentParser, *, rank_required: bool) -> Non
                          help="modules merged side by side, one torch thread each (default: torch's thread count)")
     command.add_argument("--device", default="cpu", help="where the math runs: cpu (default), cuda or cuda:N")
     command.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_output_format(command)
+    add_input_options(command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -140,23 +158,26 @@ def _run_merge(args: argparse.Namespace) -> int:
     spec.resolve(params)  # fail fast on a bad method, parameter or device, before loading
     check_device(args.device)
     check_calibration_args(args, spec.needs_calibration)
+    output_format(args.output, format=args.format)  # an unknown --format fails before any work
     check_output_path(args.output, args.adapters, overwrite=args.overwrite)
     if args.report:  # checked before any work: a report that cannot be written must not leave an output behind
         check_report_path(args.report, args.adapters, args.output)
     started = time.perf_counter()
-    adapters = [load_adapter(path, lazy=True) for path in args.adapters]  # read module by module while merging
+    adapters = harmonise([load_adapter(path, lazy=True, expand=args.expand, expand_rank=args.expand_rank)
+                          for path in args.adapters])  # read module by module while merging; one naming
     weights = getattr(args, "weights", None)
     with calibrations_for_merge(args, adapters) as calibrations:
         merged = merge(adapters, args.method, weights=weights, seed=args.seed, progress=not args.quiet,
                        threads=args.threads, device=args.device, calibration=calibrations, **params)
-    save_adapter(merged, args.output, dtype=args.dtype, overwrite=args.overwrite)
+    save_adapter(merged, args.output, format=args.format, dtype=args.dtype, overwrite=args.overwrite)
     if args.report:
         write_json_atomic(args.report, {"provenance": merged.metadata["provenance"],
                                         "modules": merged.metadata["report"]})
     report = merged.metadata["report"].values()
     ranks = sorted({entry["rank"] for entry in report})
     error = sum(entry["relative_error"] for entry in report) / max(len(report), 1)
-    print(f"{args.command}: {len(adapters)} adapter(s) -> {args.output} with {args.method}: {len(merged)} modules, "
+    written = output_format(args.output, merged, args.format)
+    print(f"{args.command}: {len(adapters)} adapter(s) -> {args.output} ({written}) with {args.method}: {len(merged)} modules, "
           f"rank {'/'.join(map(str, ranks))}, {merged.num_parameters():,} parameters, mean relative error "
           f"{error:.3g}, {time.perf_counter() - started:.1f} s")
     return 0
@@ -175,17 +196,27 @@ def _run_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_formats(args: argparse.Namespace) -> int:
+    from .formats import get_format
+
+    for name in available_formats():
+        fmt = get_format(name)
+        print(f"{name}{' (single .safetensors file)' if fmt.single_file else ' (folder)'}\n  {fmt.summary}")
+    return 0
+
+
 def _run_inspect(args: argparse.Namespace) -> int:
     calibrations = [p for p in args.paths if (Path(p) / CALIBRATION_FILE).is_file() or p.endswith(CALIBRATION_FILE)]
-    reports = [Path(p) for p in args.paths if Path(p).is_file() and p not in calibrations]
-    folders = [p for p in args.paths if not Path(p).is_file() and p not in calibrations]
+    reports = [Path(p) for p in args.paths if p.endswith(".json") and p not in calibrations]
+    folders = [p for p in args.paths if not p.endswith(".json") and p not in calibrations]
     for path in calibrations:
         summary = load_calibration(path).summary()
         print(f"{path}: calibration\n" + "\n".join(f"  {key}: {value}" for key, value in summary.items()))
     for report in reports:
         print(describe_report(report))
     if folders:
-        print(describe_adapters([load_adapter(path) for path in folders]))
+        print(describe_adapters(harmonise([load_adapter(path, lazy=True, expand=args.expand,
+                                                        expand_rank=args.expand_rank) for path in folders])))
     return 0
 
 
@@ -221,5 +252,5 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {_one_line(message) if isinstance(message, Warning) else message}", file=sys.stderr)
 
 
-_COMMANDS = {"merge": _run_merge, "prune": _run_merge, "calibrate": run_calibrate, "methods": _run_methods,
-             "inspect": _run_inspect, "bench": _run_bench}
+_COMMANDS = {"merge": _run_merge, "prune": _run_merge, "convert": run_convert, "calibrate": run_calibrate,
+             "methods": _run_methods, "formats": _run_formats, "inspect": _run_inspect, "bench": _run_bench}

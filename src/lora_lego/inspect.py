@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import AdapterFormatError
+from .formats.family import component
 from .lowrank import frobenius_norm, inner
 from .types import Adapter
 
@@ -19,23 +20,54 @@ def module_type(module: str) -> str:
     return module.rsplit(".", 1)[-1]
 
 
+# header metadata worth showing (kohya's sd-scripts, the SAI model spec)
+TRAINER_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_base_model_version",
+                "ss_sd_model_name", "ss_output_name", "modelspec.architecture", "modelspec.title",
+                "modelspec.merged_from", "sshs_model_hash")
+
+
 def describe_adapter(adapter: Adapter) -> str:
     meta = adapter.metadata
-    config = meta.get("peft_config", {})
+    infos = [adapter.info(m) for m in adapter]
     types = Counter(module_type(m) for m in adapter)
-    ranks = Counter(f.rank for f in adapter.modules.values())
+    ranks = Counter(info.rank for info in infos)
+    kinds = Counter(info.kind for info in infos)
+    components = Counter(component(m) or "model" for m in adapter)
     scalings = sorted({round(s, 6) for s in meta.get("scaling", {}).values()})
     lines = [
         f"adapter {adapter.name}",
-        f"  base model: {meta.get('base_model_name_or_path')}   task: {meta.get('task_type')}   dtype: {meta.get('dtype')}",
-        f"  config: r={config.get('r')} lora_alpha={config.get('lora_alpha')} use_rslora={bool(config.get('use_rslora'))}"
-        f" rank_pattern={len(config.get('rank_pattern') or {})} alpha_pattern={len(config.get('alpha_pattern') or {})}"
-        f" fan_in_fan_out={bool(config.get('fan_in_fan_out'))}",
-        f"  modules: {len(adapter)} ({', '.join(f'{t}: {n}' for t, n in sorted(types.items()))})",
+        f"  format: {meta.get('format', 'in memory')}   family: {meta.get('family') or '-'}   dtype: {meta.get('dtype')}",
+    ]
+    if meta.get("format") == "peft":
+        config = meta.get("peft_config", {})
+        lines += [
+            f"  base model: {meta.get('base_model_name_or_path')}   task: {meta.get('task_type')}",
+            f"  config: r={config.get('r')} lora_alpha={config.get('lora_alpha')} use_rslora={bool(config.get('use_rslora'))}"
+            f" rank_pattern={len(config.get('rank_pattern') or {})} alpha_pattern={len(config.get('alpha_pattern') or {})}"
+            f" fan_in_fan_out={bool(config.get('fan_in_fan_out'))}",
+        ]
+    if len(components) > 1 or "model" not in components:
+        lines.append(f"  components: {', '.join(f'{c}: {n}' for c, n in sorted(components.items()))}")
+    lines += [
+        f"  modules: {len(adapter)} ({', '.join(f'{k}: {n}' for k, n in sorted(kinds.items()))})"
+        + (f"; LyCORIS expanded: {', '.join(f'{k}: {n}' for k, n in sorted(meta['lycoris'].items()))}"
+           if meta.get("lycoris") else ""),
+        f"  module types: {', '.join(f'{t}: {n}' for t, n in sorted(types.items()))}",
         f"  ranks: {', '.join(f'{r} ({n} modules)' for r, n in sorted(ranks.items()))}",
         f"  scaling: {', '.join(f'{s:g}' for s in scalings) or '-'}   parameters: {adapter.num_parameters():,}",
     ]
+    header = meta.get("header") or {}
+    shown = [f"{key}={_short(header[key])}" for key in TRAINER_KEYS if key in header]
+    if shown:
+        lines.append(f"  trainer metadata: {'  '.join(shown)}")
+    if "lora_adapter_metadata" in header:
+        lines.append("  diffusers lora_adapter_metadata: present")
     return "\n".join(lines)
+
+
+def _short(value: str, limit: int = 60) -> str:
+    value = " ".join(str(value).split())
+    return value if len(value) <= limit else value[:limit - 3] + "..."
 
 
 def type_cosines(left: Adapter, right: Adapter) -> dict[str, float]:

@@ -57,3 +57,20 @@ def header_json(header: Mapping[str, str], key: str) -> dict:
     except (TypeError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
+
+
+# the component a module belongs to: kohya prefixes and diffusers component prefixes -> one name
+_COMPONENTS = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
+               "lora_te2": "text_encoder_2", "lora_te3": "text_encoder_3"}
+
+
+def component(module: str) -> str | None:
+    """The model component a module belongs to ("unet", "transformer", "text_encoder", ...), or None for a
+    module of a single model (e.g. an LLM's "model.layers.0.self_attn.q_proj")."""
+    if module.startswith("lora_"):
+        head = module.split("_", 2)
+        prefix = "_".join(head[:2])
+        return "transformer" if prefix == "lora_unet" and "_blocks_" in module and (
+            "double_blocks" in module or "single_blocks" in module) else _COMPONENTS.get(prefix, prefix)
+    head = module.split(".", 1)[0]
+    return head if head in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior") else None

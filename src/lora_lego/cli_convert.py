@@ -1,0 +1,86 @@
+"""`lora-lego convert` and the format options every adapter command shares (--format, --expand, --expand-rank)."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import OutputError
+from .formats import available_formats, convert_adapter, load_adapter, output_format, save_adapter
+from .lowrank import relative_error
+from .writing import check_output_path, dtype_from_name
+
+
+def add_output_format(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--format", choices=available_formats(),
+                         help="output format (default: PEFT for a folder; for a .safetensors path the input's "
+                              "file format, else kohya for diffusion-model adapters and diffusers for others)")
+
+
+def add_input_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--expand", action="store_true",
+                         help="read LyCORIS LoHa / LoKr modules as an exact plain LoRA (LoHa rank r^2, LoKr "
+                              "rank(w1) x rank(w2))")
+    command.add_argument("--expand-rank", type=int, metavar="K",
+                         help="read LyCORIS LoHa / LoKr modules as their best rank-K LoRA (truncated SVD)")
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Read one adapter, write it in another format, then read the output back and check every delta."""
+    started = time.perf_counter()
+    source = args.adapters[0]
+    if args.dtype:
+        dtype_from_name(args.dtype)
+    check_output_path(args.output, [source], overwrite=args.overwrite)
+    adapter = load_adapter(source, lazy=True, expand=args.expand, expand_rank=args.expand_rank)
+    written = output_format(args.output, adapter, args.format)
+    save_adapter(adapter, args.output, format=written, dtype=args.dtype, overwrite=args.overwrite)
+    try:
+        worst = check_same_deltas(adapter, load_adapter(args.output, lazy=True, format=written),
+                                  args.dtype or adapter.metadata.get("dtype", "float32"))
+    except OutputError:
+        _remove(Path(args.output))  # a conversion that changed a delta is a bug: leave nothing behind
+        raise
+    meta = adapter.metadata
+    print(f"convert: {source} ({meta.get('format')}{', ' + meta['family'] if meta.get('family') else ''}, "
+          f"{len(adapter)} modules) -> {args.output} ({written}): every delta checked, largest relative "
+          f"difference {worst:.2g}, {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def check_same_deltas(original, converted, dtype: str) -> float:
+    """The largest relative Frobenius difference between the two adapters' deltas, module by module
+    (in the original's module names); raises OutputError when a module is missing or differs by more
+    than the written dtype's rounding allows."""
+    converted = convert_adapter(converted, original.metadata.get("format", "peft"))
+    eps = torch.finfo(dtype_from_name(dtype) if dtype in ("bf16", "fp16", "fp32") else _torch_dtype(dtype)).eps
+    tolerance = max(2 * eps, 1e-5)
+    worst = 0.0
+    for module in original:
+        if module not in converted:
+            raise OutputError(f"convert check failed: module {module!r} is missing from the output")
+        difference = relative_error(converted[module], original[module])
+        if not difference <= tolerance:
+            raise OutputError(f"convert check failed: module {module!r} differs by {difference:.3g} (relative) "
+                              f"after conversion; expected <= {tolerance:.1g}")
+        worst = max(worst, difference)
+    extra = [m for m in converted if m not in original]
+    if extra:
+        raise OutputError(f"convert check failed: the output has modules the input lacks ({extra[:3]})")
+    return worst
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
