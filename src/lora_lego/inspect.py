@@ -11,12 +11,17 @@ from typing import Sequence
 
 from .errors import AdapterFormatError
 from .formats.family import component
+from .formats.names import parse_underscored
 from .lowrank import frobenius_norm, inner
 from .types import Adapter
 
 
 def module_type(module: str) -> str:
-    """The last component of a module path, e.g. "q_proj"."""
+    """The last component of a module path, e.g. "q_proj" (of a kohya name too: "..._attn1_to_q" -> "to_q")."""
+    if module.startswith("lora_") and "." not in module:
+        body = module.split("_", 2)[-1]
+        dotted, _ = parse_underscored(body)
+        return dotted.rsplit(".", 1)[-1] if dotted else body.rsplit("_", 1)[-1]
     return module.rsplit(".", 1)[-1]
 
 

@@ -163,8 +163,6 @@ def _register_builtins() -> None:
 
     register_format(Format("peft", "PEFT folder (adapter_config.json + adapter_model.safetensors or .bin)",
                            peft.read, peft.write))
-    if not hasattr(kohya, "read") or not hasattr(diffusers, "read"):  # TEMPORARY while the readers land
-        return
     register_format(Format("kohya", "kohya / LyCORIS single file (lora_down / lora_up / alpha; LoCon, Tucker)",
                            kohya.read, kohya.write, naming="kohya", owns=kohya.owns))
     register_format(Format("diffusers", "diffusers / ai-toolkit / SimpleTuner single file (lora_A / lora_B, "

@@ -42,7 +42,8 @@ def family_from_modules(modules: Iterable[str], cross_attention_dim: int | None 
         return "flux"
     if "transformer." in text and "transformer_blocks" in text and "unet" not in text:
         return "flux"
-    if any(n.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for n in names) or any(
+    # lora_te1_ alone says nothing: diffusers' convert_state_dict_to_kohya and ComfyUI use it for SD 1.x too
+    if any(n.startswith(("lora_te2_", "text_encoder_2.")) for n in names) or any(
             token in text for token in ("input_blocks", "output_blocks", "middle_block")) or cross_attention_dim == 2048:
         return "sdxl"
     if any(n.startswith(("lora_unet_", "lora_te_", "unet.", "text_encoder.")) for n in names):
