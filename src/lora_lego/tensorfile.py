@@ -133,7 +133,7 @@ class TensorWriter:
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise ValueError(f"tensor {key!r}: expected {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
         self._stream.seek(self._base + offset)
-        self._stream.write(memoryview(tensor.detach().cpu().contiguous().view(torch.uint8).numpy()))
+        self._stream.write(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
         self._pending.discard(key)
 
     def close(self) -> None:

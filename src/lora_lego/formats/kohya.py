@@ -1,1 +1,270 @@
-"""kohya / LyCORIS single files (placeholder until the reader lands)."""
+"""kohya / LyCORIS single files (sd-scripts, LyCORIS, Civitai / A1111 / ComfyUI): "<lora_name>.lora_down.weight",
+".lora_up.weight", ".alpha" per module, LoCon convolutions and Tucker cores; LoHa / LoKr on request (expanded
+exactly by `lycoris`); DoRA, IA3, OFT, GLoRA, full and norm modules refused. Module names are the lora_names."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import AdapterFormatError
+from ..tensorfile import TensorInfo
+from ..types import Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values, conv_kind
+from ..writing import output_dtype
+from . import kohya_meta, lycoris
+from .family import family_from_metadata, family_from_modules
+from .files import open_file, some
+
+ALGOS = {  # the suffixes of each readable algorithm, and its name in messages
+    "lora": ("LoRA", ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha")),
+    "loha": ("LoHa", ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha")),
+    "lokr": ("LoKr", ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2",
+                      "alpha")),
+}
+REFUSED = (  # (kind, the suffixes that mark it, why no plain LoRA can stand for it)
+    ("DoRA", {"dora_scale"}, "it rescales W0 + delta by the norms of the base weights"),
+    ("IA3", {"on_input"}, "it scales the base layer's activations"),
+    ("OFT / BOFT", {"oft_blocks", "oft_diag", "rescale"}, "it rotates the base weights"),
+    ("GLoRA", {"a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight"},
+     "its update multiplies the base weights"),
+    ("full", {"diff", "diff_b"}, "it stores full weight (and bias) differences, not low-rank factors"),
+    ("norm", {"w_norm", "b_norm"}, "it stores normalisation-layer weights, not low-rank factors"),
+    ("T-LoRA", {"q_layer.weight", "p_layer.weight", "lambda_layer"}, "its update depends on the timestep"),
+)
+# LyCORIS flattens the kernel of a non-Tucker LoHa / LoKr convolution into d_in; only the model knows it. These
+# are the convolutions of SD / SDXL UNets (diffusers and SAI spellings) that kohya / LyCORIS presets target.
+_FLAT_CONVS = ((re.compile(r"_(conv1|conv2|conv|conv_in|conv_out|in_layers_2|out_layers_3|op)$"), (3, 3)),
+               (re.compile(r"_(conv_shortcut|skip_connection)$"), (1, 1)))
+_SD1_PROJ = re.compile(r"_(proj_in|proj_out)$")  # 1x1 convolutions in SD 1.x UNets, linear layers since SD 2.x
+
+
+def owns(key: str) -> bool:
+    """A kohya / LyCORIS key: its part before the first "." is a lora_name (lora_unet_..., lora_te_..., ...)."""
+    return key.split(".", 1)[0].startswith("lora_")
+
+
+@dataclass(frozen=True)
+class _Module:
+    algo: str  # "lora", "loha", "lokr"
+    parts: dict[str, TensorInfo]
+    info: ModuleInfo  # of the factors read (after expansion)
+    scale: float
+
+
+def read(path: Path, *, lazy: bool = False, expand: bool = False, expand_rank: int | None = None) -> Adapter:
+    """Read a kohya / LyCORIS .safetensors file. Factors are float32 with sqrt(|scale|) folded into A and B (the
+    sign on A), scale = alpha / r per module (alpha 0 or absent: 1).
+
+    LoRA / LoCon (conv: A = lora_down flattened, B = lora_up[:, :, 0, 0]; a Tucker lora_mid folded into A, same
+    rank) are read as they are. LoHa / LoKr modules are refused unless `expand` (their exact plain factors,
+    rank min(r1 r2, d_out, d_in)) or `expand_rank=K` (the best rank-K approximation of each; it wins over
+    `expand`). Raises AdapterFormatError naming the file, the module and what was expected. `lazy=True` reads
+    the header and the alphas now and each module's factors on access.
+    """
+    name = str(path)
+    infos, header, fetch = open_file(path)
+    if expand_rank is not None and (type(expand_rank) is not int or expand_rank < 1):
+        raise AdapterFormatError(f"adapter {name!r}: expand_rank must be an integer >= 1; got {expand_rank!r}")
+    groups = _group_keys(infos, name)
+    algos = {module: _algo(module, parts, name) for module, parts in groups.items()}
+    _refuse(algos, name, expand or expand_rank is not None)
+    layouts = {module: _layout(algos[module], parts, f"adapter {name!r}, module {module!r}")
+               for module, parts in groups.items()}
+    cross = next((layout.shape[1] for m, layout in layouts.items()  # a UNet's cross-attention width
+                  if m.startswith("lora_unet_") and m.endswith("attn2_to_k")), None)
+    family = family_from_metadata(header) or family_from_modules(groups, cross)
+    modules = {module: _module(module, algos[module], groups[module], layouts[module], family, expand_rank, fetch, name)
+               for module in groups}
+
+    def read_module(module: str) -> LoraFactors:
+        return _read_factors(modules[module], expand_rank, fetch, f"adapter {name!r}, module {module!r}")
+
+    stored = Counter(info.dtype for m in modules.values() for key, info in m.parts.items() if key != "alpha")
+    expanded = Counter(ALGOS[m.algo][0] for m in modules.values() if m.algo != "lora")
+    metadata = {
+        "format": "kohya", "family": family, "header": header,
+        "dtype": str(max(sorted(stored, key=str), key=lambda d: (stored[d], d.itemsize))).removeprefix("torch."),
+        "scaling": {module: m.scale for module, m in modules.items()},
+        "folder": str(path.resolve()),  # what writes must never overwrite (writing.source_folders)
+        "base_model_name_or_path": None, "task_type": None, "fan_in_fan_out": False,
+    }
+    if expanded:
+        metadata["lycoris"] = dict(expanded)
+    table = LazyModules({m: s.info for m, s in modules.items()}, read_module)
+    return Adapter(table if lazy else {module: read_module(module) for module in modules}, metadata, name=name)
+
+
+def _group_keys(infos: dict[str, TensorInfo], name: str) -> dict[str, dict[str, TensorInfo]]:
+    """Tensor keys -> {lora_name: {suffix: info}}."""
+    if not infos:
+        raise AdapterFormatError(f"adapter {name!r}: the file holds no tensors")
+    groups: dict[str, dict[str, TensorInfo]] = {}
+    for key, info in infos.items():
+        module, dot, suffix = key.partition(".")
+        if not module.startswith("lora_") or not dot:
+            raise AdapterFormatError(f"adapter {name!r}: tensor {key!r} is not a kohya key; expected "
+                                     "'<lora_name>.<suffix>' with a lora_name such as 'lora_unet_...' or 'lora_te_...'")
+        groups.setdefault(module, {})[suffix] = info
+    return groups
+
+
+def _algo(module: str, parts: dict[str, TensorInfo], name: str) -> str:
+    """The algorithm a module's suffixes name: "lora", "loha", "lokr", or a REFUSED kind."""
+    suffixes = set(parts)
+    for kind, markers, _ in REFUSED:
+        if markers & suffixes:
+            return kind
+    where = f"adapter {name!r}, module {module!r}"
+    found = [algo for algo, (_, known) in ALGOS.items() if (suffixes - {"alpha"}) & set(known)]
+    if len(found) > 1:
+        raise AdapterFormatError(f"{where}: mixes {' and '.join(ALGOS[a][0] for a in found)} keys "
+                                 f"({', '.join(sorted(suffixes))}); expected those of one algorithm")
+    known = set(ALGOS[found[0]][1]) if found else set()
+    unknown = sorted(suffixes - known) if found else sorted(suffixes - {"alpha"})
+    if unknown or not found:
+        listed = "; ".join(f"{label}: {', '.join(keys)}" for label, keys in ALGOS.values())
+        what = f"unknown tensor suffix(es) {some(unknown)}" if unknown else "only an alpha"
+        raise AdapterFormatError(f"{where}: {what}; expected the suffixes of one of {listed}")
+    for suffix, info in parts.items():
+        if suffix != "alpha" and not info.dtype.is_floating_point:
+            raise AdapterFormatError(f"{where}: {suffix} has dtype {info.dtype}; expected a float tensor")
+    return found[0]
+
+
+def _refuse(algos: dict[str, str], name: str, expanding: bool) -> None:
+    """One error for all modules no plain LoRA stands for, or for LoHa / LoKr modules when not expanding."""
+    counts = Counter(algos.values())
+    refused = [(kind, why) for kind, _, why in REFUSED if counts[kind]]
+    if refused:
+        example = next(m for m, a in algos.items() if a == refused[0][0])
+        shown = "; ".join(f"{kind}: {counts[kind]} module(s) ({why})" for kind, why in refused)
+        raise AdapterFormatError(f"adapter {name!r}: modules that are not additive low-rank updates, which no plain "
+                                 f"LoRA can stand for without the base model: {shown}; e.g. module {example!r}")
+    lycoris_counts = [f"{ALGOS[a][0]}: {counts[a]} module(s)" for a in ("loha", "lokr") if counts[a]]
+    if lycoris_counts and not expanding:
+        raise AdapterFormatError(
+            f"adapter {name!r}: LyCORIS modules that are not plain LoRA ({', '.join(lycoris_counts)}); read them "
+            "with --expand / expand=True (exact: a plain LoRA of rank r^2 for LoHa, rank(w1) * rank(w2) for LoKr) "
+            "or --expand-rank K / expand_rank=K (their best rank-K approximation, by a truncated SVD)")
+
+
+def _layout(algo: str, parts: dict[str, TensorInfo], where: str) -> lycoris.Layout:
+    """What a module's shapes say (delta shape, kernel, exact rank, the rank alpha divides by); checks them."""
+    shapes = {suffix: info.shape for suffix, info in parts.items()}
+    try:
+        layout = {"lora": _lora_layout, "loha": lycoris.loha_layout, "lokr": lycoris.lokr_layout}[algo](shapes)
+    except ValueError as error:
+        raise AdapterFormatError(f"{where}: {error}") from None
+    if min(layout.shape) < 1 or layout.rank < 1:
+        raise AdapterFormatError(f"{where}: empty factors ({ALGOS[algo][0]} shapes {shapes}); expected sizes >= 1")
+    return layout
+
+
+def _lora_layout(shapes: dict[str, tuple[int, ...]]) -> lycoris.Layout:
+    """A LoRA / LoCon module: linear down (r, in), up (out, r); conv down (r, c_in, kh, kw), up (c_out, r, 1, 1);
+    Tucker down (r', c_in, 1, 1), mid (r, r', kh, kw), up (c_out, r, 1, 1). Raises ValueError."""
+    for side, other in (("lora_down.weight", "lora_up.weight"), ("lora_up.weight", "lora_down.weight")):
+        if side not in shapes:
+            raise ValueError(f"has {other} but no {side}; expected both")
+    down, up, mid = shapes["lora_down.weight"], shapes["lora_up.weight"], shapes.get("lora_mid.weight")
+    expected = ("expected (r, d_in) and (d_out, r) (linear), (r, c_in, kh, kw) and (c_out, r, 1, 1) (conv) "
+                "or, with lora_mid (r, r', kh, kw), (r', c_in, 1, 1) and (c_out, r, 1, 1) (Tucker)")
+    if mid is not None:
+        if len(mid) != 4 or len(down) != 4 or len(up) != 4 or down[2:] != (1, 1) or up[2:] != (1, 1) \
+                or mid[1] != down[0] or mid[0] != up[1]:
+            raise ValueError(f"lora_down.weight has shape {down}, lora_mid.weight {mid} and lora_up.weight {up}; "
+                             f"{expected}")
+        return lycoris.Layout((up[0], down[1] * mid[2] * mid[3]), (mid[2], mid[3]), mid[0], down[0])
+    linear = len(down) == 2 and len(up) == 2
+    conv = len(down) == 4 and len(up) == 4 and up[2:] == (1, 1)
+    if not (linear or conv) or down[0] != up[1] or 0 in down or 0 in up:
+        problem = "rank mismatch: " if (linear or conv) and down[0] != up[1] else ""
+        raise ValueError(f"{problem}lora_down.weight has shape {down} and lora_up.weight {up}; {expected}, same r >= 1")
+    kernel = (down[2], down[3]) if conv else None
+    return lycoris.Layout((up[0], down[1] * (down[2] * down[3] if conv else 1)), kernel, down[0], down[0])
+
+
+def _module(module: str, algo: str, parts: dict[str, TensorInfo], layout: lycoris.Layout, family: str | None,
+            expand_rank: int | None, fetch: Callable[[TensorInfo], torch.Tensor], name: str) -> _Module:
+    """The module's kind (conv kernel), scale (read from its alpha) and the info of the factors it reads as."""
+    shape, kernel, rank, dim = layout.shape, layout.kernel, layout.rank, layout.dim
+    if kernel is None and algo != "lora":
+        kernel = _flat_kernel(module, shape[1], family)
+    kind = conv_kind(kernel) if kernel is not None else "linear"
+    where = f"adapter {name!r}, module {module!r}"
+    alpha = _alpha(parts.get("alpha"), fetch, where)
+    scale = 1.0 if alpha is None or alpha == 0 or dim is None else alpha / dim  # sd-scripts / LyCORIS: alpha 0 -> dim
+    if algo != "lora":
+        rank = lycoris.plain_rank(rank, shape, expand_rank)
+    return _Module(algo, parts, ModuleInfo(shape, rank, kind), scale)
+
+
+def _flat_kernel(module: str, d_in: int, family: str | None) -> tuple[int, int] | None:
+    """The kernel of a LyCORIS convolution whose tensors flattened it, from its lora_name (see _FLAT_CONVS)."""
+    if not module.startswith("lora_unet_") or family == "flux":
+        return None
+    candidates = [kernel for pattern, kernel in _FLAT_CONVS if pattern.search(module)]
+    if family == "sd1" and _SD1_PROJ.search(module):
+        candidates.append((1, 1))
+    kernel = candidates[0] if candidates else None
+    return kernel if kernel is not None and d_in % (kernel[0] * kernel[1]) == 0 else None
+
+
+def _alpha(info: TensorInfo | None, fetch: Callable[[TensorInfo], torch.Tensor], where: str) -> float | None:
+    if info is None:
+        return None
+    if info.shape != ():
+        raise AdapterFormatError(f"{where}: alpha has shape {tuple(info.shape)}; expected a 0-d tensor")
+    if info.dtype == torch.bool or info.dtype.is_complex:
+        raise AdapterFormatError(f"{where}: alpha has dtype {info.dtype}; expected a real number")
+    alpha = float(fetch(info))
+    if alpha != alpha or alpha in (float("inf"), float("-inf")):
+        raise AdapterFormatError(f"{where}: alpha is {alpha}; expected a finite number")
+    return alpha
+
+
+def _read_factors(module: _Module, expand_rank: int | None, fetch: Callable[[TensorInfo], torch.Tensor],
+                  where: str) -> LoraFactors:
+    """Read one module's tensors as float32, make its plain factors with the scale folded in, check them."""
+    tensors = {}
+    for suffix, info in module.parts.items():
+        if suffix != "alpha":
+            tensors[suffix] = fetch(info).to(torch.float32)
+            if not torch.isfinite(tensors[suffix]).all():
+                raise AdapterFormatError(f"{where}: {suffix} contains NaN or Inf")
+    if module.algo == "lora":
+        down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
+        mid = tensors.get("lora_mid.weight")
+        A = lycoris.fold_tucker(mid, down.flatten(1)) if mid is not None else down.flatten(1)
+        B = up.flatten(1)
+    else:
+        A, B = (lycoris.loha_factors if module.algo == "loha" else lycoris.lokr_factors)(tensors)
+    root = abs(module.scale) ** 0.5  # the sign (a negative alpha) goes on A, as peft.py
+    A, B = A * (root if module.scale >= 0 else -root), B * root
+    factors = (LoraFactors(A.contiguous(), B.contiguous(), module.info.kind) if module.algo == "lora"
+               else lycoris.to_plain(A, B, module.info.kind, expand_rank))
+    check_factor_values(factors, f"{where} (scale {module.scale:g} folded in)")
+    return factors
+
+
+def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = None, overwrite: bool = False) -> Path:
+    """Write `adapter` (kohya-named modules) as a kohya LoRA / LoCon .safetensors file, atomically.
+
+    Per module lora_down.weight (r, d_in) or (r, c_in, kh, kw), lora_up.weight (d_out, r) or (d_out, r, 1, 1),
+    one alpha for the file (`kohya_meta.file_alpha`; B carries r / alpha), in `dtype` (default: the inputs'). Keys sorted (safetensors' own
+    order), one module in memory at a time; header from `kohya_meta.output_metadata` with sd-scripts' sshs
+    hashes. Raises AdapterFormatError for a module name that is not a lora_name, an embedding LoRA or a
+    rank-0 module, OutputError for an existing path (unless `overwrite`), a folder or an input.
+    """
+    path = Path(path)
+    target = output_dtype(adapter, dtype)
+    entries, ranks, kinds = kohya_meta.file_entries(adapter, target)
+    metadata = kohya_meta.output_metadata(adapter, path, ranks, kinds)
+    producer = kohya_meta.producer(adapter, target, kohya_meta.file_alpha(ranks))
+    return kohya_meta.write_hashed(adapter, path, entries, producer, metadata,
+                                   overwrite=overwrite)
