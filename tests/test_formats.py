@@ -137,3 +137,15 @@ def test_inspect_shows_format_family_components(tmp_path, capsys):
     assert "format: kohya" in out and "family: sd1" in out and "components: unet: 2" in out
     assert "conv3x3: 1" in out and "linear: 1" in out and "conv1: 1, to_q: 1" in out
     assert "ss_network_dim=2" in out and "sshs_model_hash=" in out
+
+
+@pytest.mark.parametrize("method", [m for m in ll.available_methods() if not ll.get_method(m).needs_calibration])
+def test_every_data_free_method_merges_kohya_files(tmp_path, method):
+    for seed in (4, 5):
+        ll.save_adapter(_sd_adapter(seed), tmp_path / f"{seed}.safetensors", format="kohya")
+    out = tmp_path / "merged.safetensors"
+    args = ["merge", str(tmp_path / "4.safetensors"), str(tmp_path / "5.safetensors"), "--method", method, "-o", str(out), "-q"]
+    assert main(args) == 0
+    merged = ll.load_adapter(out)
+    assert merged.metadata["format"] == "kohya" and merged.metadata["family"] == "sd1"
+    assert {merged.info(m).kind for m in merged} == {"linear", "conv3x3"}
