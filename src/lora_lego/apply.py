@@ -1,0 +1,372 @@
+"""Fold a LoRA adapter into a transformers base checkpoint (safetensors, one file or shards): every check
+is made from the headers first, then each shard is rewritten under its own name, one tensor at a time,
+in an atomic output folder beside the copied config, tokenizer and other non-weight files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .errors import AdapterFormatError, IncompatibleAdaptersError, LoraLegoError, LoraLegoWarning, OutputError
+from .tensorfile import TensorFileError, TensorInfo, TensorWriter, read_header, read_tensor
+from .types import Adapter, ModuleInfo, kernel_size
+from .writing import atomic_folder, check_output_path, dtype_from_name, source_folders
+
+log = logging.getLogger(__name__)
+
+CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz")
+INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")  # tied to the head
+OUTPUT_EMBEDDINGS = ("lm_head", "embed_out")
+DOTTED_FORMATS = (None, "peft", "diffusers")
+
+
+class BaseModelError(LoraLegoError, ValueError):
+    """The base model folder is missing, unreadable, or not a safetensors transformers checkpoint."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A base folder's config and the header of each shard (file name -> key -> info); index None for one file."""
+
+    folder: Path
+    config: dict
+    shards: dict[str, dict[str, TensorInfo]]
+    metadata: dict[str, dict[str, str]]  # shard file name -> its header's string metadata
+    index: dict | None = None
+    where: dict[str, str] = field(default_factory=dict)  # key -> shard file name
+
+    def info(self, key: str) -> TensorInfo:
+        return self.shards[self.where[key]][key]
+
+
+@dataclass
+class Plan:
+    """What to write: base key -> (module, layout) to fold, output key -> the base key it is read from
+    (itself, except an untied head read from the input embedding), and keys added to a shard."""
+
+    targets: dict[str, tuple[str, str]]
+    sources: dict[str, str] = field(default_factory=dict)
+    added: dict[str, str] = field(default_factory=dict)  # new key -> shard it goes to
+    untied: tuple[str, str] | None = None  # (input embedding key, head key) when untie applied
+
+
+def apply_adapter(adapter: Adapter | str | Path, base: str | Path, output: str | Path, *, scale: float = 1.0,
+                  dtype: str | torch.dtype | None = None, untie: bool = False, overwrite: bool = False,
+                  progress: bool = False) -> Path:
+    """Write `base` with `scale` * delta of every adapter module added to its weight, to the folder `output`.
+
+    A linear weight (d_out, d_in) gets B @ A; stored (d_in, d_out) (fan_in_fan_out, Conv1D) it gets the
+    transpose; an embedding (num_embeddings, dim) gets (B @ A).T; a conv weight (c_out, c_in, kh, kw) gets
+    B @ A reshaped. Sums are made in float32 and written in `dtype` (None: each tensor's own). Tied input
+    and output embeddings that the adapter touches are refused unless `untie` (then the head is written
+    as its own tensor and tie_word_embeddings set false). Raises AdapterFormatError, BaseModelError,
+    IncompatibleAdaptersError or OutputError, all before anything is written (but a factor read lazily
+    that holds NaN, or a failing disk, which leave nothing behind either).
+    """
+    if not isinstance(adapter, Adapter):
+        from .formats import load_adapter
+
+        adapter = load_adapter(adapter, lazy=True)
+    check_dotted(adapter)
+    target = None if dtype is None else dtype_from_name(dtype)
+    if not math.isfinite(scale):
+        raise OutputError(f"scale must be a finite number, got {scale!r}")
+    checkpoint = read_checkpoint(base)
+    check_output(output, checkpoint.folder, adapter, overwrite=overwrite)
+    plan = plan_apply(adapter, checkpoint, untie=untie)
+    entries = output_entries(checkpoint, plan, target)
+    check_space(output, sum(math.prod(s) * d.itemsize for e in entries.values() for d, s in e.values()))
+    skipped: list[str] = []
+    with atomic_folder(output, overwrite=overwrite) as folder:
+        skipped = copy_other_files(checkpoint, folder)
+        write_config(checkpoint, plan, folder)
+        bar = tqdm(total=sum(map(len, entries.values())), desc="apply", unit="tensor", disable=not progress)
+        with bar:
+            for shard, shard_entries in entries.items():
+                write_shard(checkpoint, shard, shard_entries, plan, adapter, scale, folder, _provenance(adapter, scale), bar)
+        write_index(checkpoint, plan, entries, folder)
+    if skipped:
+        warnings.warn(f"base {str(base)!r}: did not copy {len(skipped)} weight file(s) that are not its safetensors "
+                      f"checkpoint (they would not carry the adapter): {_some(skipped)}", LoraLegoWarning, stacklevel=2)
+    if plan.untied:
+        warnings.warn(f"base {str(base)!r} ties {plan.untied[1]} to {plan.untied[0]}; wrote a separate {plan.untied[1]} "
+                      "and set tie_word_embeddings false in the output config.json (--untie)", LoraLegoWarning, stacklevel=2)
+    log.info("applied %d modules of %s to %s -> %s", len(adapter), adapter.name, base, output)
+    return Path(output)
+
+
+def check_dotted(adapter: Adapter) -> None:
+    """Refuse adapters whose module names are not the base model's dotted paths (kohya files)."""
+    fmt = adapter.metadata.get("format")
+    if fmt not in DOTTED_FORMATS:
+        raise AdapterFormatError(f"adapter {adapter.name!r} has {fmt} module names (lora_unet_..., lora_te_...), "
+                                 "not a transformers model's dotted paths; apply diffusion LoRAs in their UI "
+                                 "(or convert it with `lora-lego convert`); expected a PEFT adapter")
+
+
+def read_checkpoint(base: str | Path) -> Checkpoint:
+    """The config and shard headers of a transformers folder; refuses one with only pickled (.bin) weights."""
+    folder = Path(base)
+    if not (folder / CONFIG).is_file():
+        raise BaseModelError(f"base {str(base)!r}: no {CONFIG} (expected a transformers model folder)")
+    config = _read_json(folder / CONFIG, base)
+    if (folder / INDEX).is_file():
+        index = _read_json(folder / INDEX, base)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise BaseModelError(f"base {str(base)!r}: {INDEX} has no weight_map")
+        names = sorted(set(map(str, weight_map.values())))
+    elif (folder / WEIGHTS).is_file():
+        index, weight_map, names = None, {}, [WEIGHTS]
+    else:
+        pickled = sorted(p.name for p in folder.glob("*.bin"))
+        found = f"only pickled weights ({_some(pickled)}), which lora-lego does not read" if pickled else "no weights"
+        raise BaseModelError(f"base {str(base)!r} has {found}; expected {WEIGHTS} or {INDEX} with safetensors shards "
+                             "(re-save it with transformers' save_pretrained)")
+    headers = {name: _read_shard(folder, name, base) for name in names}
+    shards = {name: infos for name, (infos, _) in headers.items()}
+    for key, name in weight_map.items():
+        if key not in shards[name]:
+            raise BaseModelError(f"base {str(base)!r}: {INDEX} puts {key!r} in {name}, whose header lacks it")
+    where: dict[str, str] = {}
+    for name, infos in shards.items():
+        for key in infos:
+            if where.setdefault(key, name) != name:
+                raise BaseModelError(f"base {str(base)!r}: tensor {key!r} is in both {where[key]} and {name}")
+    return Checkpoint(folder, config, shards, {name: meta for name, (_, meta) in headers.items()}, index, where)
+
+
+def _read_json(path: Path, base: str | Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BaseModelError(f"base {str(base)!r}: cannot read {path.name} ({error})") from None
+    if not isinstance(data, dict):
+        raise BaseModelError(f"base {str(base)!r}: {path.name} is not a JSON object")
+    return data
+
+
+def _read_shard(folder: Path, name: str, base: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    if Path(name).name != name or not name.endswith(".safetensors") or not (folder / name).is_file():
+        raise BaseModelError(f"base {str(base)!r}: shard {name!r} named in {INDEX} is missing or not a .safetensors file")
+    try:
+        return read_header(folder / name)
+    except (OSError, TensorFileError) as error:
+        raise BaseModelError(f"base {str(base)!r}: cannot read {name} ({error})") from None
+
+
+def check_output(output: str | Path, base: Path, adapter: Adapter, *, overwrite: bool) -> None:
+    """Refuse an output equal to, inside or containing the base folder or the adapter, or existing."""
+    out, src = Path(output).resolve(), base.resolve()
+    if out == src or src in out.parents:
+        raise OutputError(f"output {str(output)!r} lies inside base model folder {str(base)!r}; expected a new folder")
+    if out in src.parents:
+        raise OutputError(f"output {str(output)!r} contains base model folder {str(base)!r}; expected a new folder")
+    check_output_path(output, source_folders(adapter), overwrite=overwrite)
+
+
+def plan_apply(adapter: Adapter, checkpoint: Checkpoint, *, untie: bool) -> Plan:
+    """Map every module to its base key and layout, checking names, shapes and tied embeddings."""
+    tied = tied_pair(checkpoint)
+    keys = set(checkpoint.where) | ({tied[1]} if tied else set())
+    rename = _key_rule(list(adapter), keys)
+    keyed = {module: rename(module) + ".weight" for module in adapter}
+    missing = [module for module, key in keyed.items() if key not in keys]
+    if missing:
+        hint = f" (a {adapter.metadata['family']} diffusion LoRA; apply it in its UI)" if adapter.metadata.get("family") else ""
+        raise IncompatibleAdaptersError(
+            f"adapter {adapter.name!r}: {len(missing)} of {len(adapter)} module(s) have no weight in base "
+            f"{str(checkpoint.folder)!r}{hint}: {_some([keyed[m] for m in missing])}; expected the base it was trained on")
+    plan = Plan({})
+    if tied and set(tied) & set(keyed.values()):
+        touched = sorted(m for m, k in keyed.items() if k in tied)
+        if not untie:
+            raise IncompatibleAdaptersError(
+                f"adapter {adapter.name!r} changes {_some(touched)}, but base {str(checkpoint.folder)!r} ties "
+                f"{tied[1]} to {tied[0]} (tie_word_embeddings): folding into the one shared matrix would change both "
+                "the input and the output embeddings; pass --untie (untie=True) to write a separate head")
+        plan.untied, plan.sources[tied[1]] = tied, tied[0]
+        if tied[1] not in checkpoint.where:
+            plan.added[tied[1]] = checkpoint.where[tied[0]]
+        elif checkpoint.info(tied[1]).shape != checkpoint.info(tied[0]).shape:
+            raise BaseModelError(f"base {str(checkpoint.folder)!r}: tied {tied[1]} and {tied[0]} differ in shape")
+    fan_in_fan_out = bool(adapter.metadata.get("fan_in_fan_out"))
+    for module, key in keyed.items():
+        source = plan.sources.get(key, key)
+        info, options = checkpoint.info(source), layouts(adapter.info(module), fan_in_fan_out)
+        layout = next((layout for shape, layout in options if shape == info.shape), None)
+        if layout is None or not info.is_floating_point():
+            raise IncompatibleAdaptersError(
+                f"adapter {adapter.name!r}, module {module!r}: delta of shape {adapter.info(module).shape} does not "
+                f"fit {source!r} ({str(info.dtype).removeprefix('torch.')}, shape {info.shape}) in "
+                f"{checkpoint.where[source]} of base {str(checkpoint.folder)!r}; expected a float weight of "
+                f"shape {options[0][0]}")
+        plan.targets[key] = (module, layout)
+    return plan
+
+
+def tied_pair(checkpoint: Checkpoint) -> tuple[str, str] | None:
+    """(input embedding key, head key) when the config ties them or the checkpoint has no head; else None."""
+    config = checkpoint.config
+    flag = config.get("tie_word_embeddings", (config.get("text_config") or {}).get("tie_word_embeddings"))
+    keys = list(checkpoint.where)
+    inputs = [k for k in keys if k.endswith(".weight") and k.split(".")[-2] in INPUT_EMBEDDINGS]
+    heads = [k for k in keys if k.removesuffix(".weight") in OUTPUT_EMBEDDINGS and k.endswith(".weight")]
+    if len(inputs) != 1 or (heads and flag is not True):
+        return None  # no single input embedding, or a head of its own
+    if flag is False and not heads:
+        return None  # e.g. an encoder without a head: nothing to tie
+    return inputs[0], heads[0] if heads else "lm_head.weight"
+
+
+def layouts(info: ModuleInfo, fan_in_fan_out: bool) -> list[tuple[tuple[int, ...], str]]:
+    """The (base weight shape, layout) a module's update may take, the expected one first.
+
+    Layouts: "normal" (d_out, d_in), "transposed" (d_in, d_out) for embeddings and fan_in_fan_out, "conv"
+    (c_out, c_in, kh, kw). A linear module may take either (d_out, d_in) or (d_in, d_out): the base's
+    shape decides when only one fits, as PEFT decides by layer type (it overrides fan_in_fan_out per
+    layer: Conv1D weights are stored (d_in, d_out), nn.Linear ones (d_out, d_in)).
+    """
+    d_out, d_in = info.shape
+    kernel = kernel_size(info.kind)
+    if kernel is not None:
+        return [((d_out, d_in // (kernel[0] * kernel[1]), *kernel), "conv")]
+    if info.kind == "embedding":
+        return [((d_in, d_out), "transposed")]
+    return [((d_out, d_in), "normal"), ((d_in, d_out), "transposed")][::-1 if fan_in_fan_out else 1]
+
+
+def _key_rule(modules: list[str], keys: set[str]):
+    """The renaming module -> base key stem that matches the most modules: none, or adding / removing one
+    leading component (a PEFT adapter made on LlamaModel names "layers.0...", the checkpoint "model.layers.0...")."""
+    heads = sorted({k.split(".")[0] + "." for k in keys if "." in k})
+    own = sorted({m.split(".")[0] + "." for m in modules if "." in m})
+    rules = [lambda m: m] + [lambda m, p=p: p + m for p in heads] + [lambda m, p=p: m.removeprefix(p) for p in own]
+    return max(rules, key=lambda rule: sum(rule(m) + ".weight" in keys for m in modules))  # first of the best
+
+
+def output_entries(checkpoint: Checkpoint, plan: Plan, target: torch.dtype | None) -> dict[str, dict[str, tuple]]:
+    """Shard name -> output key -> (dtype, shape), in the base's order (an untied head after the others)."""
+    def cast(info: TensorInfo) -> torch.dtype:
+        return target if target is not None and info.is_floating_point() else info.dtype
+
+    entries = {name: {key: (cast(info), info.shape) for key, info in infos.items()}
+               for name, infos in checkpoint.shards.items()}
+    for key, shard in plan.added.items():
+        info = checkpoint.info(plan.sources[key])
+        entries[shard][key] = (cast(info), info.shape)
+    return entries
+
+
+def check_space(output: str | Path, nbytes: int) -> None:
+    """Refuse to start when the output's file system has less free space than the shards need."""
+    existing = Path(output).resolve().parent
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if free < nbytes:
+        raise OutputError(f"output {str(output)!r}: the shards need {nbytes / 2**30:.2f} GiB, but {str(existing)!r} "
+                          f"has {free / 2**30:.2f} GiB free")
+
+
+def write_shard(checkpoint: Checkpoint, shard: str, entries: dict, plan: Plan, adapter: Adapter, scale: float,
+                folder: Path, provenance: dict[str, str], bar) -> None:
+    """Rewrite one shard: each tensor read, folded when it is a target, cast, and written before the next."""
+    metadata = {"format": "pt", **checkpoint.metadata[shard], **provenance}
+    with TensorWriter(folder / shard, entries, metadata) as writer:
+        for key, (dtype, _) in entries.items():
+            source = plan.sources.get(key, key)
+            tensor = _read_base(checkpoint, source)
+            if key in plan.targets:
+                module, layout = plan.targets[key]
+                tensor = fold(tensor, adapter[module], layout, scale)
+            writer.write(key, tensor.to(dtype))
+            del tensor
+            bar.update()
+
+
+def _read_base(checkpoint: Checkpoint, key: str) -> torch.Tensor:
+    shard = checkpoint.where[key]
+    try:
+        return read_tensor(checkpoint.folder / shard, checkpoint.shards[shard][key])
+    except (OSError, TensorFileError) as error:
+        raise BaseModelError(f"base {str(checkpoint.folder)!r}: cannot read {key!r} from {shard} ({error})") from None
+
+
+def fold(weight: torch.Tensor, factors, layout: str, scale: float) -> torch.Tensor:
+    """weight + scale * update in float32 (in place when `weight` is a float32 tensor the caller owns).
+
+    `weight` of shape (d_out, d_in) ("normal"), (d_in, d_out) ("transposed") or (c_out, c_in, kh, kw) ("conv");
+    factors A (r, d_in), B (d_out, r). One addmm: no dense delta beside the weight.
+    """
+    total = weight.to(torch.float32)
+    A, B = factors.A.to("cpu", torch.float32), factors.B.to("cpu", torch.float32)
+    if layout == "transposed":
+        total.addmm_(A.T, B.T, alpha=scale)
+    else:
+        total.view(B.shape[0], -1).addmm_(B, A, alpha=scale)
+    return total
+
+
+def copy_other_files(checkpoint: Checkpoint, folder: Path) -> list[str]:
+    """Copy every file except the shards, the index and other weight files (those are returned);
+    hidden entries (.git, .cache) are left out."""
+    skipped = []
+    for path in sorted(checkpoint.folder.rglob("*")):
+        relative = path.relative_to(checkpoint.folder)
+        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+            continue
+        if str(relative) in checkpoint.shards or str(relative) in (INDEX, CONFIG):
+            continue
+        if path.name.endswith(WEIGHT_SUFFIXES):
+            skipped.append(str(relative))
+            continue
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, folder / relative)
+    return skipped
+
+
+def write_config(checkpoint: Checkpoint, plan: Plan, folder: Path) -> None:
+    """config.json unchanged, or with tie_word_embeddings false (top level and text_config) when untied."""
+    if plan.untied is None:
+        shutil.copyfile(checkpoint.folder / CONFIG, folder / CONFIG)
+        return
+    config = json.loads(json.dumps(checkpoint.config))
+    config["tie_word_embeddings"] = False
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"]["tie_word_embeddings"] = False
+    (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def write_index(checkpoint: Checkpoint, plan: Plan, entries: dict, folder: Path) -> None:
+    """The index with total_size of the written shards and any added key in its weight_map."""
+    if checkpoint.index is None:
+        return
+    index = json.loads(json.dumps(checkpoint.index))
+    index.setdefault("metadata", {})["total_size"] = sum(
+        math.prod(shape) * dtype.itemsize for shard in entries.values() for dtype, shape in shard.values())
+    for key, shard in plan.added.items():
+        index["weight_map"][key] = shard
+        if "total_parameters" in index["metadata"]:
+            index["metadata"]["total_parameters"] += math.prod(entries[shard][key][1])
+    (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _provenance(adapter: Adapter, scale: float) -> dict[str, str]:
+    return {"lora_lego": json.dumps({"apply": {"adapter": adapter.name, "modules": len(adapter), "scale": scale},
+                                     "version": __version__}, sort_keys=True)}
+
+
+def _some(items: list[str], limit: int = 3) -> str:
+    shown = ", ".join(repr(k) for k in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
