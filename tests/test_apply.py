@@ -13,7 +13,9 @@ from conftest import GPT2, build_peft_model, edit_tensors, file_checksums, save_
 from safetensors.torch import load_file, save_file
 
 from lora_lego import cli
-from lora_lego.apply import BaseModelError, apply_adapter
+from lora_lego import load_adapter, save_adapter
+from lora_lego.apply import apply_adapter
+from lora_lego.errors import BaseModelError
 from lora_lego.errors import AdapterFormatError, IncompatibleAdaptersError, LoraLegoWarning, OutputError
 from lora_lego.types import Adapter, LoraFactors
 
@@ -102,6 +104,15 @@ def test_sharded_llama_equals_peft_merge_and_unload(tmp_path):
     index = json.loads((output / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
     assert file_checksums(base) == before  # the base is read only
+
+
+def test_a_gguf_adapter_applies_like_its_peft_source(tmp_path):
+    """merge -> GGUF -> apply: the base folder gives the head counts that undo llama.cpp's q / k order."""
+    pytest.importorskip("gguf")
+    peft_model, adapter, base = adapter_and_base(tmp_path, target_modules=["q_proj", "k_proj", "down_proj"])
+    gguf_file = save_adapter(load_adapter(adapter), tmp_path / "a.gguf", base_config=base)
+    assert cli.main(["apply", str(gguf_file), "--base", str(base), "-o", str(tmp_path / "out"), "-q"]) == 0
+    assert max_difference(load_state(tmp_path / "out"), merged_state(peft_model)) < 1e-6
 
 
 def test_scale_multiplies_the_delta(tmp_path):

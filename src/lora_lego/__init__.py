@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from .errors import (  # noqa: E402
     AdapterFormatError,
+    BaseModelError,
     CalibrationError,
     ClusteringWarning,
     IncompatibleAdaptersError,
@@ -11,6 +12,7 @@ from .errors import (  # noqa: E402
     LoraLegoWarning,
     MethodError,
     OutputError,
+    TargetError,
 )
 from .calibrate import calibrate  # noqa: E402
 from .calibration import Calibration, load_calibration  # noqa: E402
@@ -18,9 +20,10 @@ from .merge import merge, prune  # noqa: E402
 from .formats import load_adapter, save_adapter  # noqa: E402
 from .registry import available_methods, get_method, register  # noqa: E402
 from .types import Adapter, LoraFactors  # noqa: E402
+from .apply import apply_adapter  # noqa: E402
 
 __all__ = [
     "Adapter", "LoraFactors", "load_adapter", "save_adapter", "merge", "prune", "register", "get_method",
-    "available_methods", "calibrate", "Calibration", "load_calibration", "LoraLegoError", "AdapterFormatError",
-    "CalibrationError", "IncompatibleAdaptersError", "MethodError", "OutputError", "LoraLegoWarning", "ClusteringWarning", "__version__",
+    "available_methods", "apply_adapter", "calibrate", "Calibration", "load_calibration", "LoraLegoError", "AdapterFormatError",
+    "BaseModelError", "CalibrationError", "TargetError", "IncompatibleAdaptersError", "MethodError", "OutputError", "LoraLegoWarning", "ClusteringWarning", "__version__",
 ]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,37 +15,18 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .errors import AdapterFormatError, IncompatibleAdaptersError, LoraLegoError, LoraLegoWarning, OutputError
-from .tensorfile import TensorFileError, TensorInfo, TensorWriter, read_header, read_tensor
+from .checkpoint import (Checkpoint, _some, check_space, copy_other_files, read_checkpoint, write_config,
+                         write_index)
+from .errors import AdapterFormatError, BaseModelError, IncompatibleAdaptersError, LoraLegoWarning, OutputError
+from .tensorfile import TensorFileError, TensorInfo, TensorWriter, read_tensor
 from .types import Adapter, ModuleInfo, kernel_size
 from .writing import atomic_folder, check_output_path, dtype_from_name, source_folders
 
 log = logging.getLogger(__name__)
 
-CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz")
 INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")  # tied to the head
 OUTPUT_EMBEDDINGS = ("lm_head", "embed_out")
-DOTTED_FORMATS = (None, "peft", "diffusers")
-
-
-class BaseModelError(LoraLegoError, ValueError):
-    """The base model folder is missing, unreadable, or not a safetensors transformers checkpoint."""
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A base folder's config and the header of each shard (file name -> key -> info); index None for one file."""
-
-    folder: Path
-    config: dict
-    shards: dict[str, dict[str, TensorInfo]]
-    metadata: dict[str, dict[str, str]]  # shard file name -> its header's string metadata
-    index: dict | None = None
-    where: dict[str, str] = field(default_factory=dict)  # key -> shard file name
-
-    def info(self, key: str) -> TensorInfo:
-        return self.shards[self.where[key]][key]
+DOTTED_FORMATS = (None, "peft", "diffusers", "gguf")
 
 
 @dataclass
@@ -76,7 +56,7 @@ def apply_adapter(adapter: Adapter | str | Path, base: str | Path, output: str |
     if not isinstance(adapter, Adapter):
         from .formats import load_adapter
 
-        adapter = load_adapter(adapter, lazy=True)
+        adapter = load_adapter(adapter, lazy=True, base_config=base)  # a GGUF file's head counts: the base's
     check_dotted(adapter)
     target = None if dtype is None else dtype_from_name(dtype)
     if not math.isfinite(scale):
@@ -89,12 +69,12 @@ def apply_adapter(adapter: Adapter | str | Path, base: str | Path, output: str |
     skipped: list[str] = []
     with atomic_folder(output, overwrite=overwrite) as folder:
         skipped = copy_other_files(checkpoint, folder)
-        write_config(checkpoint, plan, folder)
+        write_config(checkpoint, plan.untied is not None, folder)
         bar = tqdm(total=sum(map(len, entries.values())), desc="apply", unit="tensor", disable=not progress)
         with bar:
             for shard, shard_entries in entries.items():
                 write_shard(checkpoint, shard, shard_entries, plan, adapter, scale, folder, _provenance(adapter, scale), bar)
-        write_index(checkpoint, plan, entries, folder)
+        write_index(checkpoint, plan.added, entries, folder)
     if skipped:
         warnings.warn(f"base {str(base)!r}: did not copy {len(skipped)} weight file(s) that are not its safetensors "
                       f"checkpoint (they would not carry the adapter): {_some(skipped)}", LoraLegoWarning, stacklevel=2)
@@ -112,57 +92,6 @@ def check_dotted(adapter: Adapter) -> None:
         raise AdapterFormatError(f"adapter {adapter.name!r} has {fmt} module names (lora_unet_..., lora_te_...), "
                                  "not a transformers model's dotted paths; apply diffusion LoRAs in their UI "
                                  "(or convert it with `lora-lego convert`); expected a PEFT adapter")
-
-
-def read_checkpoint(base: str | Path) -> Checkpoint:
-    """The config and shard headers of a transformers folder; refuses one with only pickled (.bin) weights."""
-    folder = Path(base)
-    if not (folder / CONFIG).is_file():
-        raise BaseModelError(f"base {str(base)!r}: no {CONFIG} (expected a transformers model folder)")
-    config = _read_json(folder / CONFIG, base)
-    if (folder / INDEX).is_file():
-        index = _read_json(folder / INDEX, base)
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise BaseModelError(f"base {str(base)!r}: {INDEX} has no weight_map")
-        names = sorted(set(map(str, weight_map.values())))
-    elif (folder / WEIGHTS).is_file():
-        index, weight_map, names = None, {}, [WEIGHTS]
-    else:
-        pickled = sorted(p.name for p in folder.glob("*.bin"))
-        found = f"only pickled weights ({_some(pickled)}), which lora-lego does not read" if pickled else "no weights"
-        raise BaseModelError(f"base {str(base)!r} has {found}; expected {WEIGHTS} or {INDEX} with safetensors shards "
-                             "(re-save it with transformers' save_pretrained)")
-    headers = {name: _read_shard(folder, name, base) for name in names}
-    shards = {name: infos for name, (infos, _) in headers.items()}
-    for key, name in weight_map.items():
-        if key not in shards[name]:
-            raise BaseModelError(f"base {str(base)!r}: {INDEX} puts {key!r} in {name}, whose header lacks it")
-    where: dict[str, str] = {}
-    for name, infos in shards.items():
-        for key in infos:
-            if where.setdefault(key, name) != name:
-                raise BaseModelError(f"base {str(base)!r}: tensor {key!r} is in both {where[key]} and {name}")
-    return Checkpoint(folder, config, shards, {name: meta for name, (_, meta) in headers.items()}, index, where)
-
-
-def _read_json(path: Path, base: str | Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BaseModelError(f"base {str(base)!r}: cannot read {path.name} ({error})") from None
-    if not isinstance(data, dict):
-        raise BaseModelError(f"base {str(base)!r}: {path.name} is not a JSON object")
-    return data
-
-
-def _read_shard(folder: Path, name: str, base: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    if Path(name).name != name or not name.endswith(".safetensors") or not (folder / name).is_file():
-        raise BaseModelError(f"base {str(base)!r}: shard {name!r} named in {INDEX} is missing or not a .safetensors file")
-    try:
-        return read_header(folder / name)
-    except (OSError, TensorFileError) as error:
-        raise BaseModelError(f"base {str(base)!r}: cannot read {name} ({error})") from None
 
 
 def check_output(output: str | Path, base: Path, adapter: Adapter, *, overwrite: bool) -> None:
@@ -268,17 +197,6 @@ def output_entries(checkpoint: Checkpoint, plan: Plan, target: torch.dtype | Non
     return entries
 
 
-def check_space(output: str | Path, nbytes: int) -> None:
-    """Refuse to start when the output's file system has less free space than the shards need."""
-    existing = Path(output).resolve().parent
-    while not existing.exists():
-        existing = existing.parent
-    free = shutil.disk_usage(existing).free
-    if free < nbytes:
-        raise OutputError(f"output {str(output)!r}: the shards need {nbytes / 2**30:.2f} GiB, but {str(existing)!r} "
-                          f"has {free / 2**30:.2f} GiB free")
-
-
 def write_shard(checkpoint: Checkpoint, shard: str, entries: dict, plan: Plan, adapter: Adapter, scale: float,
                 folder: Path, provenance: dict[str, str], bar) -> None:
     """Rewrite one shard: each tensor read, folded when it is a target, cast, and written before the next."""
@@ -318,55 +236,6 @@ def fold(weight: torch.Tensor, factors, layout: str, scale: float) -> torch.Tens
     return total
 
 
-def copy_other_files(checkpoint: Checkpoint, folder: Path) -> list[str]:
-    """Copy every file except the shards, the index and other weight files (those are returned);
-    hidden entries (.git, .cache) are left out."""
-    skipped = []
-    for path in sorted(checkpoint.folder.rglob("*")):
-        relative = path.relative_to(checkpoint.folder)
-        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
-            continue
-        if str(relative) in checkpoint.shards or str(relative) in (INDEX, CONFIG):
-            continue
-        if path.name.endswith(WEIGHT_SUFFIXES):
-            skipped.append(str(relative))
-            continue
-        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, folder / relative)
-    return skipped
-
-
-def write_config(checkpoint: Checkpoint, plan: Plan, folder: Path) -> None:
-    """config.json unchanged, or with tie_word_embeddings false (top level and text_config) when untied."""
-    if plan.untied is None:
-        shutil.copyfile(checkpoint.folder / CONFIG, folder / CONFIG)
-        return
-    config = json.loads(json.dumps(checkpoint.config))
-    config["tie_word_embeddings"] = False
-    if isinstance(config.get("text_config"), dict):
-        config["text_config"]["tie_word_embeddings"] = False
-    (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-
-
-def write_index(checkpoint: Checkpoint, plan: Plan, entries: dict, folder: Path) -> None:
-    """The index with total_size of the written shards and any added key in its weight_map."""
-    if checkpoint.index is None:
-        return
-    index = json.loads(json.dumps(checkpoint.index))
-    index.setdefault("metadata", {})["total_size"] = sum(
-        math.prod(shape) * dtype.itemsize for shard in entries.values() for dtype, shape in shard.values())
-    for key, shard in plan.added.items():
-        index["weight_map"][key] = shard
-        if "total_parameters" in index["metadata"]:
-            index["metadata"]["total_parameters"] += math.prod(entries[shard][key][1])
-    (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
 def _provenance(adapter: Adapter, scale: float) -> dict[str, str]:
     return {"lora_lego": json.dumps({"apply": {"adapter": adapter.name, "modules": len(adapter), "scale": scale},
                                      "version": __version__}, sort_keys=True)}
-
-
-def _some(items: list[str], limit: int = 3) -> str:
-    shown = ", ".join(repr(k) for k in items[:limit])
-    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -15,12 +16,15 @@ from . import __version__
 from .calibration import FILE_NAME as CALIBRATION_FILE
 from .calibration import load_calibration
 from .cli_calibration import add_calibration_options, calibrations_for_merge, check_calibration_args, run_calibrate
-from .cli_convert import add_input_options, add_output_format, run_convert
-from .errors import LoraLegoError, MethodError
+from .cli_apply import add_apply_parser, run_apply
+from .cli_convert import add_input_options, add_output_format, add_target_option, run_convert
+from .errors import LoraLegoError, MethodError, TargetError
 from .inspect import describe_adapters, describe_report
 from .merge import check_device, merge
 from .formats import available_formats, harmonise, load_adapter, output_format, save_adapter
 from .registry import available_methods, get_method
+from .targets import describe as describe_target
+from .targets import check_loads, config_refusals, fit_rank, get_target
 from .writing import check_output_path, check_report_path, dtype_from_name, write_json_atomic
 
 
@@ -35,7 +39,7 @@ class _UsageError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lora-lego", description="Merge, prune and convert LoRA adapters (PEFT folders; kohya, "
-                     "LyCORIS and diffusers .safetensors files).")
+                     "LyCORIS and diffusers .safetensors files; llama.cpp .gguf adapters), and fold them into a base.")
     parser.add_argument("--version", action="version", version=f"lora-lego {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -83,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert_cmd.add_argument("--overwrite", action="store_true", help="replace an existing output")
     add_output_format(convert_cmd)
     add_input_options(convert_cmd)
+    add_target_option(convert_cmd)
+    add_apply_parser(commands)
 
     commands.add_parser("methods", help="list the merge methods and their parameters")
     commands.add_parser("formats", help="list the adapter formats")
@@ -90,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_cmd.add_argument("paths", nargs="+", metavar="ADAPTER_OR_REPORT",
                              help="adapter folders or files, calibrations, or merge reports (.json)")
     add_input_options(inspect_cmd)
+    inspect_cmd.add_argument("--target", choices=["vllm"], help="also say whether each adapter loads in this server")
 
     bench_cmd = commands.add_parser("bench", help="offline benchmark on SmolLM2-135M and real tasks (extra [bench])")
     bench_cmd.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
@@ -120,6 +127,7 @@ def _add_common(command: argparse.ArgumentParser, *, rank_required: bool) -> Non
     command.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_output_format(command)
     add_input_options(command)
+    add_target_option(command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -158,18 +166,31 @@ def _run_merge(args: argparse.Namespace) -> int:
     spec.resolve(params)  # fail fast on a bad method, parameter or device, before loading
     check_device(args.device)
     check_calibration_args(args, spec.needs_calibration)
-    output_format(args.output, format=args.format)  # an unknown --format fails before any work
+    target = get_target(args.target) if args.target else None
+    written = output_format(args.output, format=args.format)  # an unknown --format fails before any work
+    if target is not None and written not in target.formats:
+        raise TargetError(f"{target.name} loads {' / '.join(target.formats)} adapters; write a folder, not "
+                          f"{args.output!r} ({written})")
     check_output_path(args.output, args.adapters, overwrite=args.overwrite)
     if args.report:  # checked before any work: a report that cannot be written must not leave an output behind
         check_report_path(args.report, args.adapters, args.output)
     started = time.perf_counter()
-    adapters = harmonise([load_adapter(path, lazy=True, expand=args.expand, expand_rank=args.expand_rank)
+    adapters = harmonise([load_adapter(path, lazy=True, expand=args.expand, expand_rank=args.expand_rank,
+                                       base_config=args.base_config)
                           for path in args.adapters])  # read module by module while merging; one naming
+    if target is not None and ("rank" in spec.parameters or "rank" in spec.aliases):
+        requested = params.get("rank", max(a.max_rank for a in adapters))
+        params["rank"] = fit_rank(target, int(requested))
+        if str(params["rank"]) != str(requested):
+            print(f"{target.name}: rank {requested} -> {params['rank']} (the nearest {target.rank_flag} at or above; "
+                  f"the server pads to it anyway)")
     weights = getattr(args, "weights", None)
     with calibrations_for_merge(args, adapters) as calibrations:
         merged = merge(adapters, args.method, weights=weights, seed=args.seed, progress=not args.quiet,
                        threads=args.threads, device=args.device, calibration=calibrations, **params)
-    save_adapter(merged, args.output, format=args.format, dtype=args.dtype, overwrite=args.overwrite)
+    flag = check_loads(merged, target, written) if target is not None else None  # before anything is written
+    save_adapter(merged, args.output, format=args.format, dtype=args.dtype, overwrite=args.overwrite,
+                 base_config=args.base_config)
     if args.report:
         write_json_atomic(args.report, {"provenance": merged.metadata["provenance"],
                                         "modules": merged.metadata["report"]})
@@ -180,6 +201,8 @@ def _run_merge(args: argparse.Namespace) -> int:
     print(f"{args.command}: {len(adapters)} adapter(s) -> {args.output} ({written}) with {args.method}: {len(merged)} modules, "
           f"rank {'/'.join(map(str, ranks))}, {merged.num_parameters():,} parameters, mean relative error "
           f"{error:.3g}, {time.perf_counter() - started:.1f} s")
+    if flag is not None:
+        print(f"{target.name}: serve with {target.rank_flag} {flag} or more")
     return 0
 
 
@@ -201,7 +224,7 @@ def _run_formats(args: argparse.Namespace) -> int:
 
     for name in available_formats():
         fmt = get_format(name)
-        print(f"{name}{' (single .safetensors file)' if fmt.single_file else ' (folder)'}\n  {fmt.summary}")
+        print(f"{name}{f' (single {fmt.suffix} file)' if fmt.single_file else ' (folder)'}\n  {fmt.summary}")
     return 0
 
 
@@ -214,9 +237,29 @@ def _run_inspect(args: argparse.Namespace) -> int:
         print(f"{path}: calibration\n" + "\n".join(f"  {key}: {value}" for key, value in summary.items()))
     for report in reports:
         print(describe_report(report))
+    if folders and args.target:
+        return _inspect_target(args, folders)
     if folders:
-        print(describe_adapters(harmonise([load_adapter(path, lazy=True, expand=args.expand,
-                                                        expand_rank=args.expand_rank) for path in folders])))
+        print(describe_adapters(harmonise([load_adapter(path, lazy=True, expand=args.expand, expand_rank=args.expand_rank,
+                                                        base_config=args.base_config) for path in folders])))
+    return 0
+
+
+def _inspect_target(args: argparse.Namespace, paths: list[str]) -> int:
+    """Whether each adapter loads in the target, and why not (from its config when lora-lego cannot read it)."""
+    target = get_target(args.target)
+    for path in paths:
+        try:
+            adapter = load_adapter(path, lazy=True, expand=args.expand, expand_rank=args.expand_rank,
+                                   base_config=args.base_config)
+        except LoraLegoError as error:
+            config = Path(path) / "adapter_config.json"
+            reasons = config_refusals(json.loads(config.read_text()), target) if config.is_file() else []
+            if not reasons:
+                raise
+            print(f"{path}: {target.name}: does not load: " + "; ".join(reasons) + f" (lora-lego: {_one_line(error)})")
+            continue
+        print(f"{path}: {describe_target(adapter, target)}")
     return 0
 
 
@@ -253,4 +296,5 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 _COMMANDS = {"merge": _run_merge, "prune": _run_merge, "convert": run_convert, "calibrate": run_calibrate,
-             "methods": _run_methods, "formats": _run_formats, "inspect": _run_inspect, "bench": _run_bench}
+             "methods": _run_methods, "formats": _run_formats, "inspect": _run_inspect, "bench": _run_bench,
+             "apply": run_apply}

@@ -13,7 +13,7 @@ from .formats import load_adapter
 def add_apply_parser(commands) -> argparse.ArgumentParser:
     """Add the `apply` subcommand to an argparse subparsers object; returns its parser."""
     command = commands.add_parser("apply", help="fold an adapter into a base model checkpoint (safetensors shards)")
-    command.add_argument("adapter", metavar="ADAPTER", help="a PEFT LoRA folder (or a dotted-name .safetensors file)")
+    command.add_argument("adapter", metavar="ADAPTER", help="a PEFT LoRA folder, a .gguf adapter, or a dotted-name .safetensors file")
     command.add_argument("--base", required=True, metavar="BASE_DIR",
                          help="transformers model folder: config.json and model.safetensors or its sharded index")
     command.add_argument("-o", "--output", required=True, metavar="OUT_DIR",
@@ -32,7 +32,7 @@ def add_apply_parser(commands) -> argparse.ArgumentParser:
 def run_apply(args: argparse.Namespace) -> int:
     """Run `apply` and print one summary line (modules folded, shards written, seconds)."""
     started = time.perf_counter()
-    adapter = load_adapter(args.adapter, lazy=True)
+    adapter = load_adapter(args.adapter, lazy=True, base_config=args.base)  # a .gguf adapter's head counts
     output = apply_adapter(adapter, args.base, args.output, scale=args.scale, dtype=args.dtype, untie=args.untie,
                            overwrite=args.overwrite, progress=not args.quiet)
     shards = len(list(Path(output).glob("*.safetensors")))

@@ -12,6 +12,7 @@ import torch
 from .errors import OutputError
 from .formats import available_formats, convert_adapter, load_adapter, output_format, save_adapter
 from .lowrank import relative_error
+from .targets import TARGETS, check_loads, get_target
 from .writing import check_output_path, dtype_from_name
 
 
@@ -21,7 +22,15 @@ def add_output_format(command: argparse.ArgumentParser) -> None:
                               "file format, else kohya for diffusion-model adapters and diffusers for others)")
 
 
+def add_target_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--target", choices=list(TARGETS),
+                         help="serving target: round --rank up to a rank it serves and refuse what it cannot load")
+
+
 def add_input_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--base-config", metavar="DIR",
+                         help="base model folder (its config.json): architecture and head counts for GGUF adapters "
+                              "(default: the adapter's base_model_name_or_path when a local folder)")
     command.add_argument("--expand", action="store_true",
                          help="read LyCORIS LoHa / LoKr modules as an exact plain LoRA (LoHa rank r^2, LoKr "
                               "rank(w1) x rank(w2))")
@@ -36,11 +45,15 @@ def run_convert(args: argparse.Namespace) -> int:
     if args.dtype:
         dtype_from_name(args.dtype)
     check_output_path(args.output, [source], overwrite=args.overwrite)
-    adapter = load_adapter(source, lazy=True, expand=args.expand, expand_rank=args.expand_rank)
+    adapter = load_adapter(source, lazy=True, expand=args.expand, expand_rank=args.expand_rank,
+                           base_config=args.base_config)
     written = output_format(args.output, adapter, args.format)
-    save_adapter(adapter, args.output, format=written, dtype=args.dtype, overwrite=args.overwrite)
+    flag = check_loads(adapter, get_target(args.target), written) if args.target else None
+    save_adapter(adapter, args.output, format=written, dtype=args.dtype, overwrite=args.overwrite,
+                 base_config=args.base_config)
     try:
-        worst = check_same_deltas(adapter, load_adapter(args.output, lazy=True, format=written),
+        worst = check_same_deltas(adapter, load_adapter(args.output, lazy=True, format=written,
+                                                        base_config=args.base_config),
                                   args.dtype or adapter.metadata.get("dtype", "float32"))
     except OutputError:
         _remove(Path(args.output))  # a conversion that changed a delta is a bug: leave nothing behind
@@ -49,6 +62,8 @@ def run_convert(args: argparse.Namespace) -> int:
     print(f"convert: {source} ({meta.get('format')}{', ' + meta['family'] if meta.get('family') else ''}, "
           f"{len(adapter)} modules) -> {args.output} ({written}): every delta checked, largest relative "
           f"difference {worst:.2g}, {time.perf_counter() - started:.1f} s")
+    if flag is not None:
+        print(f"{args.target}: serve with {get_target(args.target).rank_flag} {flag} or more")
     return 0
 
 

@@ -25,6 +25,14 @@ class OutputError(LoraLegoError, ValueError):
     """The output location is refused (exists, lies inside an input, or cannot be written)."""
 
 
+class BaseModelError(LoraLegoError, ValueError):
+    """A base model folder that is missing, unreadable, or not a safetensors transformers checkpoint."""
+
+
+class TargetError(LoraLegoError, ValueError):
+    """An adapter, a rank or an output that a serving target (e.g. vLLM) cannot load."""
+
+
 class LoraLegoWarning(UserWarning):
     """Base of lora-lego's warnings."""
 

@@ -103,6 +103,10 @@ def check_origins(adapters: Sequence[Adapter]) -> None:
         shown = ", ".join(f"{a.name!r}: {a.metadata.get('family')}" for a in adapters if a.metadata.get("family"))
         raise IncompatibleAdaptersError(f"adapters are for different base-model families ({shown}); "
                                         "merge adapters of one base model")
+    archs = {a.metadata.get("gguf_architecture") for a in adapters} - {None}
+    if len(archs) > 1:
+        shown = ", ".join(f"{a.name!r}: {a.metadata['gguf_architecture']}" for a in adapters if a.metadata.get("gguf_architecture"))
+        raise IncompatibleAdaptersError(f"GGUF adapters are for different architectures ({shown}); merge adapters of one base model")
     kohya = {a.metadata.get("format") == "kohya" for a in adapters}
     if len(kohya) > 1:
         shown = ", ".join(f"{a.name!r}: {a.metadata.get('format', 'in memory')}" for a in adapters)
@@ -286,6 +290,11 @@ def _sources_per_rank(labels: Sequence[int], unit_sources: Sequence[str]) -> lis
     return [dict(counts[label]) for label in sorted(counts)]
 
 
+def _firsts(adapters, key: str) -> list[Any]:
+    """The adapters' values of metadata `key`, in order, leaving out missing ones."""
+    return [a.metadata[key] for a in adapters if a.metadata.get(key) is not None]
+
+
 def _merged_metadata(adapters, method, params, weights, seed, report) -> dict[str, Any]:
     first = adapters[0].metadata
     if len({bool(a.metadata.get("fan_in_fan_out", False)) for a in adapters}) > 1:
@@ -300,7 +309,8 @@ def _merged_metadata(adapters, method, params, weights, seed, report) -> dict[st
         "format": first.get("format"),  # the inputs' format and family: writers keep what still holds of them
         "family": first.get("family"),
         "source_headers": [a.metadata.get("header", {}) for a in adapters],
-        "base_model_name_or_path": first.get("base_model_name_or_path"),
+        "base_model_name_or_path": next(iter(_firsts(adapters, "base_model_name_or_path")), None),
+        "gguf_base_config": next(iter(_firsts(adapters, "gguf_base_config")), None),  # what a GGUF writer needs
         "task_type": first.get("task_type"),
         "fan_in_fan_out": first.get("fan_in_fan_out", False),
         "dtype": first.get("dtype", "float32"),

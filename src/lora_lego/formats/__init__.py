@@ -20,6 +20,7 @@ from ..tensorfile import TensorFileError, read_header
 from ..types import Adapter
 
 SINGLE_FILE = ".safetensors"
+GGUF_FILE = ".gguf"
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,10 @@ class Format:
     """A registered format.
 
     read(path, *, lazy, expand, expand_rank) -> Adapter; write(adapter, path, *, dtype, overwrite) -> Path.
-    `owns(key)` says whether a tensor key of a single file belongs to this format (None for folders);
-    `naming` is "dotted" (module paths) or "kohya" (lora_<component>_<path with "_">).
+    `suffix` is the file name ending of a single-file format (None for folders); `owns(key)` says
+    whether a tensor key of a .safetensors file belongs to this format; `naming` is "dotted" (module
+    paths) or "kohya" (lora_<component>_<path with "_">); `options` are the extra keyword arguments its
+    reader and writer take (e.g. "base_config_path").
     """
 
     name: str
@@ -37,10 +40,12 @@ class Format:
     write: Callable[..., Path]
     naming: str = "dotted"
     owns: Callable[[str], bool] | None = None
+    suffix: str | None = None
+    options: tuple[str, ...] = ()
 
     @property
     def single_file(self) -> bool:
-        return self.owns is not None
+        return self.suffix is not None
 
 
 _FORMATS: dict[str, Format] = {}
@@ -71,8 +76,14 @@ def detect_format(path: str | Path) -> str:
     file whose keys mix formats (naming both, with an example key of each).
     """
     path = Path(path)
+    if path.suffix == GGUF_FILE and not path.exists():
+        return "gguf"  # the GGUF reader explains a missing file
     if path.is_dir() or not path.exists():
         return "peft"  # the PEFT reader explains a missing folder
+    from .gguf import is_gguf
+
+    if is_gguf(path):
+        return "gguf"
     try:
         infos, _ = read_header(path)
     except (OSError, TensorFileError) as error:
@@ -93,40 +104,50 @@ def detect_format(path: str | Path) -> str:
 
 
 def load_adapter(path: str | Path, *, lazy: bool = False, format: str | None = None, expand: bool = False,
-                 expand_rank: int | None = None) -> Adapter:
-    """Read an adapter: a PEFT folder or a single .safetensors file (kohya / LyCORIS, diffusers).
+                 expand_rank: int | None = None, base_config: str | Path | None = None) -> Adapter:
+    """Read an adapter: a PEFT folder, a single .safetensors file (kohya / LyCORIS, diffusers) or a
+    llama.cpp .gguf adapter.
 
     Factors are float32 with each module's scale folded in. `lazy=True` reads headers now and each
     module's factors on access. `format` overrides detection. LyCORIS LoHa / LoKr modules are refused
     unless `expand` (an exact plain LoRA of rank r^2 / rank(w1) * rank(w2)) or `expand_rank=K` (their
-    best rank-K approximation, by a truncated SVD).
+    best rank-K approximation, by a truncated SVD). `base_config` (the base model's folder or
+    config.json) is what a GGUF file of another producer needs to undo llama.cpp's q/k row order.
     """
     fmt = get_format(format) if format is not None else get_format(detect_format(path))
-    return fmt.read(Path(path), lazy=lazy, expand=expand, expand_rank=expand_rank)
+    extra = {"base_config_path": base_config} if "base_config_path" in fmt.options else {}
+    return fmt.read(Path(path), lazy=lazy, expand=expand, expand_rank=expand_rank, **extra)
 
 
 def output_format(path: str | Path, adapter: Adapter | None = None, format: str | None = None) -> str:
-    """The format `save_adapter` writes: `format` if given; for a .safetensors path the adapter's own
-    single-file format, else kohya for diffusion-model adapters and diffusers for others; else PEFT."""
+    """The format `save_adapter` writes: `format` if given; gguf for a .gguf path; for a .safetensors
+    path the adapter's own single-file format, else kohya for diffusion-model adapters and diffusers
+    for others; else PEFT."""
     if format is not None:
         return get_format(format).name
+    if str(path).endswith(GGUF_FILE):
+        return "gguf"
     if not str(path).endswith(SINGLE_FILE):
         return "peft"
     meta = adapter.metadata if adapter is not None else {}
     own = meta.get("format")
-    if own in _FORMATS and _FORMATS[own].single_file:
+    if own in _FORMATS and _FORMATS[own].suffix == SINGLE_FILE:
         return own
     return "kohya" if meta.get("family") else "diffusers"
 
 
 def save_adapter(adapter: Adapter, path: str | Path, *, format: str | None = None,
-                 dtype: str | torch.dtype | None = None, overwrite: bool = False) -> Path:
+                 dtype: str | torch.dtype | None = None, overwrite: bool = False,
+                 base_config: str | Path | None = None) -> Path:
     """Write `adapter` atomically in `format` (default: see `output_format`), translating its module
-    names first when the format names modules another way. Returns the path written."""
+    names first when the format names modules another way. `base_config` (the base model's folder
+    or config.json) gives a GGUF file its architecture and head counts (default: the adapter's
+    base_model_name_or_path, when a local folder). Returns the path written."""
     fmt = get_format(output_format(path, adapter, format))
     if fmt.single_file and Path(path).is_dir():
         raise AdapterFormatError(f"output {str(path)!r} is a folder; format {fmt.name} writes a single file")
-    return fmt.write(convert_adapter(adapter, fmt.name), Path(path), dtype=dtype, overwrite=overwrite)
+    extra = {"base_config_path": base_config} if "base_config_path" in fmt.options else {}
+    return fmt.write(convert_adapter(adapter, fmt.name), Path(path), dtype=dtype, overwrite=overwrite, **extra)
 
 
 def naming(adapter: Adapter) -> str:
@@ -159,15 +180,18 @@ def harmonise(adapters: Sequence[Adapter]) -> list[Adapter]:
 
 
 def _register_builtins() -> None:
-    from . import diffusers, kohya, peft
+    from . import diffusers, gguf, kohya, peft
 
     register_format(Format("peft", "PEFT folder (adapter_config.json + adapter_model.safetensors or .bin)",
                            peft.read, peft.write))
     register_format(Format("kohya", "kohya / LyCORIS single file (lora_down / lora_up / alpha; LoCon, Tucker)",
-                           kohya.read, kohya.write, naming="kohya", owns=kohya.owns))
+                           kohya.read, kohya.write, naming="kohya", owns=kohya.owns, suffix=SINGLE_FILE))
     register_format(Format("diffusers", "diffusers / ai-toolkit / SimpleTuner single file (lora_A / lora_B, "
                            "component prefixes, lora_adapter_metadata)", diffusers.read, diffusers.write,
-                           owns=diffusers.owns))
+                           owns=diffusers.owns, suffix=SINGLE_FILE))
+    register_format(Format("gguf", "llama.cpp / ollama GGUF LoRA adapter (blk.N.<name>.weight.lora_a / lora_b, "
+                           "adapter.lora.alpha; needs the gguf package)", gguf.read, gguf.write, suffix=GGUF_FILE,
+                           options=("base_config_path",)))
 
 
 _register_builtins()

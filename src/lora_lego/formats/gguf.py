@@ -1,0 +1,350 @@
+"""llama.cpp / ollama GGUF LoRA adapters (general.type = adapter, adapter.type = lora).
+
+Written with gguf-py's HF -> GGUF tensor names (`blk.N.attn_q.weight.lora_a` / `.lora_b`), the Llama
+q/k row permutation of llama.cpp's converter applied to B, and every module's scale folded into B so
+that llama.cpp's single `adapter.lora.alpha` (scale alpha / rank) is right for mixed ranks, rsLoRA and
+per-module alphas. f32 / f16 / bf16 files are read back, so several GGUF adapters merge into one
+(llama.cpp merges adapters only into a base model). Needs the `gguf` package (extra [gguf]).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import AdapterFormatError
+from ..types import Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values
+from ..writing import check_output_path, output_dtype, source_folders
+from .files import atomic_file, some
+
+SUFFIX = ".gguf"
+MAGIC = b"GGUF"
+CONFIG_KEY = "lora_lego.base_config"  # our own KV: what reading the file back needs (architecture, head counts)
+PROVENANCE_KEY = "lora_lego.provenance"
+# transformers architecture -> (llama.cpp architecture, q/k rows permuted), as llama.cpp's
+# convert_hf_to_gguf.py registers them (LlamaModel and its subclasses with undo_permute = True)
+ARCHITECTURES = {
+    "LlamaForCausalLM": ("llama", True), "MistralForCausalLM": ("llama", True),
+    "MixtralForCausalLM": ("llama", True), "SmolLM3ForCausalLM": ("smollm3", True),
+    "ArceeForCausalLM": ("arcee", True), "Qwen2ForCausalLM": ("qwen2", False), "Qwen3ForCausalLM": ("qwen3", False),
+}
+PERMUTED = {arch: permuted for arch, permuted in ARCHITECTURES.values()}
+# transformers module names of these decoders; reading inverts gguf-py's map over them
+HF_MODULES = ("model.embed_tokens", "lm_head") + tuple(
+    f"model.layers.{{i}}.{part}" for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                              "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+_FLOAT_TYPES = ("F32", "F16", "BF16")
+_WRITE_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def gguf_module():
+    """The `gguf` package, or AdapterFormatError saying how to install it."""
+    try:
+        import gguf
+    except ImportError:
+        raise AdapterFormatError("GGUF adapters need the gguf package: pip install \"lora-lego[gguf]\" "
+                                 "(or pip install gguf)") from None
+    return gguf
+
+
+def is_gguf(path: Path) -> bool:
+    """True for a file named *.gguf or starting with the GGUF magic."""
+    if path.suffix == SUFFIX:
+        return True
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) == MAGIC
+    except OSError:
+        return False
+
+
+def base_config(adapter: Adapter | None, base: str | Path | None, where: str) -> dict[str, Any]:
+    """The base model's config.json as a dict: from `base` (a folder or the file), else from the adapter's
+    base_model_name_or_path when that is a local folder. Raises AdapterFormatError when neither exists."""
+    candidates = [Path(base)] if base is not None else []
+    local = (adapter.metadata.get("base_model_name_or_path") if adapter is not None else None) or ""
+    if base is None and local and Path(local).is_dir():
+        candidates.append(Path(local))
+    for candidate in candidates:
+        file = candidate / "config.json" if candidate.is_dir() else candidate
+        if not file.is_file():
+            raise AdapterFormatError(f"{where}: base config {str(candidate)!r} has no config.json")
+        try:
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise AdapterFormatError(f"{where}: cannot read base config {str(file)!r} ({error})") from None
+        return config.get("text_config", config) if "architectures" not in config else config
+    raise AdapterFormatError(f"{where}: a GGUF adapter needs the base model's config.json (llama.cpp architecture, "
+                             f"layer and head counts): pass --base-config DIR (base_config=...); the adapter's "
+                             f"base_model_name_or_path {local or None!r} is not a local folder")
+
+
+def recorded_config(architectures: list[str], shape: dict[str, int]) -> dict[str, Any]:
+    """The part of a transformers config our GGUF files record (and `architecture` reads back)."""
+    return {"architectures": list(architectures), "num_hidden_layers": shape["layers"],
+            "num_attention_heads": shape["heads"], "num_key_value_heads": shape["kv_heads"]}
+
+
+def architecture(config: dict[str, Any], where: str) -> tuple[str, dict[str, int]]:
+    """(llama.cpp architecture, {"layers", "heads", "kv_heads"}) of a transformers config."""
+    names = config.get("architectures") or []
+    known = [name for name in names if name in ARCHITECTURES]
+    if not known:
+        raise AdapterFormatError(f"{where}: base architecture {names or None} is not supported for GGUF adapters; "
+                                 f"supported: {', '.join(ARCHITECTURES)}")
+    try:
+        heads = int(config["num_attention_heads"])
+        shape = {"layers": int(config["num_hidden_layers"]), "heads": heads,
+                 "kv_heads": int(config.get("num_key_value_heads") or heads)}
+    except (KeyError, TypeError, ValueError) as error:
+        raise AdapterFormatError(f"{where}: base config lacks {error} (needed for GGUF tensor names)") from None
+    return ARCHITECTURES[known[0]][0], shape
+
+
+def permute_rows(B: torch.Tensor, heads: int, inverse: bool = False) -> torch.Tensor:
+    """llama.cpp's q/k row order: within each head, the two rotary halves interleaved.
+
+    B is of shape (d_out, r) with d_out = heads * head_dim; row h*hd + 2i + j of the result is row
+    h*hd + j*hd/2 + i of B (j in {0, 1}). `inverse` undoes it.
+    """
+    d_out = B.shape[0]
+    if d_out % (2 * heads):
+        raise AdapterFormatError(f"{d_out} rows cannot be split into {heads} heads of even size")
+    split = (heads, 2, d_out // heads // 2) if not inverse else (heads, d_out // heads // 2, 2)
+    return B.reshape(*split, B.shape[1]).transpose(1, 2).reshape(B.shape)
+
+
+def _permuted_heads(gguf_name: str, arch: str, shape: dict[str, int]) -> int | None:
+    if not PERMUTED.get(arch):
+        return None
+    kind = gguf_name.rsplit(".", 1)[-1]
+    return {"attn_q": shape["heads"], "attn_k": shape["kv_heads"]}.get(kind)
+
+
+def _name_map(arch: str, layers: int):
+    gguf = gguf_module()
+    arch_id = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+    return gguf.get_tensor_name_map(arch_id, layers)
+
+
+def gguf_names(modules: list[str], arch: str, layers: int, where: str) -> dict[str, str]:
+    """Module path -> GGUF tensor base name (without ".weight"), by gguf-py's map for `arch`."""
+    name_map = _name_map(arch, layers)
+    names = {module: name_map.get_name(module) for module in modules}
+    unknown = [module for module, name in names.items() if name is None]
+    if unknown:
+        raise AdapterFormatError(f"{where}: module(s) {some(unknown)} have no llama.cpp ({arch}) tensor name; "
+                                 f"GGUF adapters name the modules of a transformers decoder "
+                                 f"(e.g. 'model.layers.0.self_attn.q_proj')")
+    return names  # type: ignore[return-value]
+
+
+def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = None, overwrite: bool = False,
+          base_config_path: str | Path | None = None) -> Path:
+    """Write a llama.cpp LoRA adapter file, one module in memory at a time.
+
+    adapter.lora.alpha is the most common rank; a module of rank r gets r / alpha folded into B, so
+    llama.cpp's scale alpha / r gives back exactly the stored delta. token_embd's lora_a is written
+    transposed, (num_embeddings, r), as llama.cpp gathers its rows.
+    """
+    where = f"output {str(path)!r}"
+    gguf = gguf_module()
+    recorded = adapter.metadata.get("gguf_base_config")
+    config = recorded if recorded and base_config_path is None else base_config(adapter, base_config_path, where)
+    arch, shape = architecture(config, where)
+    kinds = {m: adapter.info(m).kind for m in adapter}
+    odd = [m for m, kind in kinds.items() if kind not in ("linear", "embedding")]
+    if odd:
+        raise AdapterFormatError(f"{where}: GGUF adapters hold linear and embedding LoRAs; {some(odd)} are {kinds[odd[0]]}")
+    names = gguf_names(list(adapter), arch, shape["layers"], where)
+    torch_dtype = output_dtype(adapter, dtype)
+    if torch_dtype not in _WRITE_TYPES:
+        raise AdapterFormatError(f"{where}: GGUF adapters are written as f32, f16 or bf16, not {torch_dtype}")
+    raw = getattr(gguf.GGMLQuantizationType, _WRITE_TYPES[torch_dtype])
+    alpha = Counter(adapter.ranks.values()).most_common(1)[0][0] if len(adapter) else 1
+    check_output_path(path, source_folders(adapter), overwrite=overwrite)
+    with atomic_file(path, overwrite=overwrite) as temporary:
+        writer = gguf.GGUFWriter(temporary, arch)
+        writer.add_type("adapter")
+        writer.add_string("adapter.type", "lora")
+        writer.add_float32("adapter.lora.alpha", float(alpha))
+        writer.add_string(CONFIG_KEY, json.dumps(recorded_config(config["architectures"], shape), sort_keys=True))
+        if adapter.metadata.get("provenance"):
+            writer.add_string(PROVENANCE_KEY, json.dumps(adapter.metadata["provenance"], sort_keys=True, default=str))
+        for module, info in ((m, adapter.info(m)) for m in adapter):
+            d_out, d_in = info.shape
+            a_shape = (d_in, info.rank) if info.kind == "embedding" else (info.rank, d_in)
+            for suffix, tensor_shape in ((".lora_a", a_shape), (".lora_b", (d_out, info.rank))):
+                count = tensor_shape[0] * tensor_shape[1]
+                writer.add_tensor_info(f"{names[module]}.weight{suffix}", tensor_shape, _numpy_dtype(torch_dtype),
+                                       count * torch_dtype.itemsize, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for module in adapter:
+            A, B = _gguf_factors(adapter[module], alpha, _permuted_heads(names[module], arch, shape))
+            for tensor in (A, B):
+                writer.write_tensor_data(_to_numpy(tensor, torch_dtype))
+        writer.close()
+    return path
+
+
+def _gguf_factors(factors: LoraFactors, alpha: int, heads: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lora_a, lora_b) as llama.cpp reads them for scale alpha / r: B times r / alpha, q/k rows permuted."""
+    B = factors.B * (factors.rank / alpha)
+    if heads is not None:
+        B = permute_rows(B, heads)
+    A = factors.A.T if factors.kind == "embedding" else factors.A
+    return A, B
+
+
+def _numpy_dtype(dtype: torch.dtype):
+    import numpy as np  # a dependency of gguf; lora-lego's core does not need it
+
+    return np.uint16 if dtype == torch.bfloat16 else {torch.float32: np.float32, torch.float16: np.float16}[dtype]
+
+
+def _to_numpy(tensor: torch.Tensor, dtype: torch.dtype):
+    import numpy as np
+
+    tensor = tensor.to(dtype).contiguous()
+    if dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()
+
+
+def read(path: Path, *, lazy: bool = False, expand: bool = False, expand_rank: int | None = None,
+         base_config_path: str | Path | None = None) -> Adapter:
+    """Read a llama.cpp LoRA adapter (f32 / f16 / bf16) back to module paths with the scale folded in.
+
+    The q/k permutation is undone with the head counts our writer records, else those of
+    `base_config_path` (needed for other producers' files of permuted architectures). Raises
+    AdapterFormatError for a file that is not a LoRA adapter, quantized tensors, full (non-LoRA)
+    tensors, an unsupported architecture or an unknown tensor name.
+    """
+    name = str(path)
+    gguf = gguf_module()
+    try:
+        reader = gguf.GGUFReader(path)
+    except (OSError, ValueError) as error:
+        raise AdapterFormatError(f"adapter {name!r}: not a readable GGUF file ({error})") from None
+    fields = {key: _field(reader, key) for key in ("general.type", "adapter.type", "general.architecture",
+                                                    "adapter.lora.alpha", CONFIG_KEY)}
+    if fields["general.type"] != "adapter" or fields["adapter.type"] != "lora":
+        raise AdapterFormatError(f"adapter {name!r}: a GGUF file with general.type {fields['general.type']!r} and "
+                                 f"adapter.type {fields['adapter.type']!r}; expected a LoRA adapter (adapter / lora)")
+    arch = fields["general.architecture"]
+    if arch not in PERMUTED:
+        raise AdapterFormatError(f"adapter {name!r}: GGUF architecture {arch!r} is not supported; "
+                                 f"supported: {', '.join(sorted(PERMUTED))}")
+    pairs = _pairs(reader, name)
+    shape = _file_shape(fields[CONFIG_KEY], base_config_path, arch, pairs, name)
+    inverse = _inverse_names(arch, shape["layers"])
+    unknown = [base for base in pairs if base not in inverse]
+    if unknown:
+        raise AdapterFormatError(f"adapter {name!r}: GGUF tensor(s) {some(unknown)} name no module lora-lego knows "
+                                 f"for {arch} (attention, MLP, token_embd, output)")
+    alpha = float(fields["adapter.lora.alpha"] or 0.0)
+    infos, parts = {}, {}
+    for base, (a, b) in pairs.items():
+        module, embedding = inverse[base], base == "token_embd"
+        rank = int(_shape(b)[1])
+        d_in = int(_shape(a)[0 if embedding else 1])
+        if int(_shape(a)[1 if embedding else 0]) != rank:
+            raise AdapterFormatError(f"adapter {name!r}, tensor {base!r}: lora_a {_shape(a)} and lora_b {_shape(b)} "
+                                     f"do not share a rank")
+        infos[module] = ModuleInfo((int(_shape(b)[0]), d_in), rank, "embedding" if embedding else "linear")
+        parts[module] = (base, a, b)
+
+    def read_module(module: str) -> LoraFactors:
+        base, a, b = parts[module]
+        A, B = _tensor(a), _tensor(b)
+        if base == "token_embd":
+            A = A.T.contiguous()
+        heads = _permuted_heads(base, arch, shape)
+        if heads is not None:
+            B = permute_rows(B, heads, inverse=True)
+        scale = (alpha / A.shape[0] if alpha else 1.0) ** 0.5
+        factors = LoraFactors(A * scale, B * scale, infos[module].kind)
+        check_factor_values(factors, f"adapter {name!r}, module {module!r}")
+        return factors
+
+    dtypes = Counter(t.tensor_type.name for pair in pairs.values() for t in pair)
+    metadata = {"format": "gguf", "base_model_name_or_path": None, "folder": str(path.resolve()),
+                "dtype": {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtypes.most_common(1)[0][0]],
+                "gguf_architecture": arch, "gguf_alpha": alpha}
+    if fields[CONFIG_KEY]:
+        metadata["gguf_base_config"] = json.loads(fields[CONFIG_KEY])
+    modules = LazyModules(infos, read_module) if lazy else {module: read_module(module) for module in infos}
+    return Adapter(modules, metadata, name=name)
+
+
+def _field(reader, key: str):
+    field = reader.get_field(key)
+    return None if field is None else field.contents()
+
+
+def _shape(tensor) -> tuple[int, ...]:
+    """The torch shape (reversed GGUF ne) of a reader tensor."""
+    return tuple(int(n) for n in reversed(tensor.shape))
+
+
+def _tensor(tensor) -> torch.Tensor:
+    import numpy as np
+
+    data = np.asarray(tensor.data)
+    if tensor.tensor_type.name == "BF16":
+        out = torch.from_numpy(data.view(np.int16).copy()).view(torch.bfloat16)
+    else:
+        out = torch.from_numpy(data.copy())
+    return out.reshape(_shape(tensor)).float()
+
+
+def _pairs(reader, name: str) -> dict[str, tuple[Any, Any]]:
+    """GGUF base name (e.g. "blk.0.attn_q") -> (lora_a, lora_b) reader tensors."""
+    found: dict[str, dict[str, Any]] = {}
+    for tensor in reader.tensors:
+        base, _, side = tensor.name.rpartition(".weight.lora_")
+        if side not in ("a", "b"):
+            raise AdapterFormatError(f"adapter {name!r}: GGUF tensor {tensor.name!r} is not a lora_a / lora_b "
+                                     f"tensor (full tensors, e.g. mergekit's norms, cannot be merged as LoRA)")
+        if tensor.tensor_type.name not in _FLOAT_TYPES:
+            raise AdapterFormatError(f"adapter {name!r}: GGUF tensor {tensor.name!r} is quantized "
+                                     f"({tensor.tensor_type.name}); lora-lego reads f32, f16 and bf16 adapters "
+                                     f"(convert_lora_to_gguf.py --outtype f16)")
+        found.setdefault(base, {})[side] = tensor
+    broken = [base for base, sides in found.items() if len(sides) != 2]
+    if broken:
+        raise AdapterFormatError(f"adapter {name!r}: {some(broken)} lack lora_a or lora_b")
+    if not found:
+        raise AdapterFormatError(f"adapter {name!r}: the GGUF file holds no LoRA tensors")
+    return {base: (sides["a"], sides["b"]) for base, sides in found.items()}
+
+
+def _file_shape(recorded: str | None, base: str | Path | None, arch: str, pairs: dict, name: str) -> dict[str, int]:
+    """Layer and head counts: recorded by our writer, else from the base config, else (for architectures
+    whose q/k rows are not permuted) layers from the tensor names alone."""
+    if recorded:
+        return architecture(json.loads(recorded), f"adapter {name!r}")[1]
+    if base is not None:
+        file_arch, shape = architecture(base_config(None, base, f"adapter {name!r}"), f"adapter {name!r}")
+        if file_arch != arch:
+            raise AdapterFormatError(f"adapter {name!r}: the GGUF file is for {arch!r}, the base config for {file_arch!r}")
+        return shape
+    touched = any(base.endswith((".attn_q", ".attn_k")) for base in pairs)
+    if PERMUTED[arch] and touched:
+        raise AdapterFormatError(f"adapter {name!r}: a {arch} GGUF adapter stores attn_q / attn_k rows permuted per "
+                                 f"head; pass --base-config DIR (base_config=...) with the base model's config.json "
+                                 f"to read it")
+    blocks = [int(base.split(".")[1]) for base in pairs if base.startswith("blk.")]
+    return {"layers": max(blocks, default=-1) + 1, "heads": 0, "kv_heads": 0}
+
+
+def _inverse_names(arch: str, layers: int) -> dict[str, str]:
+    name_map = _name_map(arch, layers)
+    modules = [t.format(i=i) for t in HF_MODULES for i in (range(layers) if "{i}" in t else [0])]
+    return {name_map.get_name(module): module for module in modules if name_map.get_name(module)}

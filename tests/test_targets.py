@@ -1,0 +1,61 @@
+"""Serving targets (vLLM): ranks rounded up to what the server serves, refusals with reasons, inspect."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_peft_adapter
+from lora_lego import load_adapter
+from lora_lego.cli import main
+from lora_lego.targets import TargetError, check_loads, fit_rank, get_target, refusals
+from lora_lego.types import Adapter, LoraFactors
+
+VLLM = get_target("vllm")
+
+
+@pytest.mark.parametrize("requested, served", [(1, 1), (2, 8), (8, 8), (9, 16), (20, 32), (300, 320), (512, 512)])
+def test_rank_rounds_up_to_an_allowed_value(requested, served):
+    assert fit_rank(VLLM, requested) == served
+
+
+def test_rank_above_the_largest_is_refused_with_the_allowed_set():
+    with pytest.raises(TargetError, match="1, 8, 16, 32, 64, 128, 256, 320, 512"):
+        fit_rank(VLLM, 513)
+    generator = torch.Generator().manual_seed(0)
+    big = Adapter({"m": LoraFactors(torch.randn(513, 600, generator=generator), torch.randn(8, 513, generator=generator))})
+    assert any("513" in reason for reason in refusals(big, VLLM))
+    conv = Adapter({"m": LoraFactors(torch.ones(2, 18), torch.ones(4, 2), "conv3x3")})
+    assert any("conv3x3" in reason for reason in refusals(conv, VLLM))
+    with pytest.raises(TargetError, match="does not load in vllm"):
+        check_loads(conv, VLLM, "peft")
+    assert check_loads(Adapter({"m": LoraFactors(torch.ones(20, 6), torch.ones(4, 20))}), VLLM, "peft") == 32
+
+
+def test_merge_target_vllm_rounds_the_rank_and_names_the_flag(tmp_path, capsys):
+    a = make_peft_adapter(tmp_path, "a", target_modules=["q_proj", "v_proj"], r=12)
+    b = make_peft_adapter(tmp_path, "b", target_modules=["q_proj", "v_proj"], r=12)
+    assert main(["merge", str(a), str(b), "--method", "task_arithmetic", "--rank", "10", "--target", "vllm",
+                 "-o", str(tmp_path / "m"), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "rank 10 -> 16" in out and "serve with --max-lora-rank 16" in out
+    assert load_adapter(tmp_path / "m").max_rank == 16
+    assert main(["prune", str(a), "--rank", "3", "--target", "vllm", "-o", str(tmp_path / "p"), "-q"]) == 0
+    assert load_adapter(tmp_path / "p").max_rank == 8
+
+
+def test_target_refuses_a_file_output_before_any_work(tmp_path, capsys):
+    a = make_peft_adapter(tmp_path, "a", target_modules=["q_proj"])
+    assert main(["merge", str(a), "--target", "vllm", "-o", str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: vllm loads peft adapters") and err.count("\n") == 1
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_inspect_target_says_why_not(tmp_path, capsys):
+    ok = make_peft_adapter(tmp_path, "ok", target_modules=["q_proj"], r=4)
+    saved = make_peft_adapter(tmp_path, "saved", target_modules=["q_proj"], modules_to_save=["lm_head"])
+    assert main(["inspect", "--target", "vllm", str(ok), str(saved)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "loads with --max-lora-rank 8 or more; the default 16 is enough" in lines[0]
+    assert "does not load" in lines[1] and "modules_to_save" in lines[1]
