@@ -9,7 +9,7 @@ gate/up/down of 32 layers (224 modules); `many` 64 such adapters; `mixed` 8 adap
 after the first read) and reports the median of --reps wall times (the floor: the fastest, as it is a
 lower bound) and the process's peak resident memory. Rows: the I/O floor (read every input tensor into
 float32, write one rank-16 adapter),
-`lora-lego merge` with lego / task_arithmetic (the CLI end to end), ties (dense per module, timed
+`lora-lego merge` with lego / task_arithmetic / ties -p space=core (the CLI end to end), ties (dense per module, timed
 on layer 0 and extrapolated to 32 layers) and PEFT's add_weighted_adapter (benchmarks/speed_peft.py,
 timed on one module of each shape and extrapolated).
 """
@@ -88,9 +88,10 @@ def io_floor(folders: list[str], out: str, device: str) -> None:
     save_file(output, Path(out) / "adapter_model.safetensors", metadata={"format": "pt"})
 
 
-def cli_merge(folders: list[str], out: str, device: str, method: str) -> None:
+def cli_merge(folders: list[str], out: str, device: str, method: str, params: tuple[str, ...] = ()) -> None:
     from lora_lego.cli import main
     args = ["merge", *folders, "-o", out, "--method", method, "--rank", "16", "--overwrite", "-q"]
+    args += [item for param in params for item in ("-p", param)]
     code = main(args + (["--device", device] if device != "cpu" else []))
     if code != 0:
         raise SystemExit(f"lora-lego merge failed with exit code {code}")
@@ -110,6 +111,8 @@ def child(spec: dict) -> None:
     kinds = {"io_floor": io_floor, "cli": cli_merge, "layer0": layer0_merge}
     run = kinds[spec["kind"]]
     extra = {"method": spec["method"]} if "method" in spec else {}
+    if spec.get("params"):
+        extra["params"] = tuple(spec["params"])
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -154,6 +157,7 @@ def run_workload(name: str, folders: list[Path], reps: int, device: str) -> list
     add("I/O floor", {"kind": "io_floor", "reps": reps})
     add("lego (CLI)", {"kind": "cli", "method": "lego", "reps": reps})
     add("task_arithmetic (CLI)", {"kind": "cli", "method": "task_arithmetic", "reps": reps})
+    add("ties space=core (CLI)", {"kind": "cli", "method": "ties", "params": ["space=core"], "reps": reps})
     if name == "base":
         floor = rows[0]["seconds"]
         add("ties", {"kind": "layer0", "method": "ties", "reps": 1},

@@ -19,6 +19,7 @@ from typing import Iterable, Literal
 
 import torch
 
+from ..core import core_space, from_core
 from ..errors import MethodError
 from ..lowrank import concat_factors, dense_truncated_svd, scale_factors, truncated_svd
 from ..registry import register
@@ -188,10 +189,19 @@ def smallest_rank(singular_values: torch.Tensor, max_error: float, cap: int) -> 
 
 def _dense_merge(factors: list[LoraFactors], weights: list[float], generator: torch.Generator, *, method: str,
                  sparsify: str, combine_by: str, density: float, sign: str, rank: int | None, scale: float,
-                 exact_svd: bool) -> LoraFactors:
-    """The dense path: the module's deltas (d_out, d_in) one by one, combined, scaled, back to rank k by SVD."""
+                 exact_svd: bool, space: str = "full") -> LoraFactors:
+    """space="full": the module's deltas (d_out, d_in) one by one, combined, scaled, back to rank k by SVD.
+    space="core": the same rule on the (R_b, R_a) core matrices (see `core.py`), mapped back exactly."""
     check_density(method, density)
     k = default_rank(factors, rank, method)
+    if space == "core":
+        cores = core_space(factors)
+        merged = combine(cores.cores, weights, sparsify=sparsify, combine_by=combine_by, density=density,
+                         sign=sign, generator=generator) * scale
+        return from_core(merged, cores, k, factors[0].kind, factors[0].A.dtype)
+    if space != "full":
+        raise MethodError(f"{method}: space must be 'full' (the dense delta, as the papers) or 'core' "
+                          f"(the core matrices, arXiv 2509.17786); got {space!r}")
     merged = combine((f.delta() for f in factors), weights, sparsify=sparsify, combine_by=combine_by,
                      density=density, sign=sign, generator=generator) * scale
     return dense_truncated_svd(merged, k, generator=generator, exact=exact_svd, kind=factors[0].kind)
@@ -200,38 +210,42 @@ def _dense_merge(factors: list[LoraFactors], weights: list[float], generator: to
 @register("ties", paper=TIES)
 def ties(factors: list[LoraFactors], weights: list[float], *, generator: torch.Generator, rank: int | None = None,
          density: float = 0.5, sign: Literal["total", "frequency"] = "total", scale: float = 1.0,
-         exact_svd: bool = False) -> LoraFactors:
+         exact_svd: bool = False, space: Literal["full", "core"] = "full") -> LoraFactors:
     """TIES on the dense delta: trim each to `density`, elect signs, disjoint mean, then rank k by SVD.
 
     Weights multiply the trimmed deltas before the election (as PEFT). `exact_svd=false` uses a
     randomized SVD from the module's generator (near-optimal, ~50x faster on 4096-wide modules).
+    `space="core"` runs the same rule on the R x R core matrices (R = sum of ranks; no dense matrix).
     """
     return _dense_merge(factors, weights, generator, method="ties", sparsify="trim", combine_by="ties",
-                        density=density, sign=sign, rank=rank, scale=scale, exact_svd=exact_svd)
+                        density=density, sign=sign, rank=rank, scale=scale, exact_svd=exact_svd, space=space)
 
 
 @register("dare_linear", paper=DARE)
 def dare_linear(factors: list[LoraFactors], weights: list[float], *, generator: torch.Generator,
                 rank: int | None = None, density: float = 0.5, scale: float = 1.0,
-                exact_svd: bool = False) -> LoraFactors:
-    """DARE on the dense delta: random drop to `density` with 1/density rescale, weighted sum, rank k by SVD."""
+                exact_svd: bool = False, space: Literal["full", "core"] = "full") -> LoraFactors:
+    """DARE on the dense delta: random drop to `density` with 1/density rescale, weighted sum, rank k by SVD
+    (`space="core"`: on the core matrices)."""
     return _dense_merge(factors, weights, generator, method="dare_linear", sparsify="dare", combine_by="sum",
-                        density=density, sign="total", rank=rank, scale=scale, exact_svd=exact_svd)
+                        density=density, sign="total", rank=rank, scale=scale, exact_svd=exact_svd, space=space)
 
 
 @register("dare_ties", paper=DARE)
 def dare_ties(factors: list[LoraFactors], weights: list[float], *, generator: torch.Generator,
               rank: int | None = None, density: float = 0.5, sign: Literal["total", "frequency"] = "total",
-              scale: float = 1.0, exact_svd: bool = False) -> LoraFactors:
-    """DARE drop-and-rescale, then TIES sign election and disjoint mean, on the dense delta; rank k by SVD."""
+              scale: float = 1.0, exact_svd: bool = False, space: Literal["full", "core"] = "full") -> LoraFactors:
+    """DARE drop-and-rescale, then TIES sign election and disjoint mean, on the dense delta; rank k by SVD
+    (`space="core"`: on the core matrices)."""
     return _dense_merge(factors, weights, generator, method="dare_ties", sparsify="dare", combine_by="ties",
-                        density=density, sign=sign, rank=rank, scale=scale, exact_svd=exact_svd)
+                        density=density, sign=sign, rank=rank, scale=scale, exact_svd=exact_svd, space=space)
 
 
 @register("magnitude_prune", paper=TIES)
 def magnitude_prune(factors: list[LoraFactors], weights: list[float], *, generator: torch.Generator,
                     rank: int | None = None, density: float = 0.5, scale: float = 1.0,
-                    exact_svd: bool = False) -> LoraFactors:
-    """Trim each dense delta to its `density` largest entries, weighted sum, rank k by SVD."""
+                    exact_svd: bool = False, space: Literal["full", "core"] = "full") -> LoraFactors:
+    """Trim each dense delta to its `density` largest entries, weighted sum, rank k by SVD
+    (`space="core"`: on the core matrices)."""
     return _dense_merge(factors, weights, generator, method="magnitude_prune", sparsify="trim", combine_by="sum",
-                        density=density, sign="total", rank=rank, scale=scale, exact_svd=exact_svd)
+                        density=density, sign="total", rank=rank, scale=scale, exact_svd=exact_svd, space=space)
