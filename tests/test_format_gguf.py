@@ -190,6 +190,13 @@ def test_bad_inputs_are_one_line_and_leave_nothing(tmp_path, base, capsys):
     one_line_error(capsys, ["convert", str(folder), "-o", str(out), "--base-config", str(gpt2)],
                    "GPT2LMHeadModel", "not supported")
     assert not out.exists() and not list(tmp_path.glob(".o.gguf*"))
+    tied = tmp_path / "tied"
+    tied.mkdir()
+    config = json.loads((base / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    head = make_peft_adapter(tmp_path, "head", target_modules=["q_proj", "lm_head"])
+    one_line_error(capsys, ["convert", str(head), "-o", str(out), "--base-config", str(tied)], "ties lm_head")
+    assert not out.exists()
 
 
 def write_raw(path, arch="llama", kind="lora", tensors=None, quantize=None):

@@ -160,6 +160,10 @@ def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = Non
     odd = [m for m, kind in kinds.items() if kind not in ("linear", "embedding")]
     if odd:
         raise AdapterFormatError(f"{where}: GGUF adapters hold linear and embedding LoRAs; {some(odd)} are {kinds[odd[0]]}")
+    if config.get("tie_word_embeddings") and "lm_head" in adapter:
+        raise AdapterFormatError(f"{where}: the base ties lm_head to the input embeddings, so its GGUF has no output "
+                                 f"tensor and llama.cpp cannot apply the adapter's lm_head LoRA (its converter refuses "
+                                 f"it too); merge without lm_head, or use `lora-lego apply --untie`")
     names = gguf_names(list(adapter), arch, shape["layers"], where)
     torch_dtype = output_dtype(adapter, dtype)
     if torch_dtype not in _WRITE_TYPES:
