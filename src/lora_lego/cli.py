@@ -24,7 +24,7 @@ from .merge import check_device, merge
 from .formats import available_formats, harmonise, load_adapter, output_format, save_adapter
 from .registry import available_methods, get_method
 from .targets import describe as describe_target
-from .targets import check_loads, config_refusals, fit_rank, get_target
+from .targets import TARGETS, check_loads, config_refusals, fit_rank, get_target
 from .writing import check_output_path, check_report_path, dtype_from_name, write_json_atomic
 
 
@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_cmd.add_argument("paths", nargs="+", metavar="ADAPTER_OR_REPORT",
                              help="adapter folders or files, calibrations, or merge reports (.json)")
     add_input_options(inspect_cmd)
-    inspect_cmd.add_argument("--target", choices=["vllm"], help="also say whether each adapter loads in this server")
+    inspect_cmd.add_argument("--target", choices=list(TARGETS), help="say whether each adapter loads in this server, "
+                             "and why not")
 
     bench_cmd = commands.add_parser("bench", help="offline benchmark on SmolLM2-135M and real tasks (extra [bench])")
     bench_cmd.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
@@ -254,7 +255,10 @@ def _inspect_target(args: argparse.Namespace, paths: list[str]) -> int:
                                    base_config=args.base_config)
         except LoraLegoError as error:
             config = Path(path) / "adapter_config.json"
-            reasons = config_refusals(json.loads(config.read_text()), target) if config.is_file() else []
+            try:
+                reasons = config_refusals(json.loads(config.read_text()), target) if config.is_file() else []
+            except (OSError, ValueError):
+                reasons = []  # an unreadable config: lora-lego's own error says what is wrong
             if not reasons:
                 raise
             print(f"{path}: {target.name}: does not load: " + "; ".join(reasons) + f" (lora-lego: {_one_line(error)})")
