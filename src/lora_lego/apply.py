@@ -15,8 +15,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import (Checkpoint, _some, check_space, copy_other_files, read_checkpoint, write_config,
+from .checkpoint import (Checkpoint, check_space, copy_other_files, read_checkpoint, write_config,
                          write_index)
+from .formats.files import some
 from .errors import AdapterFormatError, BaseModelError, IncompatibleAdaptersError, LoraLegoWarning, OutputError
 from .tensorfile import TensorFileError, TensorInfo, TensorWriter, read_tensor
 from .types import Adapter, ModuleInfo, kernel_size
@@ -77,7 +78,7 @@ def apply_adapter(adapter: Adapter | str | Path, base: str | Path, output: str |
         write_index(checkpoint, plan.added, entries, folder)
     if skipped:
         warnings.warn(f"base {str(base)!r}: did not copy {len(skipped)} weight file(s) that are not its safetensors "
-                      f"checkpoint (they would not carry the adapter): {_some(skipped)}", LoraLegoWarning, stacklevel=2)
+                      f"checkpoint (they would not carry the adapter): {some(skipped)}", LoraLegoWarning, stacklevel=2)
     if plan.untied:
         warnings.warn(f"base {str(base)!r} ties {plan.untied[1]} to {plan.untied[0]}; wrote a separate {plan.untied[1]} "
                       "and set tie_word_embeddings false in the output config.json (--untie)", LoraLegoWarning, stacklevel=2)
@@ -115,13 +116,13 @@ def plan_apply(adapter: Adapter, checkpoint: Checkpoint, *, untie: bool) -> Plan
         hint = f" (a {adapter.metadata['family']} diffusion LoRA; apply it in its UI)" if adapter.metadata.get("family") else ""
         raise IncompatibleAdaptersError(
             f"adapter {adapter.name!r}: {len(missing)} of {len(adapter)} module(s) have no weight in base "
-            f"{str(checkpoint.folder)!r}{hint}: {_some([keyed[m] for m in missing])}; expected the base it was trained on")
+            f"{str(checkpoint.folder)!r}{hint}: {some([keyed[m] for m in missing])}; expected the base it was trained on")
     plan = Plan({})
     if tied and set(tied) & set(keyed.values()):
         touched = sorted(m for m, k in keyed.items() if k in tied)
         if not untie:
             raise IncompatibleAdaptersError(
-                f"adapter {adapter.name!r} changes {_some(touched)}, but base {str(checkpoint.folder)!r} ties "
+                f"adapter {adapter.name!r} changes {some(touched)}, but base {str(checkpoint.folder)!r} ties "
                 f"{tied[1]} to {tied[0]} (tie_word_embeddings): folding into the one shared matrix would change both "
                 "the input and the output embeddings; pass --untie (untie=True) to write a separate head")
         plan.untied, plan.sources[tied[1]] = tied, tied[0]

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BaseModelError, OutputError
+from .formats.files import some
 from .tensorfile import TensorFileError, TensorInfo, read_header
 
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
@@ -47,7 +48,7 @@ def read_checkpoint(base: str | Path) -> Checkpoint:
         index, weight_map, names = None, {}, [WEIGHTS]
     else:
         pickled = sorted(p.name for p in folder.glob("*.bin"))
-        found = f"only pickled weights ({_some(pickled)}), which lora-lego does not read" if pickled else "no weights"
+        found = f"only pickled weights ({some(pickled)}), which lora-lego does not read" if pickled else "no weights"
         raise BaseModelError(f"base {str(base)!r} has {found}; expected {WEIGHTS} or {INDEX} with safetensors shards "
                              "(re-save it with transformers' save_pretrained)")
     headers = {name: _read_shard(folder, name, base) for name in names}
@@ -136,8 +137,3 @@ def write_index(checkpoint: Checkpoint, added: dict[str, str], entries: dict, fo
         if "total_parameters" in index["metadata"]:
             index["metadata"]["total_parameters"] += math.prod(entries[shard][key][1])
     (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _some(items: list[str], limit: int = 3) -> str:
-    shown = ", ".join(repr(k) for k in items[:limit])
-    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")

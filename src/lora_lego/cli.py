@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -17,14 +16,13 @@ from .calibration import FILE_NAME as CALIBRATION_FILE
 from .calibration import load_calibration
 from .cli_calibration import add_calibration_options, calibrations_for_merge, check_calibration_args, run_calibrate
 from .cli_apply import add_apply_parser, run_apply
-from .cli_convert import add_input_options, add_output_format, add_target_option, run_convert
+from .cli_convert import add_input_options, add_output_format, add_target_option, inspect_target, run_convert
 from .errors import LoraLegoError, MethodError, TargetError
 from .inspect import describe_adapters, describe_report
 from .merge import check_device, merge
 from .formats import available_formats, harmonise, load_adapter, output_format, save_adapter
 from .registry import available_methods, get_method
-from .targets import describe as describe_target
-from .targets import TARGETS, check_loads, config_refusals, fit_rank, get_target
+from .targets import TARGETS, check_loads, fit_rank, get_target
 from .writing import check_output_path, check_report_path, dtype_from_name, write_json_atomic
 
 
@@ -239,31 +237,10 @@ def _run_inspect(args: argparse.Namespace) -> int:
     for report in reports:
         print(describe_report(report))
     if folders and args.target:
-        return _inspect_target(args, folders)
+        return inspect_target(args, folders)
     if folders:
         print(describe_adapters(harmonise([load_adapter(path, lazy=True, expand=args.expand, expand_rank=args.expand_rank,
                                                         base_config=args.base_config) for path in folders])))
-    return 0
-
-
-def _inspect_target(args: argparse.Namespace, paths: list[str]) -> int:
-    """Whether each adapter loads in the target, and why not (from its config when lora-lego cannot read it)."""
-    target = get_target(args.target)
-    for path in paths:
-        try:
-            adapter = load_adapter(path, lazy=True, expand=args.expand, expand_rank=args.expand_rank,
-                                   base_config=args.base_config)
-        except LoraLegoError as error:
-            config = Path(path) / "adapter_config.json"
-            try:
-                reasons = config_refusals(json.loads(config.read_text()), target) if config.is_file() else []
-            except (OSError, ValueError):
-                reasons = []  # an unreadable config: lora-lego's own error says what is wrong
-            if not reasons:
-                raise
-            print(f"{path}: {target.name}: does not load: " + "; ".join(reasons) + f" (lora-lego: {_one_line(error)})")
-            continue
-        print(f"{path}: {describe_target(adapter, target)}")
     return 0
 
 

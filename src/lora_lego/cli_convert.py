@@ -1,18 +1,21 @@
-"""`lora-lego convert` and the format options every adapter command shares (--format, --expand, --expand-rank)."""
+"""`lora-lego convert`, `inspect --target`, and the options every adapter command shares (--format, --expand,
+--expand-rank, --base-config, --target)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from .errors import OutputError
+from .errors import LoraLegoError, OutputError
 from .formats import available_formats, convert_adapter, load_adapter, output_format, save_adapter
 from .lowrank import relative_error
-from .targets import TARGETS, check_loads, get_target
+from .targets import TARGETS, check_loads, config_refusals, get_target
+from .targets import describe as describe_target
 from .writing import check_output_path, dtype_from_name
 
 
@@ -64,6 +67,27 @@ def run_convert(args: argparse.Namespace) -> int:
           f"difference {worst:.2g}, {time.perf_counter() - started:.1f} s")
     if flag is not None:
         print(f"{args.target}: serve with {get_target(args.target).rank_flag} {flag} or more")
+    return 0
+
+
+def inspect_target(args: argparse.Namespace, paths: list[str]) -> int:
+    """Whether each adapter loads in the target, and why not (from its config when lora-lego cannot read it)."""
+    target = get_target(args.target)
+    for path in paths:
+        try:
+            adapter = load_adapter(path, lazy=True, expand=args.expand, expand_rank=args.expand_rank,
+                                   base_config=args.base_config)
+        except LoraLegoError as error:
+            config = Path(path) / "adapter_config.json"
+            try:
+                reasons = config_refusals(json.loads(config.read_text()), target) if config.is_file() else []
+            except (OSError, ValueError):
+                reasons = []  # an unreadable config: lora-lego's own error says what is wrong
+            if not reasons:
+                raise
+            print(f"{path}: {target.name}: does not load: " + "; ".join(reasons) + f" (lora-lego: {' '.join(str(error).split())})")
+            continue
+        print(f"{path}: {describe_target(adapter, target)}")
     return 0
 
 

@@ -180,7 +180,7 @@ def harmonise(adapters: Sequence[Adapter]) -> list[Adapter]:
 
 
 def _register_builtins() -> None:
-    from . import diffusers, gguf, kohya, peft
+    from . import diffusers, gguf, gguf_read, kohya, peft
 
     register_format(Format("peft", "PEFT folder (adapter_config.json + adapter_model.safetensors or .bin)",
                            peft.read, peft.write))
@@ -190,7 +190,7 @@ def _register_builtins() -> None:
                            "component prefixes, lora_adapter_metadata)", diffusers.read, diffusers.write,
                            owns=diffusers.owns, suffix=SINGLE_FILE))
     register_format(Format("gguf", "llama.cpp / ollama GGUF LoRA adapter (blk.N.<name>.weight.lora_a / lora_b, "
-                           "adapter.lora.alpha; needs the gguf package)", gguf.read, gguf.write, suffix=GGUF_FILE,
+                           "adapter.lora.alpha; needs the gguf package)", gguf_read.read, gguf.write, suffix=GGUF_FILE,
                            options=("base_config_path",)))
 
 
