@@ -9,7 +9,7 @@ gate/up/down of 32 layers (224 modules); `many` 64 such adapters; `mixed` 8 adap
 after the first read) and reports the median of --reps wall times (the floor: the fastest, as it is a
 lower bound) and the process's peak resident memory. Rows: the I/O floor (read every input tensor into
 float32, write one rank-16 adapter),
-`lora-lego merge` with lego / task_arithmetic / ties -p space=core (the CLI end to end), ties (dense per module, timed
+`lora-lego merge` with lego / task_arithmetic / ties -p space=core / tsv / iso_c / ctm (the CLI end to end), ties (dense per module, timed
 on layer 0 and extrapolated to 32 layers) and PEFT's add_weighted_adapter (benchmarks/speed_peft.py,
 timed on one module of each shape and extrapolated).
 """
@@ -158,6 +158,8 @@ def run_workload(name: str, folders: list[Path], reps: int, device: str) -> list
     add("lego (CLI)", {"kind": "cli", "method": "lego", "reps": reps})
     add("task_arithmetic (CLI)", {"kind": "cli", "method": "task_arithmetic", "reps": reps})
     add("ties space=core (CLI)", {"kind": "cli", "method": "ties", "params": ["space=core"], "reps": reps})
+    for method in ("tsv", "iso_c", "ctm"):  # the core-space spectral methods
+        add(f"{method} (CLI)", {"kind": "cli", "method": method, "reps": reps})
     if name == "base":
         floor = rows[0]["seconds"]
         add("ties", {"kind": "layer0", "method": "ties", "reps": 1},

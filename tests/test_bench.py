@@ -81,7 +81,13 @@ def test_the_pipeline_runs_every_experiment_and_writes_reports(tmp_path):
     assert len(list((tmp_path / "cache" / "calibrations").iterdir())) == 2 * 5  # 4 prompt counts + adapted
     # trained once, evaluated once: a second run reuses the cached adapters and evaluations
     adapters = sorted(p.name for p in (tmp_path / "cache" / "adapters").iterdir())
-    assert len(adapters) == 3  # two tasks at r=6, one at r=12 (hetero)
+    assert len(adapters) == 5  # two tasks at r=6 for each of two training seeds (protocol), one at r=12 (hetero)
+    protocol = json.loads((out / "protocol.json").read_text())
+    dev_only = [row for row in protocol["rows"].values() if set(row) == {"animal"}]
+    complete = [label for label, row in protocol["rows"].items() if set(row) == {"animal", "colour"}]
+    assert len(dev_only) >= 10 and "ties k=6" in complete and len(complete) >= 4  # references, ties, finalists
+    assert all("mean" in protocol["summary"][label] for label in complete)
+    assert any(note.startswith("Best on the confirm tasks") for note in protocol["notes"])
     evaluations = (out / "evaluations.json").read_text()
     run(["main"], cache=tmp_path / "cache", out=tmp_path / "out", tasks=tasks, model_dir=model, steps=3, n_test=20)
     assert (out / "evaluations.json").read_text() == evaluations

@@ -36,7 +36,8 @@ def test_cuda_without_a_gpu_is_a_clear_error():
 VARIANTS = [(method, {}) for method in ll.available_methods()] + [
     ("lego", {"canonical": "svd", "max_error": 0.3, "sample_weights": True, "features": "normalized"}),
     ("lego", {"param_norm": "l2"}), ("lego_rank1", {"max_error": 0.3}), ("task_arithmetic", {"max_error": 0.2}),
-    ("ties", {"exact_svd": True}), ("dare_ties", {}), ("regmean", {"norm": "frobenius"}),
+    ("ties", {"exact_svd": True}), ("dare_ties", {}), ("ties", {"space": "core"}), ("dare_ties", {"space": "core"}),
+    ("ctm", {"rule": "dare_ties"}), ("iso_cts", {"common": 0.5}), ("regmean", {"norm": "frobenius"}),
     ("regmean", {"max_error": 0.3}), ("lego_calibrated", {"basis": "adapter", "clustering": "units", "refit": False}),
 ]
 

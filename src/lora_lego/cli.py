@@ -19,9 +19,9 @@ from .cli_apply import add_apply_parser, run_apply
 from .cli_convert import add_input_options, add_output_format, add_target_option, inspect_target, run_convert
 from .errors import LoraLegoError, MethodError, TargetError
 from .inspect import describe_adapters, describe_report
-from .merge import check_device, merge
+from .merge import check_device, merge, scale_rule
 from .formats import available_formats, harmonise, load_adapter, output_format, save_adapter
-from .registry import available_methods, get_method
+from .registry import DEFAULT_METHOD, available_methods, get_method
 from .targets import TARGETS, check_loads, fit_rank, get_target
 from .writing import check_output_path, check_report_path, dtype_from_name, write_json_atomic
 
@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge_cmd = commands.add_parser("merge", help="merge several adapters into one")
     merge_cmd.add_argument("adapters", nargs="+", metavar="ADAPTER",
                            help="PEFT LoRA folders or .safetensors files (kohya / LyCORIS / diffusers)")
-    merge_cmd.add_argument("--method", default="lego", help="merge method (see `lora-lego methods`; default lego)")
+    merge_cmd.add_argument("--method", default=DEFAULT_METHOD,
+                           help=f"merge method (see `lora-lego methods`; default {DEFAULT_METHOD})")
     merge_cmd.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per adapter")
     _add_common(merge_cmd, rank_required=False)
     calibrated = merge_cmd.add_argument_group("calibration (methods regmean, lego_calibrated)")
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_cmd = commands.add_parser("bench", help="offline benchmark on SmolLM2-135M and real tasks (extra [bench])")
     bench_cmd.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
-                           help="main, sweep, prune, hetero, seeds, heldout, autorank, calibrated, or all")
+                           help="main, sweep, prune, hetero, seeds, heldout, autorank, calibrated, protocol, or all")
     bench_cmd.add_argument("--quick", action="store_true", help="2 tasks, 30 training steps, 100 test rows")
     bench_cmd.add_argument("--cache", help="cache folder (default $LORA_LEGO_CACHE or ~/.cache/lora-lego)")
     bench_cmd.add_argument("--out", help="results folder (default <cache>/runs/full or /quick)")
@@ -116,7 +117,10 @@ def _add_common(command: argparse.ArgumentParser, *, rank_required: bool) -> Non
     command.add_argument("--rank", type=int, required=rank_required, help="output rank k (the method's rank parameter)")
     command.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     command.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                         help="method parameter, repeatable (e.g. -p n_init=20)")
+                         help="method parameter, repeatable (e.g. -p n_init=20); -p scale=norm works with every "
+                         "method (each module rescaled to the inputs' mean norm)")
+    command.add_argument("--pico", action="store_true", help="before the method, shrink the output directions the "
+                         "adapters share (Pico, arXiv 2604.16826); implies -p scale=norm")
     command.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="output dtype (default: the inputs')")
     command.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     command.add_argument("--report", metavar="FILE.json", help="write the per-module merge report here")
@@ -162,7 +166,7 @@ def _run_merge(args: argparse.Namespace) -> int:
     if args.dtype:
         dtype_from_name(args.dtype)
     spec = get_method(args.method)
-    spec.resolve(params)  # fail fast on a bad method, parameter or device, before loading
+    spec.resolve(scale_rule(params)[1])  # fail fast on a bad method, parameter or device, before loading
     check_device(args.device)
     check_calibration_args(args, spec.needs_calibration)
     target = get_target(args.target) if args.target else None
@@ -186,7 +190,7 @@ def _run_merge(args: argparse.Namespace) -> int:
     weights = getattr(args, "weights", None)
     with calibrations_for_merge(args, adapters) as calibrations:
         merged = merge(adapters, args.method, weights=weights, seed=args.seed, progress=not args.quiet,
-                       threads=args.threads, device=args.device, calibration=calibrations, **params)
+                       threads=args.threads, device=args.device, calibration=calibrations, pico=args.pico, **params)
     flag = check_loads(merged, target, written) if target is not None else None  # before anything is written
     save_adapter(merged, args.output, format=args.format, dtype=args.dtype, overwrite=args.overwrite,
                  base_config=args.base_config)
@@ -210,7 +214,7 @@ def _run_methods(args: argparse.Namespace) -> int:
         spec = get_method(name)
         params = ", ".join(f"{p.name}={p.default!r}" for p in spec.parameters.values()) or "-"
         aliases = ", ".join(f"--{alias} = {target}" for alias, target in spec.aliases.items())
-        title = name + (" (default)" if name == "lego" else "") + "".join(f", also {a!r}" for a in spec.method_aliases)
+        title = name + (" (default)" if name == DEFAULT_METHOD else "") + "".join(f", also {a!r}" for a in spec.method_aliases)
         title += " (needs calibration: --model/--prompts or --calibration)" if spec.needs_calibration else ""
         print(f"{title}\n  {spec.summary}\n  parameters: {params}" + (f" ({aliases})" if aliases else ""))
         if spec.paper:

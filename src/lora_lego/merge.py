@@ -16,10 +16,11 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .calibration import Calibration, check_calibrations, moments
+from .core import match_norm, pico_calibrate
 from .errors import IncompatibleAdaptersError, LoraLegoError, LoraLegoWarning, MethodError
 from .lowrank import concat_factors, factor_grams, relative_error_from_grams
 from .types import check_factor_values
-from .registry import get_method
+from .registry import DEFAULT_METHOD, get_method
 from .types import Adapter, LoraFactors
 from .writing import source_folders
 
@@ -114,9 +115,20 @@ def check_origins(adapters: Sequence[Adapter]) -> None:
                                         "format first (lora_lego.formats.convert_adapter; the CLI does it itself)")
 
 
+def scale_rule(params: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+    """(whether `scale="norm"` was asked for, the other parameters). `scale="norm"` works with every
+    method: the method runs at its own default scale, then each module's merged delta is rescaled to
+    the mean Frobenius norm of the weighted inputs (`core.match_norm`). A number stays the method's own
+    `scale` parameter."""
+    value = params.get("scale")
+    if isinstance(value, str) and value.strip().lower() == "norm":
+        return True, {key: v for key, v in params.items() if key != "scale"}
+    return False, dict(params)
+
+
 def merge(
     adapters: Sequence[Adapter],
-    method: str = "lego",
+    method: str = DEFAULT_METHOD,
     *,
     weights: Sequence[float] | None = None,
     seed: int = 0,
@@ -124,6 +136,7 @@ def merge(
     threads: int | None = None,
     device: str | torch.device | None = None,
     calibration: Sequence[Calibration] | None = None,
+    pico: bool = False,
     **params: Any,
 ) -> Adapter:
     """Merge adapters module by module with a registered method.
@@ -138,12 +151,20 @@ def merge(
     products run; inputs are read and checked on the CPU, and the result comes back to the CPU.
     `calibration` (one per adapter, in order; see `calibrate`) is what calibrated methods such as
     `regmean` need: each module's call gets the adapters' mean input Grams (`Calibration.moment`).
+
+    Two steps work with every method, without data: `pico=True` shrinks the output directions the
+    adapters share before the method runs (`core.pico_calibrate`, arXiv 2604.16826) and implies
+    `scale="norm"`, which rescales each merged module to the inputs' mean norm (see `scale_rule`).
     """
     adapters = list(adapters)
     if not adapters:
         raise MethodError("merge needs at least one adapter")
+    if not isinstance(pico, bool):
+        raise MethodError(f"pico must be true or false; got {pico!r}")
     spec = get_method(method)
     method = spec.name  # a method alias (e.g. "svd") is recorded under the registered name
+    norm, params = scale_rule(params)
+    norm = norm or pico
     resolved = spec.resolve(params)
     weights = check_weights(weights, len(adapters), [a.name for a in adapters])
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -164,8 +185,10 @@ def merge(
         names = ", ".join(repr(adapters[i].name) for i in holders)
         grams = moments([calibration[i] for i in holders], module) if calibration else None  # read one at a time
         try:
-            result, info = spec(factors, module_weights, generator=module_generator(seed, module), calibration=grams,
-                                **resolved)
+            result, info = spec(pico_calibrate(factors) if pico else factors, module_weights,
+                                generator=module_generator(seed, module), calibration=grams, **resolved)
+            if norm:
+                result, info["norm_scale"] = match_norm(result, factors, module_weights)
         except LoraLegoError as error:
             raise type(error)(f"module {module!r} (adapters {names}): {error}") from error
         except torch.linalg.LinAlgError as error:  # e.g. an SVD of values overflowed by a huge `scale`
@@ -185,7 +208,8 @@ def merge(
     for module, result, entry in tqdm(results, total=len(jobs), desc=f"merge ({method})", unit="module",
                                       disable=None if progress else True, leave=False):
         merged[module], report[module] = result, entry
-    metadata = _merged_metadata(adapters, method, resolved, weights, seed, report)
+    recorded = {**resolved, **({"scale": "norm"} if norm else {}), **({"pico": True} if pico else {})}
+    metadata = _merged_metadata(adapters, method, recorded, weights, seed, report)
     if calibration:
         metadata["provenance"]["calibration"] = [c.summary() for c in calibration]
     return Adapter(merged, metadata, name="merged")

@@ -17,6 +17,9 @@ from .types import LoraFactors
 # A method that declares `calibration` needs calibration data: merge hands it one (d_in, d_in) Gram per adapter.
 MethodFn = Callable[..., "LoraFactors | tuple[LoraFactors, dict]"]
 _RESERVED = ("generator", "calibration")
+# What `merge` and `lora-lego merge` run without a method: the best data-free method on the benchmark's
+# confirm tasks (docs/results.md, table (i)); the paper's method stays available as "lego".
+DEFAULT_METHOD = "lego"
 _METHODS: dict[str, "MethodSpec"] = {}
 _METHOD_ALIASES: dict[str, str] = {}  # another name users know -> registered name (e.g. PEFT's "svd")
 

@@ -18,21 +18,24 @@ def summary_columns(table: Table) -> dict[str, dict[str, float]]:
     out = {}
     for label, row in table.rows.items():
         values = [row[c] for c in table.columns if c in row]
-        entry = {"mean": statistics.mean(values)} if values and "mean" not in table.columns else {}
+        complete = len(values) == len(table.columns) or not table.splits  # a split table: means of whole rows only
+        entry = {"mean": statistics.mean(values)} if values and complete and "mean" not in table.columns else {}
         ratios = [row[c] / own[c] for c in table.columns if c in row and own.get(c)]
-        if ratios and label != OWN and "mean" not in table.columns:
+        if ratios and complete and label != OWN and "mean" not in table.columns:
             entry["normalised"] = statistics.mean(ratios)
         for split, columns in table.splits.items():
             values = [row[c] for c in columns if c in row]
             if len(values) == len(columns):
                 entry[f"{split} mean"] = statistics.mean(values)
+                if label != OWN and all(own.get(c) for c in columns):
+                    entry[f"{split} normalised"] = statistics.mean(row[c] / own[c] for c in columns)
         out[label] = entry
     return out
 
 
 def markdown(table: Table) -> str:
     summary = summary_columns(table)
-    order = ["mean", "normalised", *(f"{split} mean" for split in table.splits)]
+    order = ["mean", "normalised", *(f"{split} {what}" for split in table.splits for what in ("mean", "normalised"))]
     extra = sorted({k for entry in summary.values() for k in entry}, key=order.index)
     header = ["", *table.columns, *extra]
     lines = [f"### {table.title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -40,7 +43,7 @@ def markdown(table: Table) -> str:
         cells = [f"{row[c]:.3f}" if c in row else "–" for c in table.columns]
         cells += [f"**{summary[label][k]:.3f}**" if k in summary[label] else "–" for k in extra]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    if "normalised" in extra:
+    if any(k.endswith("normalised") for k in extra):
         lines.append("")
         lines.append("normalised = mean over tasks of (accuracy / the task's own-LoRA accuracy).")
     lines += [""] + [f"- {note}" for note in table.notes]

@@ -90,10 +90,33 @@ BUILTIN: dict[str, Task] = {task.name: task for task in [
          {"entailment": "entailment", "non-entailment": "non"}, _bigbench("epistemic_reasoning"), "NLI"),
     Task("valid_parentheses", "Is this sequence of parentheses properly matched, valid or invalid?",
          {"Valid": "valid", "Invalid": "invalid"}, _bigbench("cs_algorithms/valid_parentheses"), "algorithmic"),
+    Task("multiemo", "Is the sentiment of this sentence negative, neutral, positive or ambivalent?",
+         {"negative": "negative", "neutral": "neutral", "positive": "positive", "ambivalent": "ambivalent"},
+         _bigbench("multiemo/all_sentence_en"), "sentiment (4 classes, mixed domains)"),
+    Task("sports_understanding", "Is this sentence about sports plausible or implausible?",
+         {"plausible": "plausible", "implausible": "implausible"},
+         _bigbench("sports_understanding", lambda t: t.removeprefix("Determine whether the following statement or "
+                                                                     "statements are plausible or implausible:").strip()),
+         "commonsense plausibility"),
+    Task("strategyqa", "Answer the question with yes or no.", {"Yes": "yes", "No": "no"},
+         _bigbench("strategyqa"), "multi-step commonsense QA"),
+    Task("color_hex", "Which colour name matches this HEX code: black, blue, brown, gray, green, orange, purple, red, "
+         "white or yellow?", {c: c for c in ("black", "blue", "brown", "gray", "green", "orange", "purple", "red",
+                                            "white", "yellow")},
+         _bigbench("color/hex", lambda t: t.removeprefix("What is the color most closely matching this HEX "
+                                                          "representation:").removesuffix("?").strip()),
+         "algorithmic (hex code to colour name)"),
+    Task("hotel_reviews", "Is the sentiment of this hotel review sentence negative, neutral, positive or ambivalent?",
+         {"negative": "negative", "neutral": "neutral", "positive": "positive", "ambivalent": "ambivalent"},
+         _bigbench("multiemo/hotels_sentence_en"), "sentiment (hotel reviews, 4 classes)"),
 ]}
 # epistemic's own LoRA stayed at its majority-class rate (0.643 vs 0.63), and so did vitaminc's (0.49 vs 0.50 after
-# 150 steps): neither says anything about merging. valid_parentheses (algorithmic) learns: 0.45 zero-shot, 0.91 own.
-DEFAULT_TASKS = ("rt_polarity", "tweet_sentiment", "snips_intent", "hyperbaton", "fever", "valid_parentheses")
+# 150 steps) and sports_understanding's (0.537 vs 0.523): none says anything about merging. valid_parentheses
+# (algorithmic) learns: 0.45 zero-shot, 0.91 own; strategyqa 0.51 -> 0.63 (seed 0). multiemo trains ~2.5x
+# slower than the others (long sentences) and would be a third sentiment task. The order sets the dev /
+# confirm split (odd / even positions): each split gets a sentiment and an algorithmic task.
+DEFAULT_TASKS = ("rt_polarity", "tweet_sentiment", "snips_intent", "hyperbaton", "fever", "valid_parentheses",
+                 "color_hex", "strategyqa")
 
 
 def jsonl_task(path: str | Path) -> Task:
