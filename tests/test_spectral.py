@@ -239,5 +239,9 @@ def test_every_spectral_method_merges_peft_folders_of_mixed_ranks_through_the_cl
                             **({"scale": "norm"} if "scale=norm" in extra else {}), **params)
         for module, factors in expected.items():
             torch.testing.assert_close(loaded[module].delta(), factors.delta(), rtol=1e-5, atol=1e-5)
+    # --target vllm must not truncate a whole-rank method to the largest input rank
+    assert main(["merge", *paths, "--method", "tsv", "-o", str(tmp_path / "vllm"), "-q", "--target", "vllm"]) == 0
+    assert ll.load_adapter(tmp_path / "vllm").max_rank == 9  # 2 + 4 + 3
+    capsys.readouterr()
     assert main(["merge", *paths, "--method", "iso_c", "-o", str(tmp_path / "bad"), "-p", "scale=big"]) == 2
     assert "scale" in capsys.readouterr().err

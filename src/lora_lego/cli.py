@@ -181,7 +181,8 @@ def _run_merge(args: argparse.Namespace) -> int:
     adapters = harmonise([load_adapter(path, lazy=True, expand=args.expand, expand_rank=args.expand_rank,
                                        base_config=args.base_config)
                           for path in args.adapters])  # read module by module while merging; one naming
-    if target is not None and ("rank" in spec.parameters or "rank" in spec.aliases):
+    fits = "rank" in params or not spec.whole_rank  # a whole-rank method's rank is only known after the merge
+    if target is not None and fits and ("rank" in spec.parameters or "rank" in spec.aliases):
         requested = params.get("rank", max(a.max_rank for a in adapters))
         params["rank"] = fit_rank(target, int(requested))
         if str(params["rank"]) != str(requested):

@@ -36,6 +36,7 @@ class MethodSpec:
     aliases: dict[str, str]
     method_aliases: tuple[str, ...] = ()
     needs_calibration: bool = False
+    whole_rank: bool = False  # without `rank`, the output keeps the merge's whole rank (<= sum of ranks)
 
     def resolve(self, params: dict[str, Any]) -> dict[str, Any]:
         """Validate and coerce user parameters (values may be strings from the CLI); apply aliases."""
@@ -61,11 +62,12 @@ class MethodSpec:
 
 
 def register(name: str, *, paper: str | None = None, aliases: dict[str, str] | None = None,
-             method_aliases: Sequence[str] = ()):
+             method_aliases: Sequence[str] = (), whole_rank: bool = False):
     """Decorator registering a per-module merge function under `name` (refuses duplicates).
 
     `aliases` maps extra parameter names to the function's (e.g. rank -> n_clusters); `method_aliases`
-    are other names of the method itself (e.g. PEFT's "svd" for task_arithmetic).
+    are other names of the method itself (e.g. PEFT's "svd" for task_arithmetic); `whole_rank`: without
+    a rank the method returns the merge's whole rank (else its default is the largest input rank).
     """
 
     def decorator(fn: MethodFn) -> MethodFn:
@@ -81,7 +83,7 @@ def register(name: str, *, paper: str | None = None, aliases: dict[str, str] | N
         }
         summary = (inspect.getdoc(fn) or "").split("\n", 1)[0]
         _METHODS[name] = MethodSpec(name, fn, summary, paper, parameters, dict(aliases or {}), tuple(method_aliases),
-                                    needs_calibration="calibration" in signature.parameters)
+                                    needs_calibration="calibration" in signature.parameters, whole_rank=whole_rank)
         _METHOD_ALIASES.update({alias: name for alias in method_aliases})
         return fn
 

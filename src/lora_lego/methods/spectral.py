@@ -36,7 +36,7 @@ def _finish(core: torch.Tensor, space: CoreSpace, factors: list[LoraFactors], ra
     return from_core(core, space, rank, factors[0].kind, factors[0].A.dtype)
 
 
-@register("tsv", paper=TSV)
+@register("tsv", paper=TSV, whole_rank=True)
 def tsv(factors: list[LoraFactors], weights: list[float], *, generator: torch.Generator, rank: int | None = None,
         scale: float = 1.0) -> LoraFactors:
     """TSV-M: each task's top r_t singular triplets, left and right vectors whitened by polar factors.
@@ -62,7 +62,7 @@ def _isotropic(U: torch.Tensor, V: torch.Tensor, s: torch.Tensor, scale: float) 
     return scale * s.mean() * (U @ V.T) if s.numel() else U.new_zeros(U.shape[0], V.shape[0])
 
 
-@register("iso_c", paper=ISO)
+@register("iso_c", paper=ISO, whole_rank=True)
 def iso_c(factors: list[LoraFactors], weights: list[float], *, generator: torch.Generator, rank: int | None = None,
           scale: float = 1.0) -> LoraFactors:
     """Iso-C: the task-arithmetic sum with its spectrum flattened to the mean of its singular values.
@@ -80,7 +80,7 @@ def iso_c(factors: list[LoraFactors], weights: list[float], *, generator: torch.
     return _finish(_isotropic(U, V, s, scale), space, factors, rank)
 
 
-@register("iso_cts", paper=ISO)
+@register("iso_cts", paper=ISO, whole_rank=True)
 def iso_cts(factors: list[LoraFactors], weights: list[float], *, generator: torch.Generator,
             rank: int | None = None, common: float = 0.8, scale: float = 1.0) -> LoraFactors:
     """Iso-CTS: common top directions of the sum plus each task's own, whitened, one isotropic value.
@@ -111,7 +111,7 @@ def iso_cts(factors: list[LoraFactors], weights: list[float], *, generator: torc
     return _finish(_isotropic(U, V, torch.cat(ss), scale), space, factors, rank)
 
 
-@register("star", paper=STAR)
+@register("star", paper=STAR, whole_rank=True)
 def star(factors: list[LoraFactors], weights: list[float], *, generator: torch.Generator, rank: int | None = None,
          eta: float = 0.4, scale: float = 1.0) -> LoraFactors:
     """STAR: each task truncated to `eta` of its nuclear norm, rescaled to the whole, then averaged.
