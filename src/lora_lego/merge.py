@@ -7,22 +7,19 @@ import hashlib
 import logging
 import math
 import warnings
-from collections import Counter, deque
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
 from .calibration import Calibration, check_calibrations, moments
 from .core import match_norm, pico_calibrate
 from .errors import IncompatibleAdaptersError, LoraLegoError, LoraLegoWarning, MethodError
-from .lowrank import concat_factors, factor_grams, relative_error_from_grams
-from .types import check_factor_values
+from .provenance import merged_metadata, module_report
 from .registry import DEFAULT_METHOD, get_method
-from .types import Adapter, LoraFactors
-from .writing import source_folders
+from .types import Adapter, LoraFactors, check_factor_values
 
 MAX_WEIGHT = 1e6  # largest |weight| of an adapter: task weights are O(1), larger ones overflow float32
 
@@ -199,7 +196,7 @@ def merge(
                               f"(parameters {resolved}: a scale too large for float32?)")
         if result.rank == 0:  # an exactly zero delta (e.g. all-zero inputs): one zero rank keeps it a valid LoRA
             result = LoraFactors(result.A.new_zeros(1, result.d_in), result.B.new_zeros(result.d_out, 1), result.kind)
-        entry = _module_report(result, factors, module_weights, info, [adapters[i].name for i in holders])
+        entry = module_report(result, factors, module_weights, info, [adapters[i].name for i in holders])
         return module, result.to("cpu"), entry
 
     merged: dict[str, LoraFactors] = {}
@@ -209,7 +206,7 @@ def merge(
                                       disable=None if progress else True, leave=False):
         merged[module], report[module] = result, entry
     recorded = {**resolved, **({"scale": "norm"} if norm else {}), **({"pico": True} if pico else {})}
-    metadata = _merged_metadata(adapters, method, recorded, weights, seed, report)
+    metadata = merged_metadata(adapters, method, recorded, weights, seed, report)
     if calibration:
         metadata["provenance"]["calibration"] = [c.summary() for c in calibration]
     return Adapter(merged, metadata, name="merged")
@@ -282,71 +279,3 @@ def _first_line(error: BaseException) -> str:
 def prune(adapter: Adapter, *, rank: int, method: str = "lego", seed: int = 0, **params: Any) -> Adapter:
     """Reduce one adapter to rank `rank` per module (modules with fewer ranks keep theirs)."""
     return merge([adapter], method, seed=seed, rank=rank, **params)
-
-
-def _module_report(result: LoraFactors, factors: list[LoraFactors], weights: list[float], info: dict,
-                   names: list[str]) -> dict[str, Any]:
-    """Rank, relative error vs the exact weighted sum, and the method's info (labels -> per-source counts).
-
-    A method that already holds the Grams of the pooled factors reports "relative_error" in its info.
-    """
-    info = dict(info)
-    error = info.pop("relative_error", None)
-    if error is None:
-        target = concat_factors(factors, weights)
-        error = relative_error_from_grams(result, target, *factor_grams(target, exact=False))
-    entry: dict[str, Any] = {"rank": result.rank, "relative_error": error}
-    labels = info.get("labels")
-    if labels is not None:
-        unit_sources = [name for name, f in zip(names, factors) for _ in range(f.rank)]
-        entry["sources_per_rank"] = _sources_per_rank(labels, unit_sources)
-    entry.update(info)
-    return entry
-
-
-def _sources_per_rank(labels: Sequence[int], unit_sources: Sequence[str]) -> list[dict[str, int]]:
-    """For each merged rank, how many units of each source adapter it gathers."""
-    counts: dict[int, Counter] = {}
-    for label, source in zip(labels, unit_sources, strict=True):
-        if label < 0:  # a unit the method left out (e.g. weight 0)
-            continue
-        counts.setdefault(int(label), Counter())[source] += 1
-    return [dict(counts[label]) for label in sorted(counts)]
-
-
-def _firsts(adapters, key: str) -> list[Any]:
-    """The adapters' values of metadata `key`, in order, leaving out missing ones."""
-    return [a.metadata[key] for a in adapters if a.metadata.get(key) is not None]
-
-
-def _merged_metadata(adapters, method, params, weights, seed, report) -> dict[str, Any]:
-    first = adapters[0].metadata
-    if len({bool(a.metadata.get("fan_in_fan_out", False)) for a in adapters}) > 1:
-        raise IncompatibleAdaptersError(
-            "adapters disagree on fan_in_fan_out (" + ", ".join(
-                f"{a.name!r}: {bool(a.metadata.get('fan_in_fan_out', False))}" for a in adapters) + "): different base layer types"
-        )
-    bases = {a.metadata.get("base_model_name_or_path") for a in adapters} - {None}
-    if len(bases) > 1:
-        warnings.warn(f"adapters name different base models: {sorted(bases)}", LoraLegoWarning, stacklevel=3)
-    return {
-        "format": first.get("format"),  # the inputs' format and family: writers keep what still holds of them
-        "family": first.get("family"),
-        "source_headers": [a.metadata.get("header", {}) for a in adapters],
-        "base_model_name_or_path": next(iter(_firsts(adapters, "base_model_name_or_path")), None),
-        "gguf_base_config": next(iter(_firsts(adapters, "gguf_base_config")), None),  # what a GGUF writer needs
-        "task_type": first.get("task_type"),
-        "fan_in_fan_out": first.get("fan_in_fan_out", False),
-        "dtype": first.get("dtype", "float32"),
-        "input_folders": sorted({folder for a in adapters for folder in source_folders(a)}),
-        "provenance": {
-            "tool": "lora-lego",
-            "version": __version__,
-            "method": method,
-            "params": params,
-            "seed": seed,
-            "weights": weights,
-            "sources": [a.name for a in adapters],
-        },
-        "report": report,
-    }
