@@ -7,6 +7,7 @@ import torch
 
 import lora_lego as ll
 from lora_lego.cli import main
+from lora_lego.registry import DEFAULT_METHOD
 from synthetic import random_adapter
 
 
@@ -39,7 +40,7 @@ def test_methods_lists_the_registry(capsys):
     assert code == 0
     titles = [line for line in out.splitlines() if not line.startswith(" ")]
     assert [t.split()[0].rstrip(",") for t in titles] == ll.available_methods()
-    assert "lego (default)" in titles and "task_arithmetic, also 'svd'" in titles
+    assert f"{DEFAULT_METHOD} (default)" in titles and "task_arithmetic, also 'svd'" in titles
     assert "n_clusters=None" in out and "2409.16167" in out and "density=0.5" in out
 
 
@@ -96,7 +97,7 @@ def test_existing_output_needs_overwrite(capsys, folders, tmp_path):
     (["merge", "{a}", "-o", "{out}", "--method", "nope"], "unknown merge method 'nope'"),
     (["merge", "{a}", "-o", "{out}", "-p", "n_init"], "key=value"),
     (["merge", "{a}", "-o", "{out}", "-p", "bogus=1"], "no parameter 'bogus'"),
-    (["merge", "{a}", "-o", "{out}", "-p", "n_init=x"], "must be an integer"),
+    (["merge", "{a}", "-o", "{out}", "--method", "lego", "-p", "n_init=x"], "must be an integer"),
     (["merge", "{a}", "-o", "{out}", "--rank", "0"], "must be an integer >= 1"),
     (["merge", "{a}", "{b}", "-o", "{out}", "--weights", "1"], "2 adapters"),
     (["merge", "{a}", "-o", "{a}/inner", "--method", "concat"], "lies inside input"),
