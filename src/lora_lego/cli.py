@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--tasks", nargs="+", metavar="TASK", help="built-in task names or .jsonl files")
     bench_cmd.add_argument("--steps", type=int, help="training steps per task LoRA")
     bench_cmd.add_argument("--n-test", type=int, help="test rows per task")
+    bench_cmd.add_argument("--training-seeds", type=int, nargs="+", default=[0, 1], metavar="SEED",
+                           help="protocol: training seeds of the task LoRAs (default 0 1)")
     bench_cmd.add_argument("--model", help="a transformers causal-LM folder instead of SmolLM2 (e.g. for tests)")
     return parser
 
@@ -258,7 +260,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     if unknown:
         raise LoraLegoError(f"unknown experiment(s) {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)} or all")
     out = run(args.experiments, cache=args.cache, out=args.out, tasks=args.tasks, quick=args.quick,
-              model_dir=args.model, steps=args.steps, n_test=args.n_test)
+              model_dir=args.model, steps=args.steps, n_test=args.n_test, training_seeds=args.training_seeds)
     print(f"bench: results in {out / 'results.md'}")
     return 0
 

@@ -25,7 +25,7 @@ EXPERIMENTS = {**DATA_FREE_EXPERIMENTS, "calibrated": calibrated_table, "protoco
 
 def run(experiments: Sequence[str], *, cache: str | Path | None = None, out: str | Path | None = None,
         tasks: Sequence[str] | None = None, quick: bool = False, model_dir: str | Path | None = None,
-        steps: int | None = None, n_test: int | None = None) -> Path:
+        steps: int | None = None, n_test: int | None = None, training_seeds: Sequence[int] = (0, 1)) -> Path:
     """Run the named experiments ("all" for every one); returns the folder with results.md, JSON and PNGs."""
     root = cache_dir(cache)
     config = TrainConfig(steps=steps or (30 if quick else 150))
@@ -34,7 +34,7 @@ def run(experiments: Sequence[str], *, cache: str | Path | None = None, out: str
     out = Path(out) if out else root / "runs" / ("quick" if quick else "full")
     task_list = [get_task(t) for t in (tasks or (QUICK_TASKS if quick else DEFAULT_TASKS))]
     bench = Bench(root, Path(model_dir) if model_dir else base_model_dir(root), task_list, out,
-                  config=config, n_test=n_test)
+                  config=config, n_test=n_test, training_seeds=tuple(training_seeds))
     command = "lora-lego " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else f"run({names})"
     for name in names:
         started = time.perf_counter()

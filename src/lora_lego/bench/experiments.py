@@ -57,9 +57,11 @@ class Bench:
     """The trained task LoRAs, the base model and a persistent cache of evaluations."""
 
     def __init__(self, cache: Path, model_dir: Path, tasks: list[Task], out: Path, *,
-                 config: TrainConfig = TrainConfig(), n_test: int = 300, seed: int = 0):
+                 config: TrainConfig = TrainConfig(), n_test: int = 300, seed: int = 0,
+                 training_seeds: tuple[int, ...] = (0, 1)):
         self.cache, self.model_dir, self.tasks, self.out = cache, model_dir, tasks, out
         self.config, self.n_test, self.seed = config, n_test, seed
+        self.training_seeds = training_seeds  # the protocol's training seeds of the task LoRAs
         self.out.mkdir(parents=True, exist_ok=True)
         self._evaluations_path = out / "evaluations.json"
         self._evaluations = json.loads(self._evaluations_path.read_text()) if self._evaluations_path.exists() else {}

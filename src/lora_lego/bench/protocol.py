@@ -23,7 +23,6 @@ from .experiments import Bench, Table
 from .stats import describe, paired_difference
 from .tasks import Task
 
-SEEDS = (0, 1)  # training seeds of the task LoRAs
 REFERENCE = "ties"
 
 
@@ -79,11 +78,11 @@ def protocol_table(bench: Bench) -> Table:
     splits = split_tasks(bench.names)
     tasks = {t.name: t for t in bench.tasks}
     dev, confirm = ([tasks[n] for n in splits[s]] for s in ("dev", "confirm"))
-    views = [seeded(bench, seed) for seed in SEEDS]
+    views = [seeded(bench, seed) for seed in bench.training_seeds]
     merged = {view.config.seed: [view.adapter(t) for t in bench.tasks] for view in views}
     r = bench.config.rank
     R = r * len(bench.tasks)
-    table = Table(f"(i) Dev / confirm protocol: data-free methods over {len(SEEDS)} training seeds",
+    table = Table(f"(i) Dev / confirm protocol: data-free methods over {len(views)} training seed(s)",
                   bench.names, splits=splits)
 
     def evaluate(variant: Variant, on: list[Task]) -> None:
@@ -130,7 +129,8 @@ def _notes(table, views, tried, chosen, finalists, reference, dev, confirm, r, R
 
     best = max(finalists, key=lambda v: mean(v.label, confirm))
     table.notes += [
-        f"{len(table.columns)} task LoRAs of rank r={r} per training seed, seeds {', '.join(map(str, SEEDS))}; "
+        f"{len(table.columns)} task LoRAs of rank r={r} per training seed, seeds "
+        f"{', '.join(str(view.config.seed) for view in views)}; "
         f"every merge merges all of one seed's LoRAs; accuracies are means over the seeds. Rank {R} = the sum of "
         "the ranks (the exact span); k = r rows are truncated to the LoRAs' own rank.",
         f"Dev tasks (variants compared, one chosen per family): {', '.join(t.name for t in dev)}. Confirm tasks "
