@@ -18,8 +18,8 @@ from .types import LoraFactors
 MethodFn = Callable[..., "LoraFactors | tuple[LoraFactors, dict]"]
 _RESERVED = ("generator", "calibration")
 # What `merge` and `lora-lego merge` run without a method: the best data-free method on the benchmark's
-# confirm tasks (docs/results.md, table (i)); the paper's method stays available as "lego".
-DEFAULT_METHOD = "lego"
+# confirm tasks (docs/results.md, table (i): one training seed so far); the paper's method stays "lego".
+DEFAULT_METHOD = "tsv"
 _METHODS: dict[str, "MethodSpec"] = {}
 _METHOD_ALIASES: dict[str, str] = {}  # another name users know -> registered name (e.g. PEFT's "svd")
 
