@@ -106,7 +106,9 @@ def iso_cts(factors: list[LoraFactors], weights: list[float], *, generator: torc
     if per_task > 0:
         for core, w in zip(space.cores, weights):
             u, s, v = top_triplets(w * core - Uc @ (Uc.T @ (w * core)), per_task)
-            us.append(u), ss.append(s), vs.append(v)
+            us.append(u)
+            ss.append(s)
+            vs.append(v)
     U, V = polar(torch.cat(us, 1)), polar(torch.cat(vs, 1))
     return _finish(_isotropic(U, V, torch.cat(ss), scale), space, factors, rank)
 
