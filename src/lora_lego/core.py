@@ -96,9 +96,7 @@ def from_core(core: torch.Tensor, space: CoreSpace, k: int | None, kind: str, dt
         device = space.B_cat.device
         return LoraFactors(torch.zeros(1, d_in, dtype=dtype, device=device), torch.zeros(d_out, 1, dtype=dtype, device=device), kind)
     u, s, vh = torch.linalg.svd(core, full_matrices=False)
-    if k is None:
-        k = int(torch.count_nonzero(s > NULL * s[0])) if float(s[0]) > 0 else 1
-    k = max(1, min(k, s.shape[0]))
+    k = max(1, min(numerical_rank(s) if k is None else k, s.shape[0]))
     left = space.B_cat @ (space.WB @ u[:, :k])
     right = (vh[:k] @ space.WA.T) @ space.A_cat
     return balanced_factors(left, s, right, k, kind, dtype)
@@ -113,8 +111,13 @@ def polar(M: torch.Tensor) -> torch.Tensor:
 def top_triplets(M: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(u (m, k'), s (k',), v (n, k')): the top k' = min(k, rank) singular triplets of M, null ones dropped."""
     u, s, vh = torch.linalg.svd(M, full_matrices=False)
-    k = min(k, int(torch.count_nonzero(s > NULL * s[0])) if s.numel() and float(s[0]) > 0 else 0)
+    k = min(k, numerical_rank(s))
     return u[:, :k], s[:k], vh[:k].T
+
+
+def numerical_rank(s: torch.Tensor) -> int:
+    """How many of the descending singular values s are above NULL * the largest (0 for an empty or zero s)."""
+    return int(torch.count_nonzero(s > NULL * s[0])) if s.numel() and float(s[0]) > 0 else 0
 
 
 # --- steps usable before or after any method --------------------------------------------------------------
