@@ -115,3 +115,20 @@ def test_negation_cancels_exactly(tmp_path, peft_adapter):
     residual = (logits(load_peft(out)) - base).norm()
     effect = (logits(load_peft(folder)) - base).norm()
     assert residual < 1e-5 * effect
+
+
+def test_default_method_through_the_cli_is_loaded_by_peft_unchanged(tmp_path, folders):
+    """`lora-lego merge` with the default method (tsv, whole rank) on PEFT folders of mixed ranks, alphas
+    and rslora: PEFT loads the output, and its deltas are the ones the Python API computes."""
+    from lora_lego.cli import main
+    from lora_lego.registry import DEFAULT_METHOD
+
+    out = tmp_path / "merged"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LoraLegoWarning)
+        assert main(["merge", *map(str, folders), "-o", str(out), "-q"]) == 0
+    expected = ll.merge(load_all(folders), DEFAULT_METHOD)
+    loaded = peft_deltas(load_peft(out))
+    assert set(loaded) == set(expected.modules)
+    for module, delta in loaded.items():
+        torch.testing.assert_close(delta.double(), weight_update(expected[module]).double(), rtol=1e-5, atol=1e-6)
