@@ -109,3 +109,38 @@ def test_user_task_errors_are_clear(tmp_path, capsys):
         get_task(str(bad))
     assert main(["bench", "nonsense", "--cache", str(tmp_path)]) == 2
     assert "unknown experiment" in capsys.readouterr().err
+
+
+def test_training_configurations_keep_their_cache_keys():
+    """The keys name cached LoRAs and evaluations: a new field at its default must not rename them (these
+    are the keys of before `precision` existed), and a float32 run must not reuse bf16 results."""
+    from dataclasses import replace
+
+    from lora_lego.bench.lm import TrainConfig
+
+    assert [TrainConfig().key(), replace(TrainConfig(), seed=1).key()] == ["68d67f29", "705f9a7e"]
+    assert TrainConfig(precision="fp32").key() not in {TrainConfig().key(), replace(TrainConfig(), seed=1).key()}
+
+
+def test_precision_auto_follows_the_hardware_and_fp32_runs_without_autocast(tmp_path, capsys):
+    import torch
+
+    from lora_lego.bench.lm import last_logits, load_base, native_bf16, resolve_precision
+    from lora_lego.errors import LoraLegoError
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
+    assert [resolve_precision(p, cpu) for p in ("bf16", "fp32")] == ["bf16", "fp32"]
+    with pytest.raises(LoraLegoError, match="precision must be auto, bf16 or fp32; got 'fp16'"):
+        resolve_precision("fp16", cpu)
+    model, tokenizer = load_base(make_model(tmp_path / "model"))
+    prompts = ["the sky is blue Answer:", "a dog runs"]
+    with torch.no_grad():
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+        mask = encoded.attention_mask
+        plain = model(input_ids=encoded.input_ids, attention_mask=mask,
+                      position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits[:, -1]
+        errors = [(last_logits(model, tokenizer, prompts, 16, p) - plain).abs().max() for p in ("fp32", "bf16")]
+    assert errors[0] < 1e-6 and 1e-4 < errors[1] < 0.05, errors  # float32 rounding only; bf16's 8-bit mantissa
+    assert main(["bench", "main", "--cache", str(tmp_path), "--device", "gpu"]) == 2
+    assert "device must be 'cpu', 'cuda' or 'cuda:N'; got 'gpu'" in capsys.readouterr().err

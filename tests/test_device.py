@@ -99,3 +99,25 @@ def test_cuda_calibration_matches_the_cpu_one(tmp_path):
     for module in on_cpu.modules:
         assert on_gpu.gram(module).device.type == "cpu"
         torch.testing.assert_close(on_gpu.gram(module), on_cpu.gram(module), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_benchmark_trains_and_evaluates_like_the_cpu(tmp_path):
+    pytest.importorskip("matplotlib")
+    import json
+
+    from lora_lego.bench import run
+    from test_bench import make_model, make_tasks
+
+    tasks, model = make_tasks(tmp_path), make_model(tmp_path / "model")
+    results = {}
+    for device in ("cpu", "cuda"):
+        out = run(["main"], cache=tmp_path / device, out=tmp_path / device / "out", tasks=tasks, model_dir=model,
+                  steps=3, n_test=20, device=device, precision="fp32")
+        results[device] = json.loads((out / "main.json").read_text())["rows"]["own LoRA (upper reference)"]
+        (folder,) = [p for p in (tmp_path / device / "adapters").iterdir() if p.name.startswith("colour")]
+        assert json.loads((folder / "train_log.json").read_text())["device"].startswith(device)
+    cpu, gpu = (ll.load_adapter(next((tmp_path / d / "adapters").glob("colour*"))) for d in ("cpu", "cuda"))
+    for module, factors in cpu.items():
+        torch.testing.assert_close(gpu[module].delta(), factors.delta(), rtol=1e-2, atol=1e-4)
+    assert all(abs(results["cuda"][t] - results["cpu"][t]) <= 0.1 for t in results["cpu"])

@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--training-seeds", type=int, nargs="+", default=[0, 1], metavar="SEED",
                            help="protocol: training seeds of the task LoRAs (default 0 1)")
     bench_cmd.add_argument("--model", help="a transformers causal-LM folder instead of SmolLM2 (e.g. for tests)")
+    bench_cmd.add_argument("--device", default="cpu", help="where the model trains and evaluates: cpu (default), "
+                           "cuda or cuda:N")
+    bench_cmd.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                           help="bf16 autocast or fp32; auto (default): bf16 where the device computes it natively")
     return parser
 
 
@@ -260,7 +264,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     if unknown:
         raise LoraLegoError(f"unknown experiment(s) {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)} or all")
     out = run(args.experiments, cache=args.cache, out=args.out, tasks=args.tasks, quick=args.quick,
-              model_dir=args.model, steps=args.steps, n_test=args.n_test, training_seeds=args.training_seeds)
+              model_dir=args.model, steps=args.steps, n_test=args.n_test, training_seeds=args.training_seeds,
+              device=args.device, precision=args.precision)
     print(f"bench: results in {out / 'results.md'}")
     return 0
 

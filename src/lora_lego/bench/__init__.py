@@ -15,7 +15,8 @@ from .calibrated import calibrated_table
 from .protocol import protocol_table
 from .experiments import EXPERIMENTS as DATA_FREE_EXPERIMENTS
 from .experiments import Bench
-from .lm import TrainConfig
+from ..merge import check_device
+from .lm import TrainConfig, resolve_precision
 from .report import write
 from .tasks import DEFAULT_TASKS, get_task
 
@@ -25,16 +26,21 @@ EXPERIMENTS = {**DATA_FREE_EXPERIMENTS, "calibrated": calibrated_table, "protoco
 
 def run(experiments: Sequence[str], *, cache: str | Path | None = None, out: str | Path | None = None,
         tasks: Sequence[str] | None = None, quick: bool = False, model_dir: str | Path | None = None,
-        steps: int | None = None, n_test: int | None = None, training_seeds: Sequence[int] = (0, 1)) -> Path:
-    """Run the named experiments ("all" for every one); returns the folder with results.md, JSON and PNGs."""
+        steps: int | None = None, n_test: int | None = None, training_seeds: Sequence[int] = (0, 1),
+        device: str | None = None, precision: str = "auto") -> Path:
+    """Run the named experiments ("all" for every one); returns the folder with results.md, JSON and PNGs.
+
+    The model trains and evaluates on `device` (default the CPU) in `precision`: "bf16" autocast, "fp32",
+    or "auto" (bf16 where the device computes it natively, see `lm.native_bf16`)."""
+    where = check_device(device)
+    config = TrainConfig(steps=steps or (30 if quick else 150), precision=resolve_precision(precision, where))
     root = cache_dir(cache)
-    config = TrainConfig(steps=steps or (30 if quick else 150))
     n_test = n_test or (100 if quick else 300)
     names = list(EXPERIMENTS) if "all" in experiments else list(experiments)
     out = Path(out) if out else root / "runs" / ("quick" if quick else "full")
     task_list = [get_task(t) for t in (tasks or (QUICK_TASKS if quick else DEFAULT_TASKS))]
     bench = Bench(root, Path(model_dir) if model_dir else base_model_dir(root), task_list, out,
-                  config=config, n_test=n_test, training_seeds=tuple(training_seeds))
+                  config=config, n_test=n_test, training_seeds=tuple(training_seeds), device=where)
     command = "lora-lego " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else f"run({names})"
     for name in names:
         started = time.perf_counter()
@@ -57,7 +63,8 @@ def _header(bench: Bench) -> str:
         if bench.model_dir.name == "smollm2-135m-instruct" else f"- model: {bench.model_dir}",
         f"- tasks: {', '.join(t.name + ' (' + t.kind + ')' for t in bench.tasks)}; {bench.n_test} test rows each",
         f"- task LoRAs: r={c.rank}, alpha={c.alpha}, {'/'.join(c.targets)}, {c.steps} steps x batch {c.batch}, "
-        f"lr {c.lr}, seed {c.seed}, bf16 autocast; loss on the answer token",
+        f"lr {c.lr}, seed {c.seed}, {'bf16 autocast' if c.precision == 'bf16' else 'float32'} on {bench.device}; "
+        "loss on the answer token",
         f"- versions: {versions}; Python {platform.python_version()}; {platform.machine()}", ""])
 
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 import lora_lego as ll
 
 from ..errors import LoraLegoError, LoraLegoWarning
@@ -58,8 +60,9 @@ class Bench:
 
     def __init__(self, cache: Path, model_dir: Path, tasks: list[Task], out: Path, *,
                  config: TrainConfig = TrainConfig(), n_test: int = 300, seed: int = 0,
-                 training_seeds: tuple[int, ...] = (0, 1)):
+                 training_seeds: tuple[int, ...] = (0, 1), device: torch.device = torch.device("cpu")):
         self.cache, self.model_dir, self.tasks, self.out = cache, model_dir, tasks, out
+        self.device = device  # where the model trains and evaluates (merges run on the CPU)
         self.config, self.n_test, self.seed = config, n_test, seed
         self.training_seeds = training_seeds  # the protocol's training seeds of the task LoRAs
         self.out.mkdir(parents=True, exist_ok=True)
@@ -72,7 +75,7 @@ class Bench:
         return [t.name for t in self.tasks]
 
     def folder(self, task: Task, config: TrainConfig | None = None) -> Path:
-        return ensure_adapter(self.cache, self.model_dir, task, config or self.config, self.n_test)
+        return ensure_adapter(self.cache, self.model_dir, task, config or self.config, self.n_test, self.device)
 
     def adapter(self, task: Task, config: TrainConfig | None = None) -> ll.Adapter:
         adapter = ll.load_adapter(self.folder(task, config))
@@ -91,7 +94,7 @@ class Bench:
                 for task in missing:
                     _, test = task_split(self.cache, task, self.n_test)
                     correct = correct_rows(model, tokenizer, task, test, max_length=self.config.max_length,
-                                           desc=f"{key} on {task.name}")
+                                           precision=self.config.precision, desc=f"{key} on {task.name}")
                     self._evaluations[f"{key} @ {task.name}"] = sum(correct) / len(correct)
                     self._evaluations[f"{key} @ {task.name} #rows"] = "".join("01"[c] for c in correct)
                     self._save()
@@ -107,7 +110,7 @@ class Bench:
     def model(self):
         """(model, tokenizer) of the base model, loaded once."""
         if self._model is None:
-            self._model = load_base(self.model_dir)
+            self._model = load_base(self.model_dir, self.device)
         return self._model
 
     def _save(self) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from .lm import TrainConfig, train_lora
 from .tasks import Task, split, task_rows
 
@@ -20,10 +22,11 @@ def task_split(cache: Path, task: Task, n_test: int = N_TEST) -> tuple:
     return split(task_rows(task, cache), n_test, N_TRAIN)
 
 
-def ensure_adapter(cache: Path, model_dir: Path, task: Task, config: TrainConfig, n_test: int = N_TEST) -> Path:
-    """The folder of the task's LoRA under `config`, trained now if it is not cached yet."""
+def ensure_adapter(cache: Path, model_dir: Path, task: Task, config: TrainConfig, n_test: int = N_TEST,
+                   device: torch.device = torch.device("cpu")) -> Path:
+    """The folder of the task's LoRA under `config`, trained now (on `device`) if it is not cached yet."""
     out = adapter_dir(cache, task, config)
     if not (out / "adapter_config.json").exists():
         train, _ = task_split(cache, task, n_test)
-        train_lora(model_dir, task, train, config, out)
+        train_lora(model_dir, task, train, config, out, device)
     return out
