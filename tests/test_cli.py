@@ -56,8 +56,11 @@ def test_merge_lego_writes_a_loadable_folder_and_report(capsys, folders, tmp_pat
     assert data["provenance"]["params"] == {"n_clusters": 4, "n_init": 2} and data["provenance"]["seed"] == 3
     module = next(iter(data["modules"].values()))
     assert sum(module["cluster_sizes"]) == 16 and len(module["labels"]) == 16
+    distance = sum(m["relative_error"] for m in data["modules"].values()) / len(data["modules"])
+    assert f"mean relative distance from the weighted sum of the deltas {distance:.3g}," in out
     code, out, _ = run(capsys, "inspect", str(report))
     assert code == 0 and "method lego" in out and "cluster sizes" in out
+    assert f"depart from it by design): mean {distance:.4f}" in out
 
 
 def test_concat_with_weights_is_exact(capsys, folders, tmp_path):

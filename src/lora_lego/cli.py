@@ -209,8 +209,8 @@ def _run_merge(args: argparse.Namespace) -> int:
     error = sum(entry["relative_error"] for entry in report) / max(len(report), 1)
     written = output_format(args.output, merged, args.format)
     print(f"{args.command}: {len(adapters)} adapter(s) -> {args.output} ({written}) with {args.method}: {len(merged)} modules, "
-          f"rank {'/'.join(map(str, ranks))}, {merged.num_parameters():,} parameters, mean relative error "
-          f"{error:.3g}, {time.perf_counter() - started:.1f} s")
+          f"rank {'/'.join(map(str, ranks))}, {merged.num_parameters():,} parameters, mean relative distance from "
+          f"the weighted sum of the deltas {error:.3g}, {time.perf_counter() - started:.1f} s")
     if flag is not None:
         print(f"{target.name}: serve with {target.rank_flag} {flag} or more")
     return 0

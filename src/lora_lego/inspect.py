@@ -116,7 +116,9 @@ def describe_report(path: str | Path) -> str:
         f"report {path}: method {provenance.get('method')} params {provenance.get('params')} seed {provenance.get('seed')}",
         f"  sources: {', '.join(provenance.get('sources', []))}",
         f"  modules: {len(modules)}; ranks: {', '.join(f'{r} ({n})' for r, n in sorted(ranks.items()))}",
-        f"  relative error: mean {sum(errors) / max(len(errors), 1):.4f}, max {max(errors, default=0.0):.4f}",
+        f"  relative distance from the weighted sum of the deltas (0 for concat; ties, tsv, iso_c and the like "
+        f"depart from it by design): "
+        f"mean {sum(errors) / max(len(errors), 1):.4f}, max {max(errors, default=0.0):.4f}",
     ]
     sizes = [s for entry in modules.values() for s in entry.get("cluster_sizes", [])]
     if sizes:
