@@ -110,14 +110,14 @@ def test_cuda_benchmark_trains_and_evaluates_like_the_cpu(tmp_path):
     from test_bench import make_model, make_tasks
 
     tasks, model = make_tasks(tmp_path), make_model(tmp_path / "model")
-    results = {}
+    results, trained = {}, {}
     for device in ("cpu", "cuda"):
         out = run(["main"], cache=tmp_path / device, out=tmp_path / device / "out", tasks=tasks, model_dir=model,
                   steps=3, n_test=20, device=device, precision="fp32")
         results[device] = json.loads((out / "main.json").read_text())["rows"]["own LoRA (upper reference)"]
-        (folder,) = [p for p in (tmp_path / device / "adapters").iterdir() if p.name.startswith("colour")]
+        (folder,) = (tmp_path / device / "adapters").glob("colour*")
         assert json.loads((folder / "train_log.json").read_text())["device"].startswith(device)
-    cpu, gpu = (ll.load_adapter(next((tmp_path / d / "adapters").glob("colour*"))) for d in ("cpu", "cuda"))
-    for module, factors in cpu.items():
-        torch.testing.assert_close(gpu[module].delta(), factors.delta(), rtol=1e-2, atol=1e-4)
+        trained[device] = ll.load_adapter(folder)
+    for module, factors in trained["cpu"].items():
+        torch.testing.assert_close(trained["cuda"][module].delta(), factors.delta(), rtol=1e-2, atol=1e-4)
     assert all(abs(results["cuda"][t] - results["cpu"][t]) <= 0.1 for t in results["cpu"])

@@ -74,8 +74,9 @@ class TrainConfig:
 
 
 def load_base(model_dir: Path, device: torch.device = torch.device("cpu")):
-    """(model, tokenizer) in eval mode, in float32 on `device`; left padding so the last position is every prompt's end, and left
-    truncation so that a prompt longer than max_length keeps its end ("Answer:"; vitaminc's longest 10%)."""
+    """(model, tokenizer): the model in eval mode, float32, on `device`; left padding so the last position is
+    every prompt's end, and left truncation so that a prompt longer than max_length keeps its end ("Answer:";
+    vitaminc's longest 10%)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
