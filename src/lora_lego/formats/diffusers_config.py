@@ -11,7 +11,7 @@ from collections import Counter
 from typing import Any, Mapping
 
 from ..errors import AdapterFormatError
-from .peft_config import pattern_value
+from .peft_config import check_patterns, is_number, pattern_value
 
 METADATA_KEY = "lora_adapter_metadata"
 # pipeline attributes that hold a LoRA-able model; a file's module names start with one of them
@@ -64,31 +64,12 @@ def _check_config(config: dict[str, Any], where: str) -> None:
     if config.get("lora_bias"):
         raise AdapterFormatError(f"{where}: adapters with lora_bias are not supported")
     for field in ("r", "lora_alpha"):
-        if field in config and not _is_number(config[field]):
+        if field in config and not is_number(config[field]):
             raise AdapterFormatError(f"{where}: {field} must be a number; got {config[field]!r}")
     if config.get("use_rslora") not in (None, True, False):
         raise AdapterFormatError(f"{where}: use_rslora must be true or false; got {config['use_rslora']!r}")
     for field in ("rank_pattern", "alpha_pattern"):
-        patterns = config.get(field) or {}
-        if not isinstance(patterns, dict):
-            raise AdapterFormatError(f"{where}: {field} must be an object")
-        for pattern, value in patterns.items():
-            try:
-                re.compile(pattern)
-            except re.error as error:
-                raise AdapterFormatError(
-                    f"{where}: {field} key {pattern!r} is not a regular expression ({error})") from None
-            if not _is_number(value) or (field == "rank_pattern" and value != int(value)):
-                raise AdapterFormatError(f"{where}: {field}[{pattern!r}] must be a number; got {value!r}")
-
-
-def _is_number(value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
+        check_patterns(config.get(field) or {}, field, where)
 
 
 def config_scaling(config: dict[str, Any], relative: str, rank: int, where: str) -> float:

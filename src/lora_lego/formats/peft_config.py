@@ -39,33 +39,35 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise AdapterFormatError(f"adapter {name!r}: adapters with lora_bias are not supported")
     for key in ("r", "lora_alpha"):
         value = config.get(key, 8)
-        if not _is_number(value):
+        if not is_number(value):
             raise AdapterFormatError(f"adapter {name!r}: {key} in {CONFIG_NAME} must be a number; got {value!r}")
     for key in ("use_rslora", "fan_in_fan_out"):
         if config.get(key) not in (None, True, False):
             raise AdapterFormatError(
                 f"adapter {name!r}: {key} in {CONFIG_NAME} must be true or false; got {config[key]!r}")
     for key in ("rank_pattern", "alpha_pattern"):
-        _check_pattern(config.get(key) or {}, key, name)
+        check_patterns(config.get(key) or {}, key, f"adapter {name!r}", f" in {CONFIG_NAME}")
     return config
 
 
-def _check_pattern(patterns: Any, key: str, name: str) -> None:
-    """rank_pattern / alpha_pattern: an object of regular expressions -> numbers (integers for ranks)."""
+def check_patterns(patterns: Any, key: str, where: str, location: str = "") -> None:
+    """rank_pattern / alpha_pattern: an object of regular expressions -> numbers (integers for ranks).
+
+    Errors read "<where>: <key><location> must be ..."; `location` names the file the key sits in."""
     if not isinstance(patterns, dict):
-        raise AdapterFormatError(f"adapter {name!r}: {key} in {CONFIG_NAME} must be an object")
+        raise AdapterFormatError(f"{where}: {key}{location} must be an object")
     for pattern, value in patterns.items():
         try:
             re.compile(pattern)
         except re.error as error:
             raise AdapterFormatError(
-                f"adapter {name!r}: {key} key {pattern!r} is not a regular expression ({error})") from None
-        if not _is_number(value) or (key == "rank_pattern" and value != int(value)):
+                f"{where}: {key} key {pattern!r} is not a regular expression ({error})") from None
+        if not is_number(value) or (key == "rank_pattern" and value != int(value)):
             expected = "an integer" if key == "rank_pattern" else "a number"
-            raise AdapterFormatError(f"adapter {name!r}: {key}[{pattern!r}] must be {expected}; got {value!r}")
+            raise AdapterFormatError(f"{where}: {key}[{pattern!r}] must be {expected}; got {value!r}")
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     """A finite JSON number: not a bool, not NaN / Infinity, not an integer too large for a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
