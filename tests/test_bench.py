@@ -102,6 +102,31 @@ def test_paired_difference_by_hand():
     assert "beats" in describe("x", "y", (0.1, 0.05, 0.15), "dev") and "includes 0" in describe("x", "y", (0.1, -0.1, 0.3), "dev")
 
 
+
+def test_protocol_notes_give_each_training_seed_its_own_interval():
+    """Two seeds; tsv beats ties clearly on seed 0, ties by a little on seed 1: the pooled interval and one
+    interval per seed are stated, so a reader sees whether the winner holds on each seed alone."""
+    from types import SimpleNamespace
+
+    from lora_lego.bench.experiments import Table
+    from lora_lego.bench.protocol import Variant, _notes
+
+    ties, tsv = Variant("ties", "ties k=6", "ties"), Variant("tsv", "tsv (rank 12)", "tsv")
+    task = SimpleNamespace(name="t")
+    rows = {0: {"merge ties": [1, 0] * 50, "merge tsv": [1, 1] * 50},
+            1: {"merge ties": [1, 1] * 50, "merge tsv": [1, 1] * 45 + [1, 0] * 5}}
+    views = [SimpleNamespace(config=SimpleNamespace(seed=seed), rows=lambda key, t, seed=seed: rows[seed][key])
+             for seed in (0, 1)]
+    table = Table("protocol", ["t"], rows={label: {"t": 0.5} for label in (ties.label, tsv.label)})
+    table.rows[tsv.label]["t"] = 0.6
+    _notes(table, views, [ties, tsv], {"ties": ties, "tsv": tsv}, [ties, tsv], ties, [task], [task], 6, 12)
+    alone = [note for note in table.notes if "training seed" in note and "alone" in note]
+    assert len(alone) == 2
+    assert alone[0].startswith("tsv (rank 12) - ties k=6 on confirm tasks, training seed 0 alone: +0.500")
+    assert alone[0].endswith("beats ties k=6") and "training seed 1 alone: -0.050" in alone[1]
+    pooled = next(note for note in table.notes if note.endswith("beats ties k=6") and "alone" not in note)
+    assert "+0.225" in pooled  # rows averaged over the seeds: (0.5 - 0.05) / 2
+
 def test_user_task_errors_are_clear(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "x"}\n')

@@ -149,3 +149,7 @@ def _notes(table, views, tried, chosen, finalists, reference, dev, confirm, r, R
         order = sorted(scores, key=scores.get, reverse=True)
         table.notes.append(f"training seed {seed}, confirm mean: " + ", ".join(f"{label} {scores[label]:.3f}"
                                                                             for label in order))
+        if len(views) > 1 and best is not reference:
+            alone = paired_difference({t.name: view.rows(best.key(), t) for t in confirm},
+                                      {t.name: view.rows(reference.key(), t) for t in confirm}, [t.name for t in confirm])
+            table.notes.append(describe(best.label, reference.label, alone, f"confirm tasks, training seed {seed} alone"))
