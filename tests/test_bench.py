@@ -102,7 +102,6 @@ def test_paired_difference_by_hand():
     assert "beats" in describe("x", "y", (0.1, 0.05, 0.15), "dev") and "includes 0" in describe("x", "y", (0.1, -0.1, 0.3), "dev")
 
 
-
 def test_protocol_notes_give_each_training_seed_its_own_interval():
     """Two seeds; tsv beats ties clearly on seed 0, ties by a little on seed 1: the pooled interval and one
     interval per seed are stated, so a reader sees whether the winner holds on each seed alone."""
@@ -126,6 +125,7 @@ def test_protocol_notes_give_each_training_seed_its_own_interval():
     assert alone[0].endswith("beats ties k=6") and "training seed 1 alone: -0.050" in alone[1]
     pooled = next(note for note in table.notes if note.endswith("beats ties k=6") and "alone" not in note)
     assert "+0.225" in pooled  # rows averaged over the seeds: (0.5 - 0.05) / 2
+
 
 def test_user_task_errors_are_clear(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"

@@ -330,6 +330,12 @@ BAD = {
     "json": ({f"{M}.lora_A.weight": A2, f"{M}.lora_B.weight": B2}, {"lora_adapter_metadata": "{"}, "not valid JSON"),
     "use_dora": ({f"{M}.lora_A.weight": A2, f"{M}.lora_B.weight": B2},
                  {"lora_adapter_metadata": json.dumps({"unet.r": 2, "unet.use_dora": True})}, "DoRA adapters"),
+    "rank_pattern fraction": ({f"{M}.lora_A.weight": A2, f"{M}.lora_B.weight": B2},
+                              {"lora_adapter_metadata": json.dumps({"unet.r": 2, "unet.rank_pattern": {"to_q": 1.5}})},
+                              r"of 'unet': rank_pattern\['to_q'\] must be an integer; got 1.5"),
+    "pattern regex": ({f"{M}.lora_A.weight": A2, f"{M}.lora_B.weight": B2},
+                      {"lora_adapter_metadata": json.dumps({"unet.r": 2, "unet.alpha_pattern": {"(": 2}})},
+                      r"alpha_pattern key '\(' is not a regular expression"),
 }
 
 
@@ -342,7 +348,7 @@ def test_bad_files_fail_with_one_line(case, tmp_path):
         dfmt.read(path, lazy=False)
     message = str(caught.value)
     assert str(path) in message and "\n" not in message
-    if case not in ("dora", "bias", "kohya key", "json", "use_dora"):
+    if case not in ("dora", "bias", "kohya key", "json", "use_dora", "rank_pattern fraction", "pattern regex"):
         assert M in message
 
 
