@@ -38,9 +38,9 @@ class Variant:
 
 
 def variants(r: int, R: int) -> list[Variant]:
-    """The variants tried on the dev tasks: r = the LoRAs' rank, R = the sum of their ranks. (20 of them:
-    what one session's CPU allows, two seeds of 8 tasks; `dare_ties`, `lego_rank1` and more scale=norm and
-    Pico combinations are left to a larger run.)"""
+    """The variants tried on the dev tasks: r = the LoRAs' rank, R = the sum of their ranks. (24 of them,
+    what a few CPU hours allow for two seeds of 8 tasks; the last four were added after a first run of the
+    other 20, see docs/results.md table (i''). More scale=norm and Pico combinations are left to a larger run.)"""
     norm = {"scale": "norm"}
     return [
         Variant("task arithmetic", f"task_arithmetic k={r}", "task_arithmetic"),
@@ -50,8 +50,12 @@ def variants(r: int, R: int) -> list[Variant]:
         Variant("ties", f"ties k={r}, space=core", "ties", {"space": "core"}),
         Variant("ties", f"ties k={r}, scale=norm", "ties", norm),
         Variant("knots", f"knots_ties k={r}", "knots_ties"),
+        Variant("dare", f"dare_ties k={r}", "dare_ties"),
         Variant("lego", f"lego k={r} (paper)", "lego"),
         Variant("lego", f"lego k={r}, canonical=svd", "lego", {"canonical": "svd"}),
+        Variant("lego", f"lego k={3 * r}", "lego", {"rank": 3 * r}),
+        Variant("lego", f"lego_rank1 k={r}", "lego_rank1"),
+        Variant("lego", f"lego_rank1 k={3 * r}", "lego_rank1", {"rank": 3 * r}),
         Variant("tsv", f"tsv (rank {R})", "tsv"),
         Variant("tsv", f"tsv (rank {R}), scale=norm", "tsv", norm),
         Variant("iso", f"iso_c (rank {R})", "iso_c"),
