@@ -51,24 +51,40 @@ def markdown(table: Table) -> str:
 
 
 def plot(table: Table, path: Path) -> None:
-    """A horizontal bar chart of each row's mean accuracy (or its `mean` column)."""
+    """A horizontal bar chart of each row's mean accuracy (or its `mean` column); a table with dev / confirm
+    splits gets one bar per split instead, so rows evaluated on the dev tasks only are shown too."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     summary = summary_columns(table)
-    labels = [label for label in table.rows if "mean" in summary[label] or "mean" in table.rows[label]]
-    values = [summary[label].get("mean", table.rows[label].get("mean")) for label in labels]
-    figure, axis = plt.subplots(figsize=(7, 0.35 * len(labels) + 1.2))
-    axis.barh(range(len(labels)), values, color="#4c72b0")
+    splits = list(table.splits) or [None]
+
+    def value(label: str, split: str | None) -> float | None:
+        if split is None:
+            return summary[label].get("mean", table.rows[label].get("mean"))
+        return summary[label].get(f"{split} mean")
+
+    labels = [label for label in table.rows if any(value(label, split) is not None for split in splits)]
+    height = 0.8 / len(splits)
+    figure, axis = plt.subplots(figsize=(7, (0.2 + 0.15 * len(splits)) * len(labels) + 1.2))
+    top = 0.0
+    for j, (split, colour) in enumerate(zip(splits, ["#4c72b0", "#c44e52", "#55a868"])):
+        bars = [(i + (j - (len(splits) - 1) / 2) * height, value(label, split)) for i, label in enumerate(labels)
+                if value(label, split) is not None]
+        axis.barh([y for y, _ in bars], [v for _, v in bars], height=height, color=colour,
+                  label=None if split is None else f"{split} tasks")
+        for y, v in bars:
+            axis.text(v, y, f" {v:.3f}", va="center", fontsize=7 if len(splits) == 1 else 6)
+        top = max([top, *(v for _, v in bars)])
     axis.set_yticks(range(len(labels)), labels, fontsize=8)
     axis.invert_yaxis()
     axis.set_xlabel("mean accuracy over tasks")
     axis.set_title(table.title, fontsize=9)
-    for i, value in enumerate(values):
-        axis.text(value, i, f" {value:.3f}", va="center", fontsize=7)
-    axis.set_xlim(0, min(1.0, max(values) * 1.15))
+    if splits != [None]:
+        axis.legend(fontsize=7, loc="lower right")
+    axis.set_xlim(0, min(1.0, top * 1.15))
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
