@@ -127,7 +127,6 @@ def test_protocol_notes_give_each_training_seed_its_own_interval():
     assert "+0.225" in pooled  # rows averaged over the seeds: (0.5 - 0.05) / 2
 
 
-
 def test_protocol_variants_are_distinct_and_registered():
     """Rows are keyed by label and evaluations by key: two variants sharing either would silently overwrite
     each other's numbers. The reference must be among the variants, and each method must be data-free."""
@@ -138,6 +137,7 @@ def test_protocol_variants_are_distinct_and_registered():
     assert len({v.label for v in tried}) == len({v.key() for v in tried}) == len(tried)
     assert REFERENCE in [v.method for v in tried]
     assert not any(get_method(v.method).needs_calibration for v in tried)
+
 
 def test_user_task_errors_are_clear(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
