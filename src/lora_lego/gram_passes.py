@@ -131,8 +131,9 @@ def accumulate(model: torch.nn.Module, targets: dict[str, torch.nn.Module], chun
 class AppliedAdapter:
     """Context manager: the adapter's deltas added to its modules' outputs (forward hooks), removed on exit."""
 
-    def __init__(self, model: torch.nn.Module, adapter: Adapter | None, model_name: str):
+    def __init__(self, model: torch.nn.Module, adapter: Adapter | None, model_name: str, *, scale: float = 1.0):
         self.model, self.adapter, self.model_name, self.handles = model, adapter, model_name, []
+        self.scale = scale  # the deltas added are scale * B A
 
     def __enter__(self):
         if self.adapter is None:
@@ -147,7 +148,7 @@ class AppliedAdapter:
                 raise CalibrationError(f"adapter {self.adapter.name!r}, module {path!r}: a {factors.kind} delta of "
                                        f"shape {factors.shape} does not fit the model's {type(module).__name__} "
                                        f"with d_in {in_features(module)}")
-            self.handles.append(module.register_forward_hook(_delta_hook(factors)))
+            self.handles.append(module.register_forward_hook(_delta_hook(factors, self.scale)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -155,14 +156,15 @@ class AppliedAdapter:
             handle.remove()
 
 
-def _delta_hook(factors):
+def _delta_hook(factors, scale: float = 1.0):
     cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def hook(module, args, output):
         x = args[0]
         key = (x.device, x.dtype)
         if key not in cache:
-            cache[key] = (factors.A.to(x.device, x.dtype), factors.B.to(x.device, x.dtype))
+            B = factors.B if scale == 1.0 else factors.B * scale
+            cache[key] = (factors.A.to(x.device, x.dtype), B.to(x.device, x.dtype))
         A, B = cache[key]
         return output + (x @ A.T) @ B.T
     return hook

@@ -70,9 +70,13 @@ def gram(rows: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def inner(left: LoraFactors, right: LoraFactors) -> float:
-    """Frobenius inner product <B1 A1, B2 A2> = sum((A1 A2^T) * (B1^T B2)), in float64."""
-    cross_a = left.A.double() @ right.A.double().T
+def inner(left: LoraFactors, right: LoraFactors, gram: torch.Tensor | None = None) -> float:
+    """Frobenius inner product <B1 A1, B2 A2> = sum((A1 A2^T) * (B1^T B2)), in float64.
+
+    With an input Gram G = X^T X of shape (d_in, d_in): <X (B1 A1)^T, X (B2 A2)^T> = sum((A1 G A2^T) * (B1^T B2)),
+    the inner product of the two deltas' outputs on the inputs X."""
+    left_a = left.A.double() if gram is None else left.A.double() @ gram.double()
+    cross_a = left_a @ right.A.double().T
     cross_b = left.B.double().T @ right.B.double()
     return float((cross_a * cross_b).sum())
 
