@@ -21,9 +21,10 @@ from .formats import load_adapter, save_adapter  # noqa: E402
 from .registry import available_methods, get_method, register  # noqa: E402
 from .types import Adapter, LoraFactors  # noqa: E402
 from .apply import apply_adapter  # noqa: E402
+from .auto import merge_auto, score  # noqa: E402
 
 __all__ = [
     "Adapter", "LoraFactors", "load_adapter", "save_adapter", "merge", "prune", "register", "get_method",
-    "available_methods", "apply_adapter", "calibrate", "Calibration", "load_calibration", "LoraLegoError", "AdapterFormatError",
+    "available_methods", "apply_adapter", "merge_auto", "score", "calibrate", "Calibration", "load_calibration", "LoraLegoError", "AdapterFormatError",
     "BaseModelError", "CalibrationError", "TargetError", "IncompatibleAdaptersError", "MethodError", "OutputError", "LoraLegoWarning", "ClusteringWarning", "__version__",
 ]

@@ -1,0 +1,190 @@
+"""Merge with evidence: score merges on the adapters' own unlabeled prompts and keep the best one.
+
+`merge_auto` builds candidates at one output rank (data-free methods, each at scale 1 and at the scale
+that the Gram proxy prefers, plus the calibrated methods), scores each by its retention of every adapter
+(`score.Scorer`: one forward pass over the prompts per candidate), keeps the best mean retention (within
+`TIE` of it: the best worst task), refines its global scale by a short 1-D search, and returns it with the
+whole table in its provenance. A single candidate is `-p scale=auto` for that method. `score` measures one
+merge that already exists. The choice is made here, in `merge`'s layer; methods stay pure functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .calibrate import calibrate, load_model
+from .calibration import Calibration
+from .errors import MethodError
+from .lowrank import concat_factors, relative_error
+from .merge import check_weights, merge
+from .registry import get_method
+from .score import Scorer, Scores, best_scale, gram_terms, prompt_sets, proxy_retention
+from .types import Adapter, LoraFactors
+
+DATA_FREE = ("tsv", "ties", "iso_c", "task_arithmetic", "lego_rank1")
+CALIBRATED = ("regmean", "lego_calibrated")
+TIE = 0.005  # candidates within this mean retention of the best are ranked by their worst task
+STEP, STEPS = 1.4, 3  # the scale search: multiply or divide by STEP while retention improves, at most STEPS times
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Candidate:
+    """One scored merge: `method` with `params`, its merged delta multiplied by `scale`."""
+
+    method: str
+    params: dict[str, Any]
+    scale: float
+    scores: Scores
+    proxy: list[float]
+
+    @property
+    def label(self) -> str:
+        shown = "".join(f" {k}={v}" for k, v in sorted(self.params.items()) if k != "rank")
+        return f"{self.method}{shown} scale={self.scale:.3g}"
+
+    def key(self) -> tuple[float, float]:
+        return self.scores.mean, self.scores.worst
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "method": self.method, "params": self.params, "scale": self.scale,
+                "mean_retention": self.scores.mean, "worst_retention": self.scores.worst,
+                "retention": self.scores.retention, "proxy_retention": self.proxy}
+
+
+def choose(candidates: Sequence[Candidate]) -> Candidate:
+    """The best mean retention; among those within TIE of it, the best worst-task retention."""
+    finite = [c for c in candidates if math.isfinite(c.scores.mean)] or list(candidates)
+    top = max(c.scores.mean for c in finite)
+    return max((c for c in finite if c.scores.mean >= top - TIE), key=lambda c: (c.scores.worst, c.scores.mean))
+
+
+def scaled(adapter: Adapter, scale: float) -> Adapter:
+    """The adapter with every delta multiplied by `scale` > 0 (sqrt(scale) on both factors)."""
+    root = math.sqrt(scale)
+    modules = {m: LoraFactors(f.A * root, f.B * root, f.kind) for m, f in adapter.items()}
+    return Adapter(modules, adapter.metadata, adapter.name)
+
+
+def candidate_specs(methods: Sequence[str] | None, calibrated: bool) -> list[tuple[str, dict[str, Any]]]:
+    """(method, params) of the candidates: `methods` as given (names, or "name key=value ..." strings), or
+    the default data-free ones plus, with calibrations, the calibrated ones."""
+    if methods is None:
+        methods = list(DATA_FREE) + (list(CALIBRATED) if calibrated else [])
+    specs = []
+    for item in methods:
+        name, *pairs = item.split()
+        params = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
+        spec = get_method(name)
+        if spec.needs_calibration and not calibrated:
+            raise MethodError(f"candidate {name!r} needs calibration data (prompts or calibrations)")
+        specs.append((spec.name, params))
+    return specs
+
+
+def merge_auto(adapters: Sequence[Adapter], *, model: str | Path | torch.nn.Module, prompts: Sequence[Any],
+               tokenizer=None, calibration: Sequence[Calibration] | None = None, rank: int | None = None,
+               methods: Sequence[str] | None = None, weights: Sequence[float] | None = None, seed: int = 0,
+               positions: str = "last", max_prompts: int | None = None, max_length: int = 512, batch_size: int = 8,
+               search: bool = True, progress: bool = False, threads: int | None = None,
+               device: str | torch.device | None = None, scorer: Scorer | None = None) -> Adapter:
+    """The best merge of `adapters` that the candidates give, judged on the adapters' prompts.
+
+    `model`: the base model (a transformers folder, or a loaded model with its `tokenizer`); `prompts`: one
+    prompts file or list of strings per adapter, in order (unlabeled; never test rows). `rank`: the output
+    rank of every candidate (default: the largest input rank). `methods`: the candidates (default
+    `DATA_FREE`, plus `CALIBRATED`); one method is "-p scale=auto" for it. `calibration` (one per adapter)
+    saves recomputing the input Grams; they should cover every merged module. `search`: refine the chosen
+    candidate's scale by retention. The result's provenance records every candidate's scores.
+    """
+    adapters = list(adapters)
+    weights = check_weights(weights, len(adapters), [a.name for a in adapters])
+    rank = rank if rank is not None else max(a.max_rank for a in adapters)
+    if isinstance(model, (str, Path)):
+        model, tokenizer = load_model(model, device=device)
+    texts = prompt_sets(prompts, max_prompts=max_prompts)
+    if scorer is None:
+        scorer = Scorer(model, tokenizer, adapters, texts, positions=positions, max_length=max_length,
+                        batch_size=batch_size, progress=progress)
+    if calibration is None:
+        union = list(dict.fromkeys(m for a in adapters for m in a))
+        calibration = [calibrate(model, t, tokenizer=tokenizer, modules=union, max_length=max_length,
+                                 batch_size=batch_size, progress=progress) for t in texts]
+    tried: list[Candidate] = []
+    merges: dict[tuple, Adapter] = {}
+    for method, params in candidate_specs(methods, calibrated=True):
+        key = (method, tuple(sorted(params.items())))
+        spec = get_method(method)
+        ranked = {"rank": rank} if "rank" in spec.parameters or "rank" in spec.aliases else {}
+        merges[key] = merge(adapters, method, weights=weights, seed=seed, threads=threads, **ranked,
+                            calibration=calibration if spec.needs_calibration else None, **params)
+        terms = gram_terms(merges[key], adapters, calibration)
+        for scale in sorted({1.0, round(best_scale(terms), 4)}):
+            if scale > 0:
+                tried.append(Candidate(method, {**params, **ranked}, scale, scorer.scores(merges[key], scale),
+                                       proxy_retention(terms, scale)))
+                log.info("auto: %s mean retention %.3f", tried[-1].label, tried[-1].scores.mean)
+    best = choose(tried)
+    key = (best.method, tuple(sorted((k, v) for k, v in best.params.items() if k != "rank")))
+    if search:
+        best = _search_scale(best, merges[key], scorer, gram_terms(merges[key], adapters, calibration), tried)
+    return _result(merges[key], best, tried, adapters, weights, scorer)
+
+
+def _search_scale(best: Candidate, merged: Adapter, scorer: Scorer, terms, tried: list[Candidate]) -> Candidate:
+    """Multiply (or divide) the scale by STEP while the mean retention improves, at most STEPS times each way."""
+    for factor in (STEP, 1 / STEP):
+        current = best
+        for _ in range(STEPS):
+            scale = round(current.scale * factor, 4)
+            trial = Candidate(best.method, best.params, scale, scorer.scores(merged, scale), proxy_retention(terms, scale))
+            tried.append(trial)
+            if choose([current, trial]) is not trial:
+                break
+            current = trial
+        if current is not best:
+            return current
+    return best
+
+
+def _result(merged: Adapter, best: Candidate, tried: list[Candidate], adapters: list[Adapter], weights: list[float],
+            scorer: Scorer) -> Adapter:
+    result = scaled(merged, best.scale) if best.scale != 1.0 else merged
+    metadata = dict(merged.metadata)
+    provenance = dict(metadata["provenance"])
+    provenance["params"] = {**provenance["params"], **({"scale": best.scale} if best.scale != 1.0 else {})}
+    provenance["auto"] = {"chosen": best.label, "positions": scorer.positions, "n_prompts": scorer.n_prompts,
+                          "candidates": [c.to_dict() for c in tried]}
+    provenance["retention"] = dict(zip(best.scores.names, best.scores.retention))
+    metadata["provenance"] = provenance
+    if best.scale != 1.0:  # the distance from the exact sum, for the scaled delta
+        report = {m: dict(entry) for m, entry in metadata["report"].items()}
+        for module, entry in report.items():
+            inputs = [(a[module], w) for a, w in zip(adapters, weights) if module in a and w != 0]
+            target = concat_factors([f for f, _ in inputs], [w for _, w in inputs])
+            entry["relative_error"] = relative_error(result[module], target)
+        metadata["report"] = report
+    return Adapter(dict(result.items()), metadata, "merged")
+
+
+def score(merged: Adapter, adapters: Sequence[Adapter], *, model: str | Path | torch.nn.Module,
+          prompts: Sequence[Any], tokenizer=None, calibration: Sequence[Calibration] | None = None,
+          positions: str = "last", max_prompts: int | None = None, max_length: int = 512, batch_size: int = 8,
+          device: str | torch.device | None = None, progress: bool = False) -> Scores:
+    """Each adapter's retention in `merged` on its own prompts (see `score.Scorer`), and with `calibration`
+    (one per adapter) the Gram proxy's retention too."""
+    if isinstance(model, (str, Path)):
+        model, tokenizer = load_model(model, device=device)
+    scorer = Scorer(model, tokenizer, list(adapters), prompt_sets(prompts, max_prompts=max_prompts),
+                    positions=positions, max_length=max_length, batch_size=batch_size, progress=progress)
+    result = scorer.scores(merged)
+    if calibration is not None:
+        result.proxy = proxy_retention(gram_terms(merged, list(adapters), list(calibration)))
+    return result
