@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from ..errors import AdapterFormatError, LoraLegoWarning
 from ..tensorfile import TensorFileError, TensorInfo, read_header, read_tensor
 from ..types import MAX_ABS, Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values  # noqa: F401
+from ..card import write_card
 from ..writing import atomic_folder, check_output_path, output_dtype, source_folders
 from .peft_config import CONFIG_NAME, module_scaling, pattern_value, read_config  # noqa: F401  (re-exported)
 
@@ -190,6 +191,7 @@ def save_peft(adapter: Adapter, path: str | Path, *, dtype: str | torch.dtype | 
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         save_file(tensors, folder / WEIGHTS_NAMES[0], metadata=metadata)
         _sort_header_metadata(folder / WEIGHTS_NAMES[0])
+        write_card(adapter.metadata, folder)
     return Path(path)
 
 
