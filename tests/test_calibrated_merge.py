@@ -113,14 +113,14 @@ def test_bad_calibration_inputs_are_one_line_errors_that_leave_nothing(setup, tm
         (["--calibration", tmp_path / "c0", tmp_path / "c1"], "calibrations were made on different base models"),
         (["--calibration", tmp_path / "w1", tmp_path / "w1"], "48 x 48 Gram but the adapter's module has d_in = 32"),
         (["--calibration", tmp_path / "c0", tmp_path / "missing"], "no calibration.safetensors there"),
-        (["--calibration", tmp_path / "c0", tmp_path / "c0", "--model", model], "--model is only used with --prompts"),
+        (["--calibration", tmp_path / "c0", tmp_path / "c0", "--model", model], "--model is used with --prompts"),
         ([], "needs calibration data"),
     ]
     for extra, message in cases:
         code, _, err = run(capsys, "merge", *adapters, "--method", "regmean", "-o", out, "-q", *extra)
         assert code == 2 and message in err and "\n" not in err, (extra, err)
-    code, _, err = run(capsys, "merge", *adapters, "--method", "ties", "--model", model, "--prompts", *prompts,
-                       "-o", out)
+    code, _, err = run(capsys, "merge", *adapters, "--method", "ties", "--calibration", tmp_path / "c0",
+                       tmp_path / "c0", "-o", out)
     assert code == 2 and "does not use calibration data" in err
     code, _, err = run(capsys, "merge", adapters[0], gpt2, "--method", "regmean", "--model", model,
                        "--prompts", *prompts, "-o", out, "-q")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 import traceback
@@ -14,7 +15,9 @@ from typing import Sequence
 from . import __version__
 from .calibration import FILE_NAME as CALIBRATION_FILE
 from .calibration import load_calibration
-from .cli_calibration import add_calibration_options, calibrations_for_merge, check_calibration_args, run_calibrate
+from .cli_calibration import add_calibration_options, check_calibration_args, run_calibrate
+from .cli_score import (DATA_FREE_NOTE, add_evidence_options, add_score_parser, candidates_table, merge_with_evidence,
+                        run_score, scores_table)
 from .cli_apply import add_apply_parser, run_apply
 from .cli_convert import add_input_options, add_output_format, add_target_option, inspect_target, run_convert
 from .errors import LoraLegoError, MethodError, TargetError
@@ -46,11 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     merge_cmd.add_argument("adapters", nargs="+", metavar="ADAPTER",
                            help="PEFT LoRA folders or .safetensors files (kohya / LyCORIS / diffusers)")
     merge_cmd.add_argument("--method", default=DEFAULT_METHOD,
-                           help=f"merge method (see `lora-lego methods`; default {DEFAULT_METHOD})")
+                           help=f"merge method (see `lora-lego methods`; default {DEFAULT_METHOD}), or auto: the "
+                           "best candidate by each adapter's retention on --prompts")
     merge_cmd.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per adapter")
     _add_common(merge_cmd, rank_required=False)
-    calibrated = merge_cmd.add_argument_group("calibration (methods regmean, lego_calibrated)")
-    calibrated.add_argument("--model", help="base model folder (transformers) to calibrate on, with --prompts")
+    calibrated = merge_cmd.add_argument_group("prompts: calibration (regmean, lego_calibrated), scoring, auto")
+    calibrated.add_argument("--model", help="base model folder (transformers), with --prompts: calibrates the "
+                            "calibrated methods, scores every merge (retention per adapter), and drives auto")
     calibrated.add_argument("--prompts", nargs="+", metavar="FILE", help="one prompts file per adapter, in order "
                             "(.jsonl with {\"text\": ...} per line, or .txt with one prompt per line)")
     calibrated.add_argument("--calibration", nargs="+", metavar="CALIB",
@@ -59,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="take each task's inputs from the base model (default) or from the model with "
                                  "that task's adapter applied")
     add_calibration_options(calibrated)
+    add_evidence_options(calibrated)
 
     calibrate_cmd = commands.add_parser("calibrate",
                                         help="input Grams of a base model on prompts, for calibrated merges")
@@ -88,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_input_options(convert_cmd)
     add_target_option(convert_cmd)
     add_apply_parser(commands)
+    add_score_parser(commands)
 
     commands.add_parser("methods", help="list the merge methods and their parameters")
     commands.add_parser("formats", help="list the adapter formats")
@@ -124,7 +131,8 @@ def _add_common(command: argparse.ArgumentParser, *, rank_required: bool) -> Non
     command.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     command.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                          help="method parameter, repeatable (e.g. -p n_init=20); -p scale=norm works with every "
-                         "method (each module rescaled to the inputs' mean norm)")
+                         "method (each module rescaled to the inputs' mean norm); -p scale=auto (with --model/--prompts) "
+                         "chooses the global scale by each adapter's retention on its prompts")
     command.add_argument("--pico", action="store_true", help="before the method, shrink the output directions the "
                          "adapters share (Pico, arXiv 2604.16826); implies -p scale=norm")
     command.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="output dtype (default: the inputs')")
@@ -171,10 +179,16 @@ def _run_merge(args: argparse.Namespace) -> int:
         params["rank"] = args.rank
     if args.dtype:
         dtype_from_name(args.dtype)
-    spec = get_method(args.method)
+    choose = args.method == "auto" or str(params.get("scale", "")).strip().lower() == "auto"
+    if choose:
+        params.pop("scale", None)
+        if args.pico:
+            raise MethodError("--pico is not a candidate of --method auto / -p scale=auto; leave one of them out")
+    spec = get_method("regmean" if args.method == "auto" else args.method)  # auto: the candidates' rank parameter
     spec.resolve(scale_rule(params)[1])  # fail fast on a bad method, parameter or device, before loading
     check_device(args.device)
-    check_calibration_args(args, spec.needs_calibration)
+    needs = spec.needs_calibration and args.method != "auto"
+    check_calibration_args(args, needs, choose=choose)
     target = get_target(args.target) if args.target else None
     written = output_format(args.output, format=args.format)  # an unknown --format fails before any work
     if target is not None and written not in target.formats:
@@ -194,26 +208,45 @@ def _run_merge(args: argparse.Namespace) -> int:
         if str(params["rank"]) != str(requested):
             print(f"{target.name}: rank {requested} -> {params['rank']} (the nearest {target.rank_flag} at or above; "
                   f"the server pads to it anyway)")
-    weights = getattr(args, "weights", None)
-    with calibrations_for_merge(args, adapters) as calibrations:
-        merged = merge(adapters, args.method, weights=weights, seed=args.seed, progress=not args.quiet,
-                       threads=args.threads, device=args.device, calibration=calibrations, pico=args.pico, **params)
+    merged, scores = merge_with_evidence(args, adapters, args.method, params, needs=needs, choose=choose)
     flag = check_loads(merged, target, written) if target is not None else None  # before anything is written
     save_adapter(merged, args.output, format=args.format, dtype=args.dtype, overwrite=args.overwrite,
                  base_config=args.base_config)
     if args.report:
         write_json_atomic(args.report, {"provenance": merged.metadata["provenance"],
                                         "modules": merged.metadata["report"]})
+    provenance = merged.metadata["provenance"]
+    if choose:
+        print(candidates_table(provenance["auto"], [a.name for a in adapters]))
+    elif scores is not None:
+        print(scores_table(scores))
     report = merged.metadata["report"].values()
     ranks = sorted({entry["rank"] for entry in report})
-    error = sum(entry["relative_error"] for entry in report) / max(len(report), 1)
     written = output_format(args.output, merged, args.format)
-    print(f"{args.command}: {len(adapters)} adapter(s) -> {args.output} ({written}) with {args.method}: {len(merged)} modules, "
-          f"rank {'/'.join(map(str, ranks))}, {merged.num_parameters():,} parameters, mean relative distance from "
-          f"the weighted sum of the deltas {error:.3g}, {time.perf_counter() - started:.1f} s")
+    method = provenance["method"] + (f" (auto: {provenance['auto']['chosen']})" if choose else "")
+    print(f"{args.command}: {len(adapters)} adapter(s) -> {args.output} ({written}) with {method}: {len(merged)} "
+          f"modules, rank {'/'.join(map(str, ranks))}, {merged.num_parameters():,} parameters, "
+          f"{_distance(report, args.command)}"
+          + (f", mean retention {scores.mean:.3f} (worst {scores.worst:.3f})" if scores is not None else "")
+          + f", {time.perf_counter() - started:.1f} s")
     if flag is not None:
         print(f"{target.name}: serve with {target.rank_flag} {flag} or more")
+    if scores is None and args.command == "merge" and len(adapters) > 1 and not spec.needs_calibration:
+        print(DATA_FREE_NOTE)
     return 0
+
+
+def _distance(report, command: str) -> str:
+    """What the per-module relative errors say, in words that nobody reads as a quality score."""
+    errors = [entry["relative_error"] for entry in report]
+    finite = [e for e in errors if math.isfinite(e)]
+    shown = f"{sum(finite) / len(finite):.3g}" if finite else "n/a"
+    shown += f" ({len(errors) - len(finite)} module(s) whose deltas cancel exactly left out)" if len(finite) < len(
+        errors) else ""
+    if command == "prune":
+        return f"relative error of the pruned deltas {shown} (0 = unchanged)"
+    return (f"distance from the exact sum {shown} (0 = the weighted sum of the deltas, which tsv, ties and iso_c "
+            "do not aim for: not a quality score)")
 
 
 def _run_methods(args: argparse.Namespace) -> int:
@@ -290,4 +323,4 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 _COMMANDS = {"merge": _run_merge, "prune": _run_merge, "convert": run_convert, "calibrate": run_calibrate,
              "methods": _run_methods, "formats": _run_formats, "inspect": _run_inspect, "bench": _run_bench,
-             "apply": run_apply}
+             "apply": run_apply, "score": run_score}

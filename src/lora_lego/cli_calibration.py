@@ -28,59 +28,66 @@ def add_calibration_options(group) -> None:
                             "GiB, one Llama-2-7B layer; a model whose Grams exceed it takes several passes)")
 
 
-def check_calibration_args(args: argparse.Namespace, needs: bool) -> None:
-    """Refuse, before any work, calibration options that do not fit the method or each other."""
+def check_calibration_args(args: argparse.Namespace, needs: bool, *, choose: bool = False) -> None:
+    """Refuse, before any work, calibration options that do not fit the method or each other.
+
+    `needs`: the method needs calibration data; `choose`: `--method auto` or `-p scale=auto`, which score
+    candidates on the prompts. Any other method takes --model/--prompts too: the merge is then scored."""
     if args.command != "merge":
-        if needs:
+        if needs or choose:
             raise MethodError(f"method {args.method!r} needs calibration data; prune with it through `merge` with one "
                               "adapter and --model/--prompts or --calibration")
         return
     given = args.prompts is not None or args.calibration is not None
-    if not needs:
-        if given or args.model:
-            raise MethodError(f"method {args.method!r} does not use calibration data (--model, --prompts, "
-                              "--calibration)")
-        return
     if args.prompts is not None and args.calibration is not None:
         raise CalibrationError("give either --prompts (with --model) or --calibration, not both")
-    if not given:
+    if choose and args.prompts is None:
+        raise MethodError(f"{'--method auto' if args.method == 'auto' else '-p scale=auto'} scores merges on the "
+                          "adapters' prompts: give --model BASE_DIR --prompts P1 P2 ... (one prompts file per adapter)")
+    if not needs and not choose and args.calibration is not None:
+        raise MethodError(f"method {args.method!r} does not use calibration data (--calibration); to measure what "
+                          "each adapter keeps, give --model BASE_DIR --prompts P1 P2 ...")
+    if needs and not given:
         raise MethodError(f"method {args.method!r} needs calibration data: --model BASE_DIR --prompts P1 P2 ... (one "
                           "prompts file per adapter), or --calibration C1 C2 ...")
-    files = args.prompts if args.prompts is not None else args.calibration
-    if len(files) != len(args.adapters):
+    if args.model and args.prompts is None:
+        raise CalibrationError("--model is used with --prompts (one prompts file per adapter); a saved --calibration "
+                               "already holds its model")
+    files = args.prompts if args.prompts is not None else args.calibration or []
+    if given and len(files) != len(args.adapters):
         raise CalibrationError(f"got {len(files)} {'prompts files' if args.prompts else 'calibrations'} for "
                                f"{len(args.adapters)} adapters; give one per adapter, in the same order")
     if args.prompts is not None and not args.model:
         raise CalibrationError("--prompts needs --model BASE_DIR (the base model the adapters were trained on)")
     for path in args.prompts or []:  # every file checked before the model is loaded
         read_prompts(path, max_prompts=args.max_prompts)
-    if args.calibration is not None and args.model:
-        raise CalibrationError("--model is only used with --prompts; a saved --calibration already holds its model")
 
 
 @contextlib.contextmanager
-def calibrations_for_merge(args: argparse.Namespace, adapters: list):
-    """The merge's calibrations: loaded (--calibration), or computed now (--model/--prompts) into a temporary
-    folder beside the output (removed afterwards), so that even a large model's Grams are never all in memory."""
+def calibrations_for_merge(args: argparse.Namespace, adapters: list, model=None, tokenizer=None, *,
+                           union: bool = False):
+    """The merge's calibrations: loaded (--calibration), or computed now (--model/--prompts, with the loaded
+    `model`) into a temporary folder beside the output (removed afterwards), so that even a large model's
+    Grams are never all in memory. `union`: every adapter's prompts calibrate the modules of all adapters
+    (what scoring candidates needs), not only its own adapter's."""
     if getattr(args, "calibration", None):
         yield [load_calibration(path) for path in args.calibration]
         return
-    if not getattr(args, "prompts", None):
+    if not getattr(args, "prompts", None) or model is None:
         yield None
         return
     output = Path(args.output).resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-calibration", dir=output.parent))
+    everything = list(dict.fromkeys(m for a in adapters for m in a))
     try:
-        model, tokenizer = load_model(args.model, device=args.device, quiet=args.quiet)
         calibrations = []
         for index, (adapter, prompts) in enumerate(zip(adapters, args.prompts)):
             calibrations.append(calibrate(
-                model, prompts, tokenizer=tokenizer, modules=list(adapter), adapter=adapter
-                if args.activations == "adapted" else None, output=work / str(index), progress=not args.quiet,
-                **_calibration_options(args)))
+                model, prompts, tokenizer=tokenizer, modules=everything if union else list(adapter),
+                adapter=adapter if args.activations == "adapted" else None, output=work / str(index),
+                progress=not args.quiet, **_calibration_options(args)))
             calibrations[-1].metadata["model"] = args.model
-        del model
         yield calibrations
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,145 @@
+"""The evidence side of the `lora-lego` command: `score`, `merge --method auto` / `-p scale=auto`, and the
+retention table printed after a merge given --model/--prompts (thin, over `auto.merge_auto` and `auto.score`)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from .auto import merge_auto, score
+from .calibrate import load_model
+from .card import retention_png
+from .cli_calibration import add_calibration_options, calibrations_for_merge, check_calibration_args
+from .errors import MethodError, OutputError
+from .formats import harmonise, load_adapter
+from .merge import check_device, merge
+from .score import POSITIONS, Scores
+from .writing import check_report_path, write_json_atomic
+
+DATA_FREE_NOTE = ("note: data-free merges vary with the adapters (no rule without data suits every set); give "
+                  "--model BASE_DIR --prompts P1 P2 ... to measure what each adapter keeps, and --method auto to "
+                  "choose the method and scale on them")
+
+
+def add_evidence_options(group) -> None:
+    group.add_argument("--positions", choices=POSITIONS, default="last",
+                       help="score the next token after each prompt (last, default) or every prompt position (all)")
+
+
+def add_score_parser(commands) -> None:
+    cmd = commands.add_parser("score", help="what each adapter keeps in a merge, on its own unlabeled prompts")
+    cmd.add_argument("merged", metavar="MERGED", help="the merged adapter (folder or file)")
+    cmd.add_argument("--adapters", nargs="+", required=True, metavar="ADAPTER", help="the source adapters, in order")
+    cmd.add_argument("--model", required=True, help="base model folder (transformers)")
+    cmd.add_argument("--prompts", nargs="+", required=True, metavar="FILE", help="one prompts file per adapter")
+    cmd.add_argument("--calibration", nargs="+", metavar="CALIB",
+                     help="saved calibrations, one per adapter: adds the Gram proxy's retention")
+    cmd.add_argument("--report", metavar="FILE.json", help="write the scores here as JSON")
+    cmd.add_argument("--plot", metavar="FILE.png", help="write a bar chart of retention per adapter here")
+    cmd.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda or cuda:N")
+    cmd.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_evidence_options(cmd)
+    add_calibration_options(cmd)
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from .calibration import load_calibration
+    from .cli_calibration import _calibration_options
+
+    check_device(args.device)
+    if len(args.prompts) != len(args.adapters):
+        raise MethodError(f"got {len(args.prompts)} prompts files for {len(args.adapters)} adapters; give one per "
+                          "adapter, in the same order")
+    if args.calibration is not None and len(args.calibration) != len(args.adapters):
+        raise MethodError(f"got {len(args.calibration)} calibrations for {len(args.adapters)} adapters; give one per "
+                          "adapter, in the same order")
+    inputs = [args.merged, *args.adapters, *args.prompts]
+    for path, suffix in ((args.report, ".json"), (args.plot, ".png")):
+        if path is not None:
+            if not path.endswith(suffix):
+                raise OutputError(f"{path!r}: expected a {suffix} file name")
+            check_report_path(path, inputs, args.merged)
+    started = time.perf_counter()
+    adapters = harmonise([load_adapter(p, lazy=True) for p in [args.merged, *args.adapters]])
+    merged, sources = adapters[0], adapters[1:]
+    calibrations = [load_calibration(p) for p in args.calibration] if args.calibration else None
+    options = _calibration_options(args)
+    result = score(merged, sources, model=args.model, prompts=args.prompts, calibration=calibrations,
+                   positions=args.positions, max_prompts=options["max_prompts"], max_length=options["max_length"],
+                   batch_size=options["batch_size"], device=args.device, progress=not args.quiet)
+    print(scores_table(result))
+    write_scores(result, args.report, args.plot)
+    print(f"score: {len(sources)} adapter(s) in {args.merged}, {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def write_scores(result: Scores, report: str | None, plot: str | None) -> None:
+    if report:
+        write_json_atomic(report, result.to_dict())
+    if plot:
+        image = retention_png(dict(zip(result.names, result.retention)))
+        if image is None:
+            raise OutputError(f"--plot {plot!r} needs matplotlib (pip install matplotlib)")
+        partial = Path(plot).with_name(f".{Path(plot).name}.partial")
+        partial.write_bytes(image)
+        partial.replace(plot)
+
+
+def scores_table(result: Scores) -> str:
+    """The per-adapter table: retention, the two divergences, and the Gram proxy when computed."""
+    width = max(len("adapter"), *(len(n) for n in result.names))
+    head = f"{'adapter':<{width}}  retention  KL(task||merged)  KL(task||base)" + ("  proxy" if result.proxy else "")
+    lines = [head]
+    for i, name in enumerate(result.names):
+        line = f"{name:<{width}}  {result.retention[i]:>9.3f}  {result.kl_merged[i]:>16.4g}  {result.kl_base[i]:>14.4g}"
+        lines.append(line + (f"  {result.proxy[i]:>5.3f}" if result.proxy else ""))
+    worst = result.names[result.retention.index(result.worst)]
+    lines.append(f"mean retention {result.mean:.3f}, worst {result.worst:.3f} ({worst}); {result.positions} "
+                 "position(s) of each adapter's prompts; 1 = like the task model, 0 = like the base model")
+    return "\n".join(lines)
+
+
+def candidates_table(auto: dict[str, Any], names: list[str]) -> str:
+    short = [n.rstrip("/").split("/")[-1][:12] for n in names]
+    lines = [f"{'candidate':<34} {'mean':>6} {'worst':>6}  " + " ".join(f"{s:>12}" for s in short)]
+    for c in auto["candidates"]:
+        mark = "*" if c["label"] == auto["chosen"] else " "
+        lines.append(f"{mark}{c['label']:<33} {c['mean_retention']:>6.3f} {c['worst_retention']:>6.3f}  "
+                     + " ".join(f"{r:>12.3f}" for r in c["retention"]))
+    return "\n".join(lines)
+
+
+def merge_with_evidence(args: argparse.Namespace, adapters: list, method: str, params: dict[str, Any], *,
+                        needs: bool, choose: bool):
+    """The merge of the CLI: plain, scored on --prompts when given, or chosen by retention (auto, scale=auto).
+    Returns (merged adapter, Scores or None)."""
+    weights = getattr(args, "weights", None)
+    model = tokenizer = None
+    if args.command == "merge" and args.prompts is not None:
+        model, tokenizer = load_model(args.model, device=args.device, quiet=args.quiet)
+    options = {"max_prompts": args.max_prompts, "max_length": args.max_length, "batch_size": args.batch_size} \
+        if args.command == "merge" else {}
+    with calibrations_for_merge(args, adapters, model, tokenizer, union=choose) as calibrations:
+        if choose:
+            rank = params.pop("rank", None)
+            methods = None if method == "auto" else [" ".join([method, *(f"{k}={v}" for k, v in params.items())])]
+            merged = merge_auto(adapters, model=model, tokenizer=tokenizer, prompts=args.prompts,
+                                calibration=calibrations, rank=rank, methods=methods, weights=weights, seed=args.seed,
+                                positions=args.positions, progress=not args.quiet, threads=args.threads,
+                                device=args.device, **options)
+            retention = merged.metadata["provenance"]["retention"]
+            return merged, Scores(list(retention), list(retention.values()), [], [], args.positions, [])
+        merged = merge(adapters, method, weights=weights, seed=args.seed, progress=not args.quiet,
+                       threads=args.threads, device=args.device, calibration=calibrations if needs else None,
+                       pico=args.pico, **params)
+        if model is None:
+            return merged, None
+        result = score(merged, adapters, model=model, tokenizer=tokenizer, prompts=args.prompts,
+                       positions=args.positions, progress=not args.quiet, **options)
+        merged.metadata["provenance"]["retention"] = dict(zip(result.names, result.retention))
+        return merged, result
+
+
+__all__ = ["add_score_parser", "run_score", "merge_with_evidence", "check_calibration_args", "DATA_FREE_NOTE"]
