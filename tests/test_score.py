@@ -16,7 +16,10 @@ from conftest import make_peft_adapter, tiny_llama_folder, write_prompts  # noqa
 import lora_lego as ll  # noqa: E402
 from lora_lego.auto import Candidate, choose, merge_auto, scaled  # noqa: E402
 from lora_lego.calibrate import load_model, read_prompts  # noqa: E402
-from lora_lego.score import Scorer, Scores, best_scale, gram_terms, log_bins, proxy_retention  # noqa: E402
+from lora_lego.score import (  # noqa: E402
+    Scorer, Scores, best_scale, gram_terms, log_bins, module_proxy_retention, module_scales, module_terms,
+    proxy_retention,
+)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +64,8 @@ def test_retention_matches_a_dense_kl_and_is_exact_at_the_ends(setup, positions)
     scores = scorer.scores(merged)
     for t, adapter in enumerate([a, b]):  # vocabulary 100 <= top_k: the binned KL is the full KL
         texts = setup["prompts"][t]
-        assert scores.kl_merged[t] == pytest.approx(dense_kl(model, tokenizer, texts, adapter, merged, positions), rel=1e-4)
+        expected = dense_kl(model, tokenizer, texts, adapter, merged, positions)
+        assert scores.kl_merged[t] == pytest.approx(expected, rel=1e-4)
         assert scores.kl_base[t] == pytest.approx(dense_kl(model, tokenizer, texts, adapter, None, positions), rel=1e-4)
     assert scorer.scores(a).retention[0] == 1.0  # the task model itself
     assert scorer.scores(b).retention[1] == 1.0
@@ -103,6 +107,10 @@ def test_gram_proxy_equals_dense_output_changes_and_best_scale_maximises_it(setu
     s = best_scale(terms)
     mean = lambda scale: sum(proxy_retention(terms, scale)) / 2  # noqa: E731
     assert mean(s) >= max(mean(s * 0.9), mean(s * 1.1), mean(1.0))
+    per_module = module_terms(merged, [a, b], calibrations)  # per-module scales: never worse in the proxy
+    assert module_proxy_retention(per_module, {m: 1.0 for m in per_module}) == pytest.approx(proxy_retention(terms))
+    assert module_proxy_retention(per_module, {m: s for m in per_module}) == pytest.approx(proxy_retention(terms, s))
+    assert sum(module_proxy_retention(per_module, module_scales(per_module))) / 2 >= mean(s) - 1e-12
 
 
 def scores(mean_parts: list[float]) -> Scores:

@@ -188,27 +188,48 @@ def prompt_sets(prompts: Sequence[str | Sequence[str]], *, max_prompts: int | No
     return sets
 
 
-def gram_terms(merged: Adapter, adapters: Sequence[Adapter], calibrations: Sequence[Any]) -> list[tuple[float, float, float]]:
+def gram_terms(merged: Adapter, adapters: Sequence[Adapter],
+               calibrations: Sequence[Any]) -> list[tuple[float, float, float]]:
     """For each adapter t, (e, c, d) = sums over modules of <D, D>, <D, D_t> and <D_t, D_t> in the metric of
     t's input Gram (`lowrank.inner`), D the merged delta and D_t adapter t's (0 where it lacks the module).
 
     Modules that t's calibration does not cover are left out. From these, the merge scaled by s leaves
     ||X_t (s D - D_t)||^2 = s^2 e - 2 s c + d of t's output change on its inputs (`proxy_retention`).
     """
-    terms = []
-    for adapter, calibration in zip(adapters, calibrations):
-        e = c = d = 0.0
-        for module in dict.fromkeys([*merged, *adapter]):
+    per_module = module_terms(merged, adapters, calibrations)
+    return [tuple(sum(terms[t][i] for terms in per_module.values()) for i in range(3)) for t in range(len(adapters))]
+
+
+def module_terms(merged: Adapter, adapters: Sequence[Adapter],
+                 calibrations: Sequence[Any]) -> dict[str, list[tuple[float, float, float]]]:
+    """`gram_terms` per module: module -> [(e, c, d) of each adapter] (zeros where a calibration lacks it)."""
+    result: dict[str, list[tuple[float, float, float]]] = {}
+    for module in dict.fromkeys([*merged, *(m for a in adapters for m in a)]):
+        row = []
+        for adapter, calibration in zip(adapters, calibrations):
             if module not in calibration:
+                row.append((0.0, 0.0, 0.0))
                 continue
             gram = calibration.gram(module)
             own = adapter[module] if module in adapter else None
-            if module in merged:
-                e += inner(merged[module], merged[module], gram)
-                c += inner(merged[module], own, gram) if own is not None else 0.0
-            d += inner(own, own, gram) if own is not None else 0.0
-        terms.append((e, c, d))
-    return terms
+            mine = merged[module] if module in merged else None
+            row.append((inner(mine, mine, gram) if mine is not None else 0.0,
+                        inner(mine, own, gram) if mine is not None and own is not None else 0.0,
+                        inner(own, own, gram) if own is not None else 0.0))
+        result[module] = row
+    return result
+
+
+def module_scales(per_module: dict[str, list[tuple[float, float, float]]]) -> dict[str, float]:
+    """A scale per module that maximises the mean proxy retention (`best_scale` with each adapter's total d_t as
+    its normaliser, module by module); 1.0 for a module the merge leaves empty on every adapter's inputs."""
+    totals = [sum(terms[t][2] for terms in per_module.values()) for t in range(len(next(iter(per_module.values()))))]
+    scales = {}
+    for module, terms in per_module.items():
+        energy = sum(e / d for (e, _, _), d in zip(terms, totals) if d > 0)
+        cross = sum(c / d for (_, c, _), d in zip(terms, totals) if d > 0)
+        scales[module] = cross / energy if energy > 0 else 1.0
+    return scales
 
 
 def proxy_retention(terms: Sequence[tuple[float, float, float]], scale: float = 1.0) -> list[float]:
@@ -223,3 +244,13 @@ def best_scale(terms: Sequence[tuple[float, float, float]]) -> float:
     usable = [(e, c, d) for e, c, d in terms if d > 0]
     energy = sum(e / d for e, _, d in usable)
     return sum(c / d for _, c, d in usable) / energy if energy > 0 else 1.0
+
+
+def module_proxy_retention(per_module: dict[str, list[tuple[float, float, float]]],
+                           scales: dict[str, float]) -> list[float]:
+    """`proxy_retention` with each module's merged delta multiplied by its own scale."""
+    n = len(next(iter(per_module.values())))
+    change = [sum(scales[m] ** 2 * terms[t][0] - 2 * scales[m] * terms[t][1] + terms[t][2]
+                  for m, terms in per_module.items()) for t in range(n)]
+    own = [sum(terms[t][2] for terms in per_module.values()) for t in range(n)]
+    return [1 - c / d if d > 0 else math.nan for c, d in zip(change, own)]
