@@ -57,10 +57,19 @@ def test_merge_lego_writes_a_loadable_folder_and_report(capsys, folders, tmp_pat
     module = next(iter(data["modules"].values()))
     assert sum(module["cluster_sizes"]) == 16 and len(module["labels"]) == 16
     distance = sum(m["relative_error"] for m in data["modules"].values()) / len(data["modules"])
-    assert f"mean relative distance from the weighted sum of the deltas {distance:.3g}," in out
+    assert f"distance from the exact sum {distance:.3g} (0 = the weighted sum of the deltas" in out
+    assert "not a quality score" in out and "note: data-free merges vary with the adapters" in out
     code, out, _ = run(capsys, "inspect", str(report))
     assert code == 0 and "method lego" in out and "cluster sizes" in out
-    assert f"depart from it by design): mean {distance:.4f}" in out
+    assert f"so it is not a quality score): mean {distance:.4f}" in out
+    assert "retention: not measured" in out
+
+
+def test_exactly_cancelling_deltas_print_no_inf(capsys, folders, tmp_path):
+    code, out, err = run(capsys, "merge", folders[0], folders[0], "--weights", "1", "-1", "--method", "concat",
+                         "-o", str(tmp_path / "zero"), "-q")
+    assert code == 0, err
+    assert "sum inf" not in out and "2 module(s) whose deltas cancel exactly left out" in out
 
 
 def test_concat_with_weights_is_exact(capsys, folders, tmp_path):

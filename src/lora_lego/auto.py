@@ -144,7 +144,8 @@ def _search_scale(best: Candidate, merged: Adapter, scorer: Scorer, terms, tried
         current = best
         for _ in range(STEPS):
             scale = round(current.scale * factor, 4)
-            trial = Candidate(best.method, best.params, scale, scorer.scores(merged, scale), proxy_retention(terms, scale))
+            trial = Candidate(best.method, best.params, scale, scorer.scores(merged, scale),
+                              proxy_retention(terms, scale))
             tried.append(trial)
             if choose([current, trial]) is not trial:
                 break

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 import time
 import traceback
@@ -16,13 +15,13 @@ from . import __version__
 from .calibration import FILE_NAME as CALIBRATION_FILE
 from .calibration import load_calibration
 from .cli_calibration import add_calibration_options, check_calibration_args, run_calibrate
-from .cli_score import (DATA_FREE_NOTE, add_evidence_options, add_score_parser, candidates_table, merge_with_evidence,
-                        run_score, scores_table)
+from .cli_score import (DATA_FREE_NOTE, add_evidence_options, add_score_parser, candidates_table, distance_words,
+                        merge_with_evidence, run_score, scores_table)
 from .cli_apply import add_apply_parser, run_apply
 from .cli_convert import add_input_options, add_output_format, add_target_option, inspect_target, run_convert
 from .errors import LoraLegoError, MethodError, TargetError
 from .inspect import describe_adapters, describe_report
-from .merge import check_device, merge, scale_rule
+from .merge import check_device, scale_rule
 from .formats import available_formats, harmonise, load_adapter, output_format, save_adapter
 from .registry import DEFAULT_METHOD, available_methods, get_method
 from .targets import TARGETS, check_loads, fit_rank, get_target
@@ -131,7 +130,8 @@ def _add_common(command: argparse.ArgumentParser, *, rank_required: bool) -> Non
     command.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     command.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                          help="method parameter, repeatable (e.g. -p n_init=20); -p scale=norm works with every "
-                         "method (each module rescaled to the inputs' mean norm); -p scale=auto (with --model/--prompts) "
+                         "method (each module rescaled to the inputs' mean norm); -p scale=auto (with "
+                         "--model/--prompts) "
                          "chooses the global scale by each adapter's retention on its prompts")
     command.add_argument("--pico", action="store_true", help="before the method, shrink the output directions the "
                          "adapters share (Pico, arXiv 2604.16826); implies -p scale=norm")
@@ -226,7 +226,7 @@ def _run_merge(args: argparse.Namespace) -> int:
     method = provenance["method"] + (f" (auto: {provenance['auto']['chosen']})" if choose else "")
     print(f"{args.command}: {len(adapters)} adapter(s) -> {args.output} ({written}) with {method}: {len(merged)} "
           f"modules, rank {'/'.join(map(str, ranks))}, {merged.num_parameters():,} parameters, "
-          f"{_distance(report, args.command)}"
+          f"{distance_words(report, args.command)}"
           + (f", mean retention {scores.mean:.3f} (worst {scores.worst:.3f})" if scores is not None else "")
           + f", {time.perf_counter() - started:.1f} s")
     if flag is not None:
@@ -234,19 +234,6 @@ def _run_merge(args: argparse.Namespace) -> int:
     if scores is None and args.command == "merge" and len(adapters) > 1 and not spec.needs_calibration:
         print(DATA_FREE_NOTE)
     return 0
-
-
-def _distance(report, command: str) -> str:
-    """What the per-module relative errors say, in words that nobody reads as a quality score."""
-    errors = [entry["relative_error"] for entry in report]
-    finite = [e for e in errors if math.isfinite(e)]
-    shown = f"{sum(finite) / len(finite):.3g}" if finite else "n/a"
-    shown += f" ({len(errors) - len(finite)} module(s) whose deltas cancel exactly left out)" if len(finite) < len(
-        errors) else ""
-    if command == "prune":
-        return f"relative error of the pruned deltas {shown} (0 = unchanged)"
-    return (f"distance from the exact sum {shown} (0 = the weighted sum of the deltas, which tsv, ties and iso_c "
-            "do not aim for: not a quality score)")
 
 
 def _run_methods(args: argparse.Namespace) -> int:

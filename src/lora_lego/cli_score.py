@@ -4,6 +4,7 @@ retention table printed after a merge given --model/--prompts (thin, over `auto.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -142,4 +143,18 @@ def merge_with_evidence(args: argparse.Namespace, adapters: list, method: str, p
         return merged, result
 
 
-__all__ = ["add_score_parser", "run_score", "merge_with_evidence", "check_calibration_args", "DATA_FREE_NOTE"]
+def distance_words(report, command: str) -> str:
+    """What the per-module relative errors say, in words that nobody reads as a quality score."""
+    errors = [entry["relative_error"] for entry in report]
+    finite = [e for e in errors if math.isfinite(e)]
+    shown = f"{sum(finite) / len(finite):.3g}" if finite else "n/a"
+    shown += f" ({len(errors) - len(finite)} module(s) whose deltas cancel exactly left out)" if len(finite) < len(
+        errors) else ""
+    if command == "prune":
+        return f"relative error of the pruned deltas {shown} (0 = unchanged)"
+    return (f"distance from the exact sum {shown} (0 = the weighted sum of the deltas, which tsv, ties and iso_c "
+            "do not aim for: not a quality score)")
+
+
+__all__ = ["add_score_parser", "run_score", "merge_with_evidence", "check_calibration_args", "DATA_FREE_NOTE",
+           "distance_words"]

@@ -116,10 +116,11 @@ def describe_report(path: str | Path) -> str:
         f"report {path}: method {provenance.get('method')} params {provenance.get('params')} seed {provenance.get('seed')}",
         f"  sources: {', '.join(provenance.get('sources', []))}",
         f"  modules: {len(modules)}; ranks: {', '.join(f'{r} ({n})' for r, n in sorted(ranks.items()))}",
-        f"  relative distance from the weighted sum of the deltas (0 for concat; ties, tsv, iso_c and the like "
-        f"depart from it by design): "
-        f"mean {sum(errors) / max(len(errors), 1):.4f}, max {max(errors, default=0.0):.4f}",
+        f"  distance from the exact weighted sum of the deltas (0 for concat; ties, tsv, iso_c and the like "
+        f"depart from it by design, so it is not a quality score): "
+        f"mean {_mean_finite(errors):.4f}, max {max(errors, default=0.0):.4f}",
     ]
+    lines += _retention_lines(provenance)
     sizes = [s for entry in modules.values() for s in entry.get("cluster_sizes", [])]
     if sizes:
         lines.append(f"  cluster sizes: mean {sum(sizes) / len(sizes):.2f}, max {max(sizes)}, singletons "
@@ -131,3 +132,22 @@ def describe_report(path: str | Path) -> str:
     worst = sorted(modules.items(), key=lambda item: -item[1]["relative_error"])[:3]
     lines += [f"  worst: {m} error {e['relative_error']:.4f} rank {e['rank']}" for m, e in worst]
     return "\n".join(lines)
+
+
+def _mean_finite(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def _retention_lines(provenance: dict) -> list[str]:
+    """Retention per adapter (measured on its own prompts: 1 = like the task model, 0 = like the base model)."""
+    retention = provenance.get("retention")
+    if not retention:
+        return ["  retention: not measured (merge with --model BASE --prompts ..., or `lora-lego score`)"]
+    lines = ["  retention on each adapter's own prompts (1 - KL(task||merged) / KL(task||base); 1 = like the task "
+             "model, 0 = like the base model):"]
+    lines += [f"    {name}: {value:.3f}" for name, value in retention.items()]
+    auto = provenance.get("auto")
+    if auto:
+        lines.append(f"  auto chose {auto['chosen']} among {len(auto['candidates'])} candidates")
+    return lines
