@@ -12,6 +12,7 @@ from typing import Sequence
 
 from .assets import base_model_dir, cache_dir
 from .calibrated import calibrated_table
+from .evidence import evidence_table
 from .protocol import protocol_table
 from .experiments import EXPERIMENTS as DATA_FREE_EXPERIMENTS
 from .experiments import Bench
@@ -21,7 +22,8 @@ from .report import write
 from .tasks import DEFAULT_TASKS, get_task
 
 QUICK_TASKS = ("rt_polarity", "hyperbaton")
-EXPERIMENTS = {**DATA_FREE_EXPERIMENTS, "calibrated": calibrated_table, "protocol": protocol_table}
+EXPERIMENTS = {**DATA_FREE_EXPERIMENTS, "calibrated": calibrated_table, "protocol": protocol_table,
+               "evidence": evidence_table}
 
 
 def run(experiments: Sequence[str], *, cache: str | Path | None = None, out: str | Path | None = None,
