@@ -20,6 +20,8 @@ from .cli_convert import add_input_options, add_output_format, add_target_option
 from .errors import LoraLegoError, MethodError, TargetError
 from .inspect import describe_adapters, describe_report
 from .merge import check_device, merge, scale_rule
+from .oserrors import os_errno, reason
+from .signals import BROKEN_PIPE, INTERRUPTED, TERMINATED, Terminated, command_signals, silence_stdout
 from .formats import available_formats, harmonise, load_adapter, output_format, save_adapter
 from .registry import DEFAULT_METHOD, available_methods, get_method
 from .targets import TARGETS, check_loads, fit_rank, get_target
@@ -140,15 +142,21 @@ def _add_common(command: argparse.ArgumentParser, *, rank_required: bool) -> Non
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 2 bad input, 1 internal error)."""
+    """Run the CLI; returns the exit code (0 ok, 2 bad input, 1 internal error, 130 / 143 interrupted /
+    terminated, 141 stdout closed early)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s: %(message)s")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), command_signals():
         warnings.showwarning = _show_warning
         try:
             args = build_parser().parse_args(argv)
-            return _COMMANDS[args.command](args)
+            code = _COMMANDS[args.command](args)
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+            return code
+        except BrokenPipeError:  # `lora-lego methods | head -1`: the reader has all it wants
+            silence_stdout()
+            return BROKEN_PIPE
         except (LoraLegoError, _UsageError) as error:
             if debug:
                 traceback.print_exc()
@@ -156,10 +164,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)
-            return 130
+            return INTERRUPTED
+        except Terminated:
+            print("error: terminated", file=sys.stderr)
+            return TERMINATED
         except Exception as error:  # a bug: still one line unless --debug
             if debug:
                 traceback.print_exc()
+            if os_errno(error) is not None:  # an OS-level failure outside the writers (which raise OutputError)
+                where = f" ({error.filename!r})" if getattr(error, "filename", None) else ""
+                print(f"error: {reason(error)}{where}", file=sys.stderr)
+                return 2
             print(f"error: internal error ({type(error).__name__}: {_one_line(error)}); "
                   "run with --debug for the traceback", file=sys.stderr)
             return 1

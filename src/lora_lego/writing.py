@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .errors import OutputError
+from .oserrors import output_error, reason
 from .types import Adapter
 
 DTYPES = {
@@ -102,15 +103,15 @@ def atomic_folder(path: str | Path, *, overwrite: bool = False) -> Iterator[Path
         temporary = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=parent))
         os.chmod(temporary, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide the output from other users
     except OSError as error:
-        raise OutputError(f"cannot write output {str(path)!r}: {error.strerror or error}") from None
+        raise OutputError(f"cannot write output {str(path)!r}: {reason(error)}") from None
     try:
         yield temporary
         _replace(temporary, final)
-    except OSError as error:
+    except BaseException as error:
         shutil.rmtree(temporary, ignore_errors=True)
-        raise OutputError(f"cannot write output {str(path)!r}: {error.strerror or error}") from None
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
+        translated = output_error(f"output {str(path)!r}", error)  # full disk, ulimit -f, ...: one typed error
+        if translated is not None:
+            raise translated from None
         raise
 
 
@@ -168,4 +169,6 @@ def write_json_atomic(path: str | Path, data: object) -> None:
             stream.write("\n")
         os.replace(temporary, final)
     except OSError as error:
-        raise OutputError(f"cannot write {str(path)!r}: {error.strerror or error}") from None
+        with contextlib.suppress(NameError, OSError):
+            os.unlink(temporary)
+        raise OutputError(f"cannot write {str(path)!r}: {reason(error)}") from None

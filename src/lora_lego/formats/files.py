@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from ..errors import AdapterFormatError, OutputError
+from ..oserrors import output_error, reason
 from ..tensorfile import TensorFileError, TensorInfo, TensorWriter, read_header, read_tensor
 from ..types import Adapter
 from ..writing import check_output_path, current_umask, source_folders
@@ -50,16 +51,16 @@ def atomic_file(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
         os.close(handle)
         os.chmod(name, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the output from other users
     except OSError as error:
-        raise OutputError(f"cannot write output {str(path)!r}: {error.strerror or error}") from None
+        raise OutputError(f"cannot write output {str(path)!r}: {reason(error)}") from None
     temporary = Path(name)
     try:
         yield temporary
         os.replace(temporary, final)
-    except OSError as error:
+    except BaseException as error:
         temporary.unlink(missing_ok=True)
-        raise OutputError(f"cannot write output {str(path)!r}: {error.strerror or error}") from None
-    except BaseException:
-        temporary.unlink(missing_ok=True)
+        translated = output_error(f"output {str(path)!r}", error)  # full disk, ulimit -f, ...: one typed error
+        if translated is not None:
+            raise translated from None
         raise
 
 
