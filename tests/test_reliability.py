@@ -176,6 +176,11 @@ CASES: dict[str, Callable[[Callable, Path], Bad]] = {
                                                params={"bogus": "1"}, about="none"),
     "ill-typed-parameter": lambda make, tmp: Bad([make("a")], MethodError, "'n_init' must be an integer",
                                                  params={"n_init": "x"}, about="none"),
+    "int-parameter-overflows": lambda make, tmp: Bad([make("a")], MethodError, "'n_init' must be an integer of "
+                                                     "magnitude at most 2147483647", params={"n_init": "9" * 23},
+                                                     about="none"),
+    "float-parameter-overflows": lambda make, tmp: Bad([make("a")], MethodError, "'tol' must be a finite number",
+                                                       params={"tol": "1e400"}, about="none"),
     "dora": lambda make, tmp: Bad([make("dora", use_dora=True)], AdapterFormatError, "DoRA"),
     "lora-bias": lambda make, tmp: Bad([make("bias", lora_bias=True)], AdapterFormatError, "lora_bias"),
     "output-exists": lambda make, tmp: Bad([make("a")], OutputError, "already exists", output=_existing(tmp / "out"),
