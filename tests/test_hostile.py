@@ -4,6 +4,7 @@ permissions, read-only file system, interrupted calls), a closed stdout pipe, Ct
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import sys
 import time
 
 import pytest
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from conftest import file_checksums
 from lora_lego.cli import main
@@ -100,3 +101,95 @@ def test_ctrl_c_during_start_up_is_one_line_exit_130():
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=300)
     assert (process.returncode, err, out) == (130, "error: interrupted\n", "")
+
+
+# a merge that, once its output is written in the temporary folder, prints "ready" and waits for a file
+WAITING_WRITER = """
+import pathlib, sys, time
+import safetensors.torch
+
+real_save_file = safetensors.torch.save_file
+
+def save_then_wait(tensors, filename, metadata=None):
+    real_save_file(tensors, filename, metadata=metadata)
+    print("ready", flush=True)
+    while not pathlib.Path(sys.argv[1]).exists():
+        time.sleep(0.01)
+
+safetensors.torch.save_file = save_then_wait  # before lora_lego imports it
+from lora_lego.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _writer(go, args):
+    return subprocess.Popen([sys.executable, "-c", WAITING_WRITER, str(go), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_two_merges_racing_to_one_new_output_exactly_one_wins(tmp_path, peft_adapter):
+    a, b = peft_adapter("a"), peft_adapter("b", r=2)
+    out, go = tmp_path / "outputs" / "merged", tmp_path / "go"
+    racers = [_writer(go, ["merge", str(a), str(b), "-o", str(out), "--method", method, "-q"])
+              for method in ("concat", "tsv")]
+    try:
+        for racer in racers:  # both passed every check and wrote their temporary folder: a real race
+            assert racer.stdout.readline().strip() == "ready"
+        go.touch()
+        results = [(racer.wait(timeout=300), racer.stderr.read()) for racer in racers]
+    finally:
+        for racer in racers:
+            racer.kill()
+            racer.stdout.close()
+            racer.stderr.close()
+    assert sorted(code for code, _ in results) == [0, 2], results
+    (loser,) = [err for code, err in results if code == 2]
+    assert loser.strip().splitlines() == [f"error: output {str(out)!r} already exists (written meanwhile by another "
+                                          "run? pass --overwrite / overwrite=True to replace it)"]
+    winner = ("concat", "tsv")[[code for code, _ in results].index(0)]
+    with safe_open(out / "adapter_model.safetensors", "pt") as written:  # the winner's output, not replaced
+        assert json.loads(written.metadata()["lora_lego"])["method"] == winner
+    assert [p.name for p in out.parent.iterdir()] == ["merged"]  # the loser's temporary is gone
+
+
+def test_sigterm_while_writing_removes_the_temporary(tmp_path, peft_adapter):
+    a = peft_adapter("a")
+    out, go = tmp_path / "outputs" / "merged", tmp_path / "never"
+    writer = _writer(go, ["merge", str(a), "-o", str(out), "--method", "concat", "-q"])
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        assert len(list(out.parent.iterdir())) == 1  # the temporary folder
+        writer.send_signal(signal.SIGTERM)
+        code, err = writer.wait(timeout=300), writer.stderr.read()
+    finally:
+        writer.kill()
+        writer.stdout.close()
+        writer.stderr.close()
+    assert (code, err) == (143, "error: terminated\n")
+    assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["renameat2", "link-or-mkdir"])
+def test_rename_no_replace(tmp_path, monkeypatch, fallback):
+    from lora_lego import noreplace
+
+    if fallback:
+        monkeypatch.setattr(noreplace, "_renameat2", None)
+    source = tmp_path / "s"
+    for existing in ("file", "empty-folder", "folder", "dangling-link"):
+        target = tmp_path / existing
+        {"file": target.touch, "empty-folder": target.mkdir, "folder": lambda: (target / "x").mkdir(parents=True),
+         "dangling-link": lambda: target.symlink_to(tmp_path / "nowhere")}[existing]()
+        for make in (lambda: source.write_text("new"), source.mkdir):
+            make()
+            with pytest.raises(FileExistsError):
+                noreplace.rename_no_replace(source, target)
+            assert source.exists()
+            (source.rmdir if source.is_dir() else source.unlink)()
+    source.write_text("new")
+    noreplace.rename_no_replace(source, tmp_path / "fresh")
+    assert (tmp_path / "fresh").read_text() == "new" and not source.exists()
+    source.mkdir()
+    (source / "f").write_text("x")
+    noreplace.rename_no_replace(source, tmp_path / "fresh-folder")
+    assert (tmp_path / "fresh-folder" / "f").read_text() == "x" and not source.exists()

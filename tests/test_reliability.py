@@ -4,6 +4,7 @@ are left untouched; a merge killed while writing leaves only a temporary folder 
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -114,6 +115,17 @@ def _existing(path: Path, folder: bool = True) -> Path:
     return path
 
 
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def _link(path: Path, target: Path) -> Path:
+    target.write_text("someone else's file")
+    path.symlink_to(target)
+    return path
+
+
 def _half(path: Path) -> bytes:
     return path.read_bytes()[: path.stat().st_size // 2]
 
@@ -193,6 +205,14 @@ CASES: dict[str, Callable[[Callable, Path], Bad]] = {
                                                  output=_existing(tmp / "file.txt", folder=False) / "out", about="output"),
     "output-in-read-only-folder": lambda make, tmp: Bad([make("a")], OutputError, "is not writable",
                                                         output=_read_only_folder(tmp) / "out", about="output"),
+    "output-dot": lambda make, tmp: Bad([make("a")], OutputError, "names a current or parent folder",
+                                        output=Path("."), about="output"),
+    "output-fifo": lambda make, tmp: Bad([make("a")], OutputError, "is a fifo; expected a regular file or folder",
+                                         output=_fifo(tmp / "fifo"), overwrite=True, about="output"),
+    "report-exists": lambda make, tmp: Bad([make("a")], OutputError, "already exists (pass --overwrite",
+                                           report=_existing(tmp / "report.json", folder=False), about="none"),
+    "report-symlink": lambda make, tmp: Bad([make("a")], OutputError, "is a symbolic link", overwrite=True,
+                                            report=_link(tmp / "report.json", tmp / "elsewhere.json"), about="none"),
     "report-inside-input": lambda make, tmp: Bad([make("a")], OutputError, "lies inside input adapter",
                                                  report=tmp / "inputs" / "a" / "report.json"),
 }
@@ -250,7 +270,7 @@ def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(build, tmp_path, pe
     assert snapshot(tmp_path) == before
 
 
-API_CASES = {key: build for key, build in CASES.items() if key != "report-inside-input"}  # --report is CLI only
+API_CASES = {key: build for key, build in CASES.items() if not key.startswith("report-")}  # --report is CLI only
 
 
 @pytest.mark.parametrize("build", API_CASES.values(), ids=API_CASES.keys())

@@ -197,7 +197,7 @@ def _run_merge(args: argparse.Namespace) -> int:
                           f"{args.output!r} ({written})")
     check_output_path(args.output, args.adapters, overwrite=args.overwrite)
     if args.report:  # checked before any work: a report that cannot be written must not leave an output behind
-        check_report_path(args.report, args.adapters, args.output)
+        check_report_path(args.report, args.adapters, args.output, overwrite=args.overwrite)
     started = time.perf_counter()
     adapters = harmonise([load_adapter(path, lazy=True, expand=args.expand, expand_rank=args.expand_rank,
                                        base_config=args.base_config)
@@ -218,7 +218,7 @@ def _run_merge(args: argparse.Namespace) -> int:
                  base_config=args.base_config)
     if args.report:
         write_json_atomic(args.report, {"provenance": merged.metadata["provenance"],
-                                        "modules": merged.metadata["report"]})
+                                        "modules": merged.metadata["report"]}, overwrite=args.overwrite)
     report = merged.metadata["report"].values()
     ranks = sorted({entry["rank"] for entry in report})
     error = sum(entry["relative_error"] for entry in report) / max(len(report), 1)
