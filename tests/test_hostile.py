@@ -193,3 +193,18 @@ def test_rename_no_replace(tmp_path, monkeypatch, fallback):
     (source / "f").write_text("x")
     noreplace.rename_no_replace(source, tmp_path / "fresh-folder")
     assert (tmp_path / "fresh-folder" / "f").read_text() == "x" and not source.exists()
+
+
+@pytest.mark.parametrize("name", ["out.safetensors", "out"], ids=["diffusers-file", "peft-folder"])
+def test_values_that_overflow_the_output_dtype_are_refused_before_writing(tmp_path, name):
+    import torch
+
+    from lora_lego import Adapter, LoraFactors, save_adapter
+    from lora_lego.errors import OutputError
+
+    module = "model.layers.0.self_attn.q_proj"
+    adapter = Adapter({module: LoraFactors(torch.full((2, 8), 1e5), torch.full((8, 2), 1e-5))}, {}, name="big")
+    with pytest.raises(OutputError, match=rf"output '.*{name}', module '{module}': lora_A would hold NaN or Inf in "
+                                          r"float16 \(largest \|value\| 1e\+05 does not fit"):
+        save_adapter(adapter, tmp_path / name, dtype="fp16")  # finite in float32, above float16's 65504
+    assert list(tmp_path.iterdir()) == []

@@ -49,6 +49,7 @@ class Bad:
     output: Path | None = None  # default: tmp_path / "out"
     overwrite: bool = False
     report: Path | None = None  # CLI only
+    dtype: str | None = None
 
 
 def _tensor(key: str, value) -> Callable[[dict], None]:
@@ -205,6 +206,9 @@ CASES: dict[str, Callable[[Callable, Path], Bad]] = {
                                                  output=_existing(tmp / "file.txt", folder=False) / "out", about="output"),
     "output-in-read-only-folder": lambda make, tmp: Bad([make("a")], OutputError, "is not writable",
                                                         output=_read_only_folder(tmp) / "out", about="output"),
+    "fp16-overflow": lambda make, tmp: Bad([_edited(make, "a", tensors=_poison(V0, 1e5))], OutputError,
+                                           "lora_A would hold NaN or Inf in float16", [V0], method="concat",
+                                           dtype="fp16", about="output"),
     "output-dot": lambda make, tmp: Bad([make("a")], OutputError, "names a current or parent folder",
                                         output=Path("."), about="output"),
     "output-fifo": lambda make, tmp: Bad([make("a")], OutputError, "is a fifo; expected a regular file or folder",
@@ -234,6 +238,8 @@ def cli_argv(bad: Bad, output: Path) -> list[str]:
         argv.append("--overwrite")
     if bad.report is not None:
         argv += ["--report", str(bad.report)]
+    if bad.dtype is not None:
+        argv += ["--dtype", bad.dtype]
     return argv
 
 
@@ -241,7 +247,7 @@ def api_merge(bad: Bad, output: Path) -> None:
     """The same merge through the Python API: load, merge, save."""
     adapters = [ll.load_adapter(path) for path in bad.adapters]
     merged = ll.merge(adapters, bad.method, weights=bad.weights, seed=0, **bad.params)
-    ll.save_adapter(merged, output, overwrite=bad.overwrite)
+    ll.save_adapter(merged, output, overwrite=bad.overwrite, dtype=bad.dtype)
 
 
 def assert_names(message: str, bad: Bad, output: Path) -> None:

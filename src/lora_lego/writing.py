@@ -45,6 +45,22 @@ def output_dtype(adapter: Adapter, dtype: str | torch.dtype | None) -> torch.dty
     return dtype_from_name(dtype)
 
 
+def cast_finite(tensor: torch.Tensor, dtype: torch.dtype, what: str, *, inherited_ok: bool = False) -> torch.Tensor:
+    """`tensor` cast to `dtype`, checked before it is written: OutputError naming `what` when an entry is NaN
+    or Inf after the cast (e.g. above 65504 in float16). `inherited_ok`: a tensor lora-lego did not change
+    may keep the NaN / Inf it already had (only what the cast or the work produced is refused)."""
+    out = tensor.to(dtype)
+    if not out.is_floating_point() or bool(torch.isfinite(out).all()):
+        return out
+    source_finite = bool(torch.isfinite(tensor).all())
+    if inherited_ok and not source_finite:
+        return out
+    name = str(dtype).removeprefix("torch.")
+    why = (f"largest |value| {tensor.detach().abs().max().item():.3g} does not fit {name}; write a wider dtype "
+           "(fp32 or bf16) or smaller values" if source_finite else "the values themselves are not finite")
+    raise OutputError(f"{what} would hold NaN or Inf in {name} ({why}); nothing was written")
+
+
 def check_output_path(output: str | Path, inputs: Sequence[str | Path], *, overwrite: bool) -> None:
     """Refuse an output that exists (unless overwrite), equals or lies inside an input, or contains one."""
     out = Path(output).resolve()

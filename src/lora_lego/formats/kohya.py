@@ -265,6 +265,6 @@ def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = Non
     target = output_dtype(adapter, dtype)
     entries, ranks, kinds = kohya_meta.file_entries(adapter, target)
     metadata = kohya_meta.output_metadata(adapter, path, ranks, kinds)
-    producer = kohya_meta.producer(adapter, target, kohya_meta.file_alpha(ranks))
+    producer = kohya_meta.producer(adapter, target, kohya_meta.file_alpha(ranks), f"output {str(path)!r}")
     return kohya_meta.write_hashed(adapter, path, entries, producer, metadata,
                                    overwrite=overwrite)

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from ..errors import AdapterFormatError, LoraLegoWarning
 from ..tensorfile import TensorFileError, TensorInfo, read_header, read_tensor
 from ..types import MAX_ABS, Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values  # noqa: F401
-from ..writing import atomic_folder, check_output_path, output_dtype, source_folders
+from ..writing import atomic_folder, cast_finite, check_output_path, output_dtype, source_folders
 from .peft_config import CONFIG_NAME, module_scaling, pattern_value, read_config  # noqa: F401  (re-exported)
 
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -181,8 +181,9 @@ def save_peft(adapter: Adapter, path: str | Path, *, dtype: str | torch.dtype | 
     for module, factors in adapter.items():
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if factors.kind == "embedding" else (
             "lora_A.weight", "lora_B.weight")
-        tensors[f"{_PREFIX}{module}.{a_key}"] = factors.A.detach().to(target).contiguous()
-        tensors[f"{_PREFIX}{module}.{b_key}"] = factors.B.detach().to(target).contiguous()
+        where = f"output {str(path)!r}, module {module!r}"
+        tensors[f"{_PREFIX}{module}.{a_key}"] = cast_finite(factors.A.detach(), target, f"{where}: lora_A").contiguous()
+        tensors[f"{_PREFIX}{module}.{b_key}"] = cast_finite(factors.B.detach(), target, f"{where}: lora_B").contiguous()
     metadata = {"format": "pt"}
     if "provenance" in adapter.metadata:
         metadata["lora_lego"] = json.dumps(adapter.metadata["provenance"], sort_keys=True)
