@@ -4,6 +4,7 @@ are left untouched; a merge killed while writing leaves only a temporary folder 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -127,6 +128,17 @@ def _link(path: Path, target: Path) -> Path:
     return path
 
 
+def _duplicated_key(path: Path) -> bytes:
+    """The file with its first tensor named twice in the header (same offsets): JSON that a lenient parser reads."""
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    entries = list(json.loads(data[8:8 + length]).items())
+    first = next(item for item in entries if item[0] != "__metadata__")
+    header = ("{" + ",".join(f"{json.dumps(k)}:{json.dumps(v)}" for k, v in [*entries, first]) + "}").encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + data[8 + length:]
+
+
 def _half(path: Path) -> bytes:
     return path.read_bytes()[: path.stat().st_size // 2]
 
@@ -145,6 +157,9 @@ CASES: dict[str, Callable[[Callable, Path], Bad]] = {
     "truncated-safetensors": lambda make, tmp: Bad(
         [_edited(make, "a", write=("adapter_model.safetensors", _half))], AdapterFormatError,
         "cannot read adapter_model.safetensors"),
+    "duplicated-tensor-name": lambda make, tmp: Bad(
+        [_edited(make, "a", write=("adapter_model.safetensors", _duplicated_key))], AdapterFormatError,
+        "the header names 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' twice"),
     "not-lora-keys": lambda make, tmp: Bad([_edited(make, "a", tensors=_tensor(f"{Q0}.lora_C.weight", torch.ones(2)))],
                                            AdapterFormatError, "not LoRA factors", [f"{Q0}.lora_C.weight"]),
     "a-b-shape-mismatch": lambda make, tmp: Bad(
