@@ -139,6 +139,17 @@ def _duplicated_key(path: Path) -> bytes:
     return len(header).to_bytes(8, "little") + header + data[8 + length:]
 
 
+class _Pickled:  # a pickle that would run code (print) when loaded without weights_only
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def _pickled_bin(make) -> Path:
+    folder = _edited(make, "a", remove="adapter_model.safetensors")
+    torch.save({"x": _Pickled()}, folder / "adapter_model.bin")
+    return folder
+
+
 def _half(path: Path) -> bytes:
     return path.read_bytes()[: path.stat().st_size // 2]
 
@@ -160,6 +171,8 @@ CASES: dict[str, Callable[[Callable, Path], Bad]] = {
     "duplicated-tensor-name": lambda make, tmp: Bad(
         [_edited(make, "a", write=("adapter_model.safetensors", _duplicated_key))], AdapterFormatError,
         "the header names 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' twice"),
+    "pickled-bin": lambda make, tmp: Bad([_pickled_bin(make)], AdapterFormatError, "holds pickled objects other "
+                                         "than tensors: Unsupported global: GLOBAL "),
     "not-lora-keys": lambda make, tmp: Bad([_edited(make, "a", tensors=_tensor(f"{Q0}.lora_C.weight", torch.ones(2)))],
                                            AdapterFormatError, "not LoRA factors", [f"{Q0}.lora_C.weight"]),
     "a-b-shape-mismatch": lambda make, tmp: Bad(
@@ -283,6 +296,7 @@ def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(build, tmp_path, pe
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, err)
     assert "Traceback" not in err
     assert_names(lines[0], bad, output)
+    assert "weights_only" not in lines[0]  # never pass on torch's advice to unpickle an untrusted file
     assert snapshot(tmp_path) == before  # no output, no temporary, inputs untouched
 
     assert main(["--debug", *cli_argv(bad, output)]) == 2

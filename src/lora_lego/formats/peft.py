@@ -86,11 +86,23 @@ def _open_weights(folder: Path, name: str) -> tuple[dict[str, Any], Callable[[An
         try:
             tensors = torch.load(weights_path, map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises many types for damaged files
-            raise AdapterFormatError(f"adapter {name!r}: cannot read {weights_name} ({error})") from None
+            raise AdapterFormatError(f"adapter {name!r}: cannot read {weights_name} ({_load_reason(error)})") from None
         if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
             raise AdapterFormatError(f"adapter {name!r}: {weights_name} does not hold a dict of tensors")
         return tensors, lambda tensor: tensor.clone()  # a copy: factors are scaled in place after reading
     raise AdapterFormatError(f"adapter {name!r}: no {' or '.join(WEIGHTS_NAMES)} in the folder")
+
+
+def _load_reason(error: Exception) -> str:
+    """Why torch.load refused a file, without torch's advice to retry with weights_only=False (which runs
+    whatever code an untrusted pickle holds)."""
+    text = str(error)
+    if "weights_only" not in text:
+        return " ".join(text.split())[:300]
+    found = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)", text)
+    detail = f": {found[1].strip().rstrip('.')}" if found else ""
+    return (f"it holds pickled objects other than tensors{detail}; lora-lego loads tensors only and never runs "
+            "a pickle's code (save the adapter as safetensors with a trusted tool)")
 
 
 def _group_keys(tensors: dict[str, Any], name: str) -> dict[str, dict[str, Any]]:
