@@ -508,8 +508,8 @@ TE = "text_model_encoder_layers_0_self_attn_q_proj"
 def _kohya_file(path: Path, modules: list[str], d: int = 8) -> Path:
     tensors = {}
     for module in modules:
-        tensors.update({f"{module}.lora_down.weight": torch.ones(2, d) / 8, f"{module}.lora_up.weight": torch.ones(d, 2),
-                        f"{module}.alpha": torch.tensor(2.0)})
+        tensors.update({f"{module}.lora_down.weight": torch.ones(2, d) / 8,
+                        f"{module}.lora_up.weight": torch.ones(d, 2), f"{module}.alpha": torch.tensor(2.0)})
     save_file(tensors, path)
     return path
 
@@ -536,5 +536,6 @@ def test_text_encoder_only_files_have_a_family_and_sd1_does_not_merge_with_sdxl(
             ll.merge([sd1, other], "concat")
     assert ll.merge([sdxl_te1, sdxl], "concat").metadata["family"] == "sdxl"
     # a UNet file keeps lora_te1_ ambiguous (diffusers' converter writes it for SD 1.x): the UNet decides
-    sd1_unet = _kohya_file(tmp_path / "u.safetensors", [f"lora_te1_{TE}", "lora_unet_down_blocks_0_attentions_0_proj_in"])
+    sd1_unet = _kohya_file(tmp_path / "u.safetensors",
+                           [f"lora_te1_{TE}", "lora_unet_down_blocks_0_attentions_0_proj_in"])
     assert ll.load_adapter(sd1_unet).metadata["family"] == "sd1"

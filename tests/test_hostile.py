@@ -12,9 +12,9 @@ import sys
 import time
 
 import pytest
+from conftest import file_checksums
 from safetensors import SafetensorError, safe_open
 
-from conftest import file_checksums
 from lora_lego.cli import main
 from lora_lego.oserrors import os_errno
 
@@ -79,11 +79,11 @@ def test_file_size_limit_is_an_error_not_a_kill(tmp_path, peft_adapter):
     a, b = peft_adapter("a"), peft_adapter("b", r=2)
     out = tmp_path / "out"
     command = (f"ulimit -f 2; exec {sys.executable} -m lora_lego merge {a} {b} -o {out} --method concat -q")
-    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 2, (done.returncode, done.stderr)  # not killed by SIGXFSZ
     assert done.stderr.strip().splitlines() == [
-        f"error: cannot write output {str(out)!r}: File too large (the file system's or the process's file-size "
-        "limit, ulimit -f)"]
+        (f"error: cannot write output {str(out)!r}: File too large (the file system's or the process's file-size "
+         "limit, ulimit -f)")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]
 
 
@@ -144,8 +144,8 @@ def test_two_merges_racing_to_one_new_output_exactly_one_wins(tmp_path, peft_ada
             racer.stderr.close()
     assert sorted(code for code, _ in results) == [0, 2], results
     (loser,) = [err for code, err in results if code == 2]
-    assert loser.strip().splitlines() == [f"error: output {str(out)!r} already exists (written meanwhile by another "
-                                          "run? pass --overwrite / overwrite=True to replace it)"]
+    assert loser.strip().splitlines() == [(f"error: output {str(out)!r} already exists (written meanwhile by another "
+                                           "run? pass --overwrite / overwrite=True to replace it)")]
     winner = ("concat", "tsv")[[code for code, _ in results].index(0)]
     with safe_open(out / "adapter_model.safetensors", "pt") as written:  # the winner's output, not replaced
         assert json.loads(written.metadata()["lora_lego"])["method"] == winner
@@ -176,10 +176,12 @@ def test_rename_no_replace(tmp_path, monkeypatch, fallback):
     if fallback:
         monkeypatch.setattr(noreplace, "_renameat2", None)
     source = tmp_path / "s"
+    (tmp_path / "file").touch()
+    (tmp_path / "empty-folder").mkdir()
+    (tmp_path / "folder" / "x").mkdir(parents=True)
+    (tmp_path / "dangling-link").symlink_to(tmp_path / "nowhere")
     for existing in ("file", "empty-folder", "folder", "dangling-link"):
         target = tmp_path / existing
-        {"file": target.touch, "empty-folder": target.mkdir, "folder": lambda: (target / "x").mkdir(parents=True),
-         "dangling-link": lambda: target.symlink_to(tmp_path / "nowhere")}[existing]()
         for make in (lambda: source.write_text("new"), source.mkdir):
             make()
             with pytest.raises(FileExistsError):

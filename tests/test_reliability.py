@@ -191,8 +191,9 @@ CASES: dict[str, Callable[[Callable, Path], Bad]] = {
     "alpha-pattern-not-a-number": lambda make, tmp: Bad(
         [_edited(make, "a", config={"alpha_pattern": {"q_proj": "x"}})], AdapterFormatError,
         "alpha_pattern['q_proj'] must be a number"),
-    "pattern-costly": lambda make, tmp: Bad([_edited(make, "a", config={"rank_pattern": {"(x{100}){100}": 2}})],
-                                            AdapterFormatError, "rank_pattern key '(x{100}){100}' expands to more than"),
+    "pattern-costly": lambda make, tmp: Bad(
+        [_edited(make, "a", config={"rank_pattern": {"(x{100}){100}": 2}})], AdapterFormatError,
+        "rank_pattern key '(x{100}){100}' expands to more than"),
     "pattern-backreference": lambda make, tmp: Bad([_edited(make, "a", config={"alpha_pattern": {r"(q)\1": 2}})],
                                                    AdapterFormatError, "uses a backreference"),
     "zero-rank-tensors": lambda make, tmp: Bad([_edited(make, "a", tensors=_rank_zero(Q0))], AdapterFormatError,

@@ -5,6 +5,7 @@ are removed), SIGXFSZ is ignored so a file-size limit is an EFBIG error, and a c
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import sys
@@ -23,7 +24,7 @@ def is_cli() -> bool:
     argv = getattr(sys, "orig_argv", sys.argv)
     if os.path.basename(sys.argv[0] or "") in ("lora-lego", "lora_lego"):
         return True
-    return any(a == "-m" and b in ("lora_lego", "lora_lego.cli") for a, b in zip(argv, argv[1:]))
+    return any(a == "-m" and b in ("lora_lego", "lora_lego.cli") for a, b in itertools.pairwise(argv))
 
 
 def _quit_interrupted(signum, frame) -> None:  # during start-up: nothing to clean up yet

@@ -8,17 +8,26 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from re import _compiler as sre_compile, _constants as sre, _parser as sre_parse  # type: ignore[attr-defined]
 from typing import Callable, NamedTuple
+
+try:  # Python's own regex parser and compiler: 3.11+
+    from re import _compiler as sre_compile  # type: ignore[attr-defined]
+    from re import _constants as sre  # type: ignore[attr-defined]
+    from re import _parser as sre_parse  # type: ignore[attr-defined]
+except ImportError:  # Python 3.10
+    import sre_compile  # type: ignore[no-redef]
+    import sre_constants as sre  # type: ignore[no-redef]
+    import sre_parse  # type: ignore[no-redef]
 
 MAX_PATTERN_CHARS = 1000  # a key longer than this is refused
 MAX_PROGRAM = 1000  # instructions of one compiled key (counted repeats expanded)
 MAX_NAME_CHARS = 1000  # a module name matched on the VM; steps <= 2 * (name length + 1) * program length
 
 _ATOMS = (sre.LITERAL, sre.NOT_LITERAL, sre.ANY, sre.IN)
-_UNSUPPORTED = {sre.GROUPREF: "a backreference", sre.GROUPREF_EXISTS: "a conditional group",
-                sre.ASSERT: "a lookaround", sre.ASSERT_NOT: "a lookaround", sre.ATOMIC_GROUP: "an atomic group",
-                sre.POSSESSIVE_REPEAT: "a possessive repeat"}
+_UNSUPPORTED = {getattr(sre, op): what for op, what in (  # atomic and possessive: Python 3.11+
+    ("GROUPREF", "a backreference"), ("GROUPREF_EXISTS", "a conditional group"), ("ASSERT", "a lookaround"),
+    ("ASSERT_NOT", "a lookaround"), ("ATOMIC_GROUP", "an atomic group"), ("POSSESSIVE_REPEAT", "a possessive repeat"))
+    if hasattr(sre, op)}
 
 
 class PatternError(ValueError):
