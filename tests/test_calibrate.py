@@ -208,6 +208,20 @@ def test_truncated_prompts_are_counted_in_a_warning(base, tmp_path):
     assert torch.equal(cut.gram("model.layers.0.mlp.up_proj"), kept.gram("model.layers.0.mlp.up_proj"))
 
 
+def test_a_huge_prompt_is_announced_before_it_is_tokenized(base, monkeypatch):
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("lora_lego.calibrate"), "LONG_PROMPT_CHARS", 50)
+    model, tokenizer = load_model(base)
+    with pytest.warns(ll.LoraLegoWarning) as caught:
+        ll.calibrate(model, ["w1 " * 30, "w2"], tokenizer=tokenizer, max_length=4,
+                     modules=["model.layers.0.mlp.up_proj"])
+    messages = [str(w.message) for w in caught]
+    assert messages[0] == ("prompts '<list>': 1 prompt(s) of more than 50 characters (the longest 90); only their "
+                           "first 4 tokens are used, but tokenizing them whole takes a while")
+    assert "1 of 2 prompt(s) truncated to max_length 4 tokens" in messages[1]
+
+
 def test_cli_prompts_format_option(base, tmp_path, capsys):
     from lora_lego.cli import main
 

@@ -33,6 +33,7 @@ EXTRA = 'pip install "lora-lego[calibrate]"'
 
 
 PROMPT_FORMATS = ("jsonl", "txt")
+LONG_PROMPT_CHARS = 10**6  # a prompt this long gets a warning before it is tokenized
 
 
 def read_prompts(path: str | Path, *, max_prompts: int | None = None, format: str | None = None) -> list[str]:
@@ -244,6 +245,11 @@ def _batches(tokenizer, texts: list[str], max_length: int, batch_size: int,
     def encode(text: str, length: int) -> list[int]:
         return tokenizer(text, truncation=True, max_length=length)["input_ids"]
 
+    huge = [i for i, text in enumerate(texts) if len(text) > LONG_PROMPT_CHARS]
+    if huge:  # the tokenizer reads a prompt whole before truncating it: say so before the wait
+        warnings.warn(f"prompts {source!r}: {len(huge)} prompt(s) of more than {LONG_PROMPT_CHARS:,} characters "
+                      f"(the longest {max(len(texts[i]) for i in huge):,}); only their first {max_length} tokens are "
+                      "used, but tokenizing them whole takes a while", LoraLegoWarning, stacklevel=4)
     encoded = [encode(text, max_length + 1) for text in texts]  # one token more than kept: tells which are cut
     cut = [i for i, ids in enumerate(encoded) if len(ids) > max_length]
     for i in cut:  # as the tokenizer truncates (it may keep an end token)
