@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import file_checksums
@@ -97,7 +98,9 @@ def test_a_closed_pipe_is_quiet():  # `lora-lego methods | head -0`: the reader 
 
 def test_ctrl_c_during_start_up_is_one_line_exit_130():
     process = _run_cli(["methods"])
-    time.sleep(0.5)  # the interpreter is up and lora_lego is importing torch (seconds)
+    maps, deadline = Path(f"/proc/{process.pid}/maps"), time.monotonic() + 120
+    while maps.exists() and "libtorch" not in maps.read_text() and time.monotonic() < deadline:
+        time.sleep(0.005)  # until torch's library is mapped: lora_lego/__init__ is importing torch (seconds)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=300)
     assert (process.returncode, err, out) == (130, "error: interrupted\n", "")
