@@ -177,6 +177,37 @@ def test_dtype_bf16_casts_the_float32_sums(tmp_path):
     assert sizes[1] * 2 == sizes[0] == sum(v.numel() * 4 for v in expected.values())
 
 
+@pytest.mark.parametrize("dtype, name", [("bf16", "bfloat16"), ("fp16", "float16")])
+def test_config_dtype_follows_the_written_dtype(tmp_path, dtype, name):
+    _, adapter, base = adapter_and_base(tmp_path)
+    config = json.loads((base / "config.json").read_text())
+    keys = [key for key in ("torch_dtype", "dtype") if key in config] or ["torch_dtype"]
+    output = apply_adapter(adapter, base, tmp_path / dtype, dtype=dtype)
+    written = json.loads((output / "config.json").read_text())
+    assert [written[key] for key in keys] == [name] * len(keys)
+    assert {k: v for k, v in written.items() if k not in keys} == {k: v for k, v in config.items() if k not in keys}
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(output, torch_dtype="auto")
+    assert model.dtype == getattr(torch, name)
+
+
+def test_a_fold_that_overflows_the_output_dtype_writes_nothing(tmp_path, capsys):
+    _, adapter, base = adapter_and_base(tmp_path)
+    with pytest.raises(OutputError, match=r"tensor '.*' of .*safetensors \(module '.*' folded in at scale 1e\+30\) "
+                                          r"would hold NaN or Inf in float16 \(largest \|value\| .* does not fit"):
+        apply_adapter(adapter, base, tmp_path / "out", dtype="fp16", scale=1e30)
+    assert_nothing_written(tmp_path / "out")
+    capsys.readouterr()  # transformers' save progress
+    code = cli.main(["apply", str(adapter), "--base", str(base), "-o", str(tmp_path / "out"), "--scale", "1e30",
+                     "--dtype", "fp16", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "would hold NaN or Inf in float16" in err[0], err
+    assert_nothing_written(tmp_path / "out")
+
+
 def test_conv_kind_is_reshaped_onto_a_4d_weight(tmp_path):
     base = tmp_path / "base"
     base.mkdir()

@@ -180,3 +180,58 @@ def test_files_that_are_not_calibrations_are_refused(base, prompts, tmp_path):
     file.write_bytes(file.read_bytes()[:-100])  # truncated: the header's offsets run past the end
     with pytest.raises(ll.CalibrationError, match="cannot read calibration.safetensors"):
         ll.load_calibration(tmp_path / "calib")
+
+
+def test_the_prompts_format_comes_from_the_content_or_is_given(tmp_path):
+    jsonl = tmp_path / "prompts.csv"  # JSONL whatever its name
+    jsonl.write_text('{"text": "w1 w2"}\n\n{"text": "w3", "id": 2}\n')
+    assert read_prompts(jsonl) == ["w1 w2", "w3"]
+    assert read_prompts(jsonl, format="txt") == ['{"text": "w1 w2"}', '{"text": "w3", "id": 2}']
+    assert read_prompts(jsonl, max_prompts=1) == ["w1 w2"]  # the call other commands make
+    text = tmp_path / "prompts.txt"
+    text.write_text('{"text": "w1"}\nw2 w3\n')  # one line is not JSON: a text file
+    assert read_prompts(text) == ['{"text": "w1"}', "w2 w3"]
+    with pytest.raises(ll.CalibrationError, match="line 2: expected a JSON object"):
+        read_prompts(text, format="jsonl")
+    with pytest.raises(ll.CalibrationError, match="prompts format must be one of jsonl, txt; got 'csv'"):
+        read_prompts(text, format="csv")
+
+
+def test_truncated_prompts_are_counted_in_a_warning(base, tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text(" ".join(f"w{i}" for i in range(40)) + "\nw1 w2\n" + " ".join(["w5"] * 30) + "\n")
+    model, tokenizer = load_model(base)
+    with pytest.warns(ll.LoraLegoWarning, match=r"2 of 3 prompt\(s\) truncated to max_length 8 tokens"):
+        cut = ll.calibrate(model, path, tokenizer=tokenizer, max_length=8, modules=["model.layers.0.mlp.up_proj"])
+    kept = ll.calibrate(model, ["w0 w1 w2 w3 w4 w5 w6 w7", "w1 w2", " ".join(["w5"] * 8)], tokenizer=tokenizer,
+                        max_length=8, modules=["model.layers.0.mlp.up_proj"])  # the same tokens, cut by hand
+    assert torch.equal(cut.gram("model.layers.0.mlp.up_proj"), kept.gram("model.layers.0.mlp.up_proj"))
+
+
+def test_a_huge_prompt_is_announced_before_it_is_tokenized(base, monkeypatch):
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("lora_lego.calibrate"), "LONG_PROMPT_CHARS", 50)
+    model, tokenizer = load_model(base)
+    with pytest.warns(ll.LoraLegoWarning) as caught:
+        ll.calibrate(model, ["w1 " * 30, "w2"], tokenizer=tokenizer, max_length=4,
+                     modules=["model.layers.0.mlp.up_proj"])
+    messages = [str(w.message) for w in caught]
+    assert messages[0] == ("prompts '<list>': 1 prompt(s) of more than 50 characters (the longest 90); only their "
+                           "first 4 tokens are used, but tokenizing them whole takes a while")
+    assert "1 of 2 prompt(s) truncated to max_length 4 tokens" in messages[1]
+
+
+def test_cli_prompts_format_option(base, tmp_path, capsys):
+    from lora_lego.cli import main
+
+    path = tmp_path / "p.csv"
+    path.write_text('{"text": "w1 w2"}\n{"text": "w3"}\n')
+    args = ["calibrate", "--model", str(base), "--prompts", str(path), "--modules", "model.layers.0.mlp.up_proj", "-q"]
+    assert main([*args, "-o", str(tmp_path / "auto")]) == 0
+    assert main([*args, "-o", str(tmp_path / "txt"), "--prompts-format", "txt"]) == 0
+    tokens = [ll.load_calibration(tmp_path / name).summary()["tokens"] for name in ("auto", "txt")]
+    assert tokens[0] == 3 and tokens[1] > tokens[0]  # JSON punctuation read as text gives more tokens
+    capsys.readouterr()
+    assert main([*args, "-o", str(tmp_path / "x"), "--prompts-format", "xml"]) == 2
+    assert "--prompts-format: invalid choice: 'xml'" in capsys.readouterr().err

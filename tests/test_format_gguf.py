@@ -5,6 +5,7 @@ back exactly, merged GGUF + GGUF, and the bad inputs refused in one line."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -242,3 +243,59 @@ def test_refusals(tmp_path, base):
     assert reader_field(on_qwen, "general.architecture") == "qwen2"
     with pytest.raises(IncompatibleAdaptersError, match="different architectures"):
         merge([load_adapter(on_qwen), load_adapter(on_llama)], "concat")
+
+
+def _gguf_with_alpha(tmp_path, base, monkeypatch, alpha_writer):
+    """A GGUF adapter whose adapter.lora.alpha is written by `alpha_writer(writer, key)` instead."""
+    original = gguf.GGUFWriter.add_float32
+
+    def add_float32(writer, key, value):
+        return alpha_writer(writer, key) if key == "adapter.lora.alpha" else original(writer, key, value)
+    with monkeypatch.context() as patch:
+        patch.setattr(gguf.GGUFWriter, "add_float32", add_float32)
+        out = tmp_path / "bad.gguf"
+        save_adapter(load_adapter(make_peft_adapter(tmp_path, "a", target_modules=["v_proj"])), out,
+                     base_config=base)
+    return out
+
+
+@pytest.mark.parametrize("alpha_writer, got", [
+    (lambda w, key: w.add_string(key, "eight"), "got 'eight'"),
+    (lambda w, key: gguf.GGUFWriter.add_float64(w, key, -4.0), "got -4.0"),
+    (lambda w, key: gguf.GGUFWriter.add_float64(w, key, float("inf")), "got inf"),
+    (lambda w, key: w.add_array(key, [1, 2]), "got [1, 2]"),
+], ids=["string", "negative", "inf", "array"])
+def test_gguf_alpha_of_the_wrong_type_or_sign_is_refused(tmp_path, base, monkeypatch, capsys, alpha_writer, got):
+    out = _gguf_with_alpha(tmp_path, base, monkeypatch, alpha_writer)
+    with pytest.raises(AdapterFormatError, match="adapter.lora.alpha must be a finite number >= 0; " + re.escape(got)):
+        load_adapter(out)
+    one_line_error(capsys, ["inspect", str(out)], str(out), "adapter.lora.alpha")
+
+
+@pytest.mark.parametrize("offset, count", [(8, 2**62), (16, 2**62), (8, 10**6)], ids=["tensors", "kvs", "tensors-1e6"])
+def test_gguf_absurd_header_counts_are_refused(tmp_path, base, capsys, offset, count):
+    out = tmp_path / "a.gguf"
+    save_adapter(load_adapter(make_peft_adapter(tmp_path, "a", target_modules=["v_proj"])), out, base_config=base)
+    data = bytearray(out.read_bytes())
+    data[offset:offset + 8] = count.to_bytes(8, "little")
+    out.write_bytes(bytes(data))
+    with pytest.raises(AdapterFormatError, match=rf"the GGUF header claims .*{count}.*more than a file of"):
+        load_adapter(out)
+    one_line_error(capsys, ["inspect", str(out)], str(out), "GGUF header claims")
+
+
+def test_gguf_wrongly_typed_architecture_and_garbage_infos_are_refused(tmp_path, base, monkeypatch, capsys):
+    original = gguf.GGUFWriter.add_string
+    with monkeypatch.context() as patch:
+        patch.setattr(gguf.GGUFWriter, "add_string", lambda w, key, value: w.add_uint32(key, 7)
+                      if key == "general.architecture" else original(w, key, value))
+        out = tmp_path / "arch.gguf"
+        save_adapter(load_adapter(make_peft_adapter(tmp_path, "a", target_modules=["v_proj"])), out, base_config=base)
+    one_line_error(capsys, ["inspect", str(out)], str(out), "general.architecture must be a string; got 7")
+    good = tmp_path / "good.gguf"
+    save_adapter(load_adapter(tmp_path / "a"), good, base_config=base)
+    data = bytearray(good.read_bytes())
+    at = data.index(b"blk.0.attn_v.weight.lora_a") - 8  # the name's length: now far beyond the file
+    data[at:at + 8] = (2**40).to_bytes(8, "little")
+    good.write_bytes(bytes(data))
+    one_line_error(capsys, ["inspect", str(good)], str(good))

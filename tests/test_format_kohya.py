@@ -500,3 +500,42 @@ def test_bad_keys_and_options(tmp_path):
     with pytest.raises(AdapterFormatError, match="no such file"):
         kohya.read(tmp_path / "missing.safetensors")
     assert os.path.exists(path)
+
+
+TE = "text_model_encoder_layers_0_self_attn_q_proj"
+
+
+def _kohya_file(path: Path, modules: list[str], d: int = 8) -> Path:
+    tensors = {}
+    for module in modules:
+        tensors.update({f"{module}.lora_down.weight": torch.ones(2, d) / 8,
+                        f"{module}.lora_up.weight": torch.ones(d, 2), f"{module}.alpha": torch.tensor(2.0)})
+    save_file(tensors, path)
+    return path
+
+
+@pytest.mark.parametrize("modules", [
+    [f"lora_te_{TE}", f"lora_te2_{TE}"],  # SD 1.x's text encoder beside SDXL's second one
+    [f"lora_te_{TE}", "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"],  # SD 1.x TE, SDXL UNet
+    ["lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_down_blocks_0_attentions_0_proj_in"],  # Flux and a UNet
+], ids=["te-and-te2", "te-and-sgm-unet", "flux-and-unet"])
+def test_keys_of_two_families_are_refused(tmp_path, modules):
+    path = _kohya_file(tmp_path / "mixed.safetensors", modules)
+    with pytest.raises(AdapterFormatError, match=r"'.*mixed.safetensors': module names of two model families "
+                                                 r"\(.*\); expected the modules of one base model"):
+        ll.load_adapter(path)
+
+
+def test_text_encoder_only_files_have_a_family_and_sd1_does_not_merge_with_sdxl(tmp_path):
+    sd1 = ll.load_adapter(_kohya_file(tmp_path / "sd1.safetensors", [f"lora_te_{TE}"]))
+    sdxl_te1 = ll.load_adapter(_kohya_file(tmp_path / "xl1.safetensors", [f"lora_te1_{TE}"]))
+    sdxl = ll.load_adapter(_kohya_file(tmp_path / "xl.safetensors", [f"lora_te1_{TE}", f"lora_te2_{TE}"]))
+    assert [a.metadata["family"] for a in (sd1, sdxl_te1, sdxl)] == ["sd1", "sdxl", "sdxl"]
+    for other in (sdxl_te1, sdxl):
+        with pytest.raises(ll.IncompatibleAdaptersError, match="different base-model families"):
+            ll.merge([sd1, other], "concat")
+    assert ll.merge([sdxl_te1, sdxl], "concat").metadata["family"] == "sdxl"
+    # a UNet file keeps lora_te1_ ambiguous (diffusers' converter writes it for SD 1.x): the UNet decides
+    sd1_unet = _kohya_file(tmp_path / "u.safetensors",
+                           [f"lora_te1_{TE}", "lora_unet_down_blocks_0_attentions_0_proj_in"])
+    assert ll.load_adapter(sd1_unet).metadata["family"] == "sd1"

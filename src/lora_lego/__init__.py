@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+from .signals import startup_guard  # noqa: E402  (stdlib only: set before the heavy imports below)
+
+startup_guard()
+
 from .errors import (  # noqa: E402
     AdapterFormatError,
     BaseModelError,

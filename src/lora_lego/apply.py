@@ -21,7 +21,7 @@ from .formats.files import some
 from .errors import AdapterFormatError, BaseModelError, IncompatibleAdaptersError, LoraLegoWarning, OutputError
 from .tensorfile import TensorFileError, TensorInfo, TensorWriter, read_tensor
 from .types import Adapter, ModuleInfo, kernel_size
-from .writing import atomic_folder, check_output_path, dtype_from_name, source_folders
+from .writing import atomic_folder, cast_finite, check_output_path, dtype_from_name, source_folders
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def apply_adapter(adapter: Adapter | str | Path, base: str | Path, output: str |
     skipped: list[str] = []
     with atomic_folder(output, overwrite=overwrite) as folder:
         skipped = copy_other_files(checkpoint, folder)
-        write_config(checkpoint, plan.untied is not None, folder)
+        write_config(checkpoint, plan.untied is not None, folder, target)
         bar = tqdm(total=sum(map(len, entries.values())), desc="apply", unit="tensor", disable=not progress)
         with bar:
             for shard, shard_entries in entries.items():
@@ -206,10 +206,12 @@ def write_shard(checkpoint: Checkpoint, shard: str, entries: dict, plan: Plan, a
         for key, (dtype, _) in entries.items():
             source = plan.sources.get(key, key)
             tensor = _read_base(checkpoint, source)
+            what = f"tensor {key!r} of {shard}"
             if key in plan.targets:
                 module, layout = plan.targets[key]
                 tensor = fold(tensor, adapter[module], layout, scale)
-            writer.write(key, tensor.to(dtype))
+                what += f" (module {module!r} folded in at scale {scale:g})"
+            writer.write(key, cast_finite(tensor, dtype, what, inherited_ok=key not in plan.targets))
             del tensor
             bar.update()
 

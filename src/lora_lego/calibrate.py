@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -21,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .calibration import FILE_NAME, Calibration, header_metadata, load_calibration
-from .errors import CalibrationError
+from .errors import CalibrationError, LoraLegoWarning
 from .gram_passes import AppliedAdapter, accumulate, chunks_for, in_features, trace
 from .tensorfile import TensorWriter
 from .types import Adapter
@@ -31,40 +32,60 @@ GRAM_MEMORY = 3 * 2**29  # bytes of float64 accumulators per pass (1.5 GiB: one 
 EXTRA = 'pip install "lora-lego[calibrate]"'
 
 
-def read_prompts(path: str | Path, *, max_prompts: int | None = None) -> list[str]:
-    """Prompts from a .jsonl file ({"text": ...} per line) or a text file (one prompt per line).
+PROMPT_FORMATS = ("jsonl", "txt")
+LONG_PROMPT_CHARS = 10**6  # a prompt this long gets a warning before it is tokenized
 
-    Blank lines are skipped; `max_prompts` keeps the first ones. Raises CalibrationError naming the file
-    and line when the file is missing, empty, or a line is not what is expected.
+
+def read_prompts(path: str | Path, *, max_prompts: int | None = None, format: str | None = None) -> list[str]:
+    """Prompts from a JSONL file ({"text": ...} per line) or a text file (one prompt per line).
+
+    `format` "jsonl" or "txt"; None: from the content (a file whose non-blank lines all are JSON objects with
+    a "text" string is JSONL, whatever its name), else from the suffix (.jsonl / .json: JSONL, so that a bad
+    line is reported), else text. Blank lines are skipped; `max_prompts` keeps the first ones. Raises
+    CalibrationError naming the file and line when the file is missing, empty, or a line is not what is expected.
     """
     path = Path(path)
     if max_prompts is not None and (isinstance(max_prompts, bool) or max_prompts < 1):
         raise CalibrationError(f"max_prompts must be an integer >= 1; got {max_prompts!r}")
+    if format is not None and format not in PROMPT_FORMATS:
+        raise CalibrationError(f"prompts format must be one of {', '.join(PROMPT_FORMATS)}; got {format!r}")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = [(number, line) for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+                 if line.strip()]
     except (OSError, UnicodeDecodeError) as error:
         raise CalibrationError(f"prompts file {str(path)!r}: cannot read it ({error})") from None
+    if format is None:
+        format = "jsonl" if (lines and all(_json_text(line) is not None for _, line in lines)) or path.suffix in (
+            ".jsonl", ".json") else "txt"
     prompts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if path.suffix in (".jsonl", ".json"):
-            try:
-                item = json.loads(line)
-                text = item["text"]
-            except (ValueError, KeyError, TypeError):
-                raise CalibrationError(f"prompts file {str(path)!r}, line {number}: expected a JSON object with a "
-                                       f"\"text\" string, got {line[:60]!r}") from None
-            if not isinstance(text, str):
-                raise CalibrationError(f"prompts file {str(path)!r}, line {number}: \"text\" must be a string")
-        else:
-            text = line
+    for number, line in lines[:max_prompts]:
+        text = _json_text(line) if format == "jsonl" else line
+        if text is None:
+            raise CalibrationError(f"prompts file {str(path)!r}, line {number}: {_jsonl_problem(line)}")
         prompts.append(text)
-        if max_prompts is not None and len(prompts) >= max_prompts:
-            break
     if not prompts:
         raise CalibrationError(f"prompts file {str(path)!r} holds no prompts (expected one per line)")
     return prompts
+
+
+def _jsonl_problem(line: str) -> str:
+    try:
+        item = json.loads(line)
+    except (ValueError, RecursionError):
+        item = None
+    if isinstance(item, dict) and "text" in item:
+        return "\"text\" must be a string"
+    return f"expected a JSON object with a \"text\" string, got {line[:60]!r}"
+
+
+def _json_text(line: str) -> str | None:
+    """The "text" string of a JSON object line, or None."""
+    try:
+        item = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    text = item.get("text") if isinstance(item, dict) else None
+    return text if isinstance(text, str) else None
 
 
 def prompts_digest(prompts: Sequence[str]) -> str:
@@ -125,14 +146,15 @@ def calibrate(model: str | Path | torch.nn.Module, prompts: str | Path | Sequenc
               modules: Iterable[str] | None = None, max_prompts: int | None = None, max_length: int = 512,
               batch_size: int = 8, device: str | torch.device | None = None, adapter: Adapter | None = None,
               output: str | Path | None = None, overwrite: bool = False, gram_memory: int = GRAM_MEMORY,
-              progress: bool = False) -> Calibration:
+              progress: bool = False, prompts_format: str | None = None) -> Calibration:
     """Input Grams of `modules` (default: every linear layer) of a base model on `prompts`.
 
     `model` is a local transformers causal-LM folder (loaded in its own dtype, moved to `device`), or a
     model already loaded (then give its `tokenizer`; e.g. one loaded with device_map="auto" for a model
     larger than one GPU: inputs go to its embedding's device, each Gram accumulates on its module's).
-    `prompts` is a prompts file (see `read_prompts`) or a list of strings, each the full prompt as the
-    model sees it, truncated to `max_length` tokens. `adapter` (optional) is applied during the passes
+    `prompts` is a prompts file (see `read_prompts`; `prompts_format` "jsonl" / "txt" overrides its
+    detection) or a list of strings, each the full prompt as the model sees it, truncated to `max_length`
+    tokens (a LoraLegoWarning says how many were). `adapter` (optional) is applied during the passes
     (its deltas added to the modules' outputs), giving the inputs of the fine-tuned model (RegMean's
     original setting) instead of the base model's. With `output`, the Grams are written to that folder
     as they are computed (atomically) and the returned Calibration reads them back lazily; otherwise
@@ -144,7 +166,7 @@ def calibrate(model: str | Path | torch.nn.Module, prompts: str | Path | Sequenc
     if output is not None:
         check_output_path(output, [], overwrite=overwrite)
     if isinstance(prompts, (str, Path)):
-        texts, source = read_prompts(prompts, max_prompts=max_prompts), str(prompts)
+        texts, source = read_prompts(prompts, max_prompts=max_prompts, format=prompts_format), str(prompts)
     else:
         texts, source = list(prompts)[:max_prompts], "<list>"
         if not texts or not all(isinstance(t, str) for t in texts):
@@ -220,7 +242,21 @@ def _targets(model: torch.nn.Module, model_name: str, modules: Iterable[str] | N
 def _batches(tokenizer, texts: list[str], max_length: int, batch_size: int,
              source: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(input_ids, attention_mask) batches, right-padded, prompts sorted by length (less padding)."""
-    encoded = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts]
+    def encode(text: str, length: int) -> list[int]:
+        return tokenizer(text, truncation=True, max_length=length)["input_ids"]
+
+    huge = [i for i, text in enumerate(texts) if len(text) > LONG_PROMPT_CHARS]
+    if huge:  # the tokenizer reads a prompt whole before truncating it: say so before the wait
+        warnings.warn(f"prompts {source!r}: {len(huge)} prompt(s) of more than {LONG_PROMPT_CHARS:,} characters "
+                      f"(the longest {max(len(texts[i]) for i in huge):,}); only their first {max_length} tokens are "
+                      "used, but tokenizing them whole takes a while", LoraLegoWarning, stacklevel=4)
+    encoded = [encode(text, max_length + 1) for text in texts]  # one token more than kept: tells which are cut
+    cut = [i for i, ids in enumerate(encoded) if len(ids) > max_length]
+    for i in cut:  # as the tokenizer truncates (it may keep an end token)
+        encoded[i] = encode(texts[i], max_length)
+    if cut:
+        warnings.warn(f"prompts {source!r}: {len(cut)} of {len(texts)} prompt(s) truncated to max_length "
+                      f"{max_length} tokens", LoraLegoWarning, stacklevel=4)
     encoded = sorted((ids for ids in encoded if len(ids) > 0), key=len)
     if not encoded:
         raise CalibrationError(f"prompts {source!r}: every prompt tokenizes to nothing")

@@ -8,10 +8,14 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import BaseModelError, OutputError
 from .formats.files import some
 from .tensorfile import TensorFileError, TensorInfo, read_header
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz")
@@ -112,15 +116,25 @@ def copy_other_files(checkpoint: Checkpoint, folder: Path) -> list[str]:
     return skipped
 
 
-def write_config(checkpoint: Checkpoint, untied: bool, folder: Path) -> None:
-    """config.json unchanged, or with tie_word_embeddings false (top level and text_config) when `untied`."""
-    if not untied:
+def write_config(checkpoint: Checkpoint, untied: bool, folder: Path, dtype: torch.dtype | None = None) -> None:
+    """config.json unchanged, or with tie_word_embeddings false (top level and text_config) when `untied`,
+    and with "torch_dtype" / "dtype" naming `dtype` when the weights are written in it (so that
+    `from_pretrained(dtype="auto")` loads what was written)."""
+    if not untied and dtype is None:
         shutil.copyfile(checkpoint.folder / CONFIG, folder / CONFIG)
         return
     config = json.loads(json.dumps(checkpoint.config))
-    config["tie_word_embeddings"] = False
-    if isinstance(config.get("text_config"), dict):
-        config["text_config"]["tie_word_embeddings"] = False
+    if untied:
+        config["tie_word_embeddings"] = False
+        if isinstance(config.get("text_config"), dict):
+            config["text_config"]["tie_word_embeddings"] = False
+    if dtype is not None:
+        name = str(dtype).removeprefix("torch.")
+        for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
+            config[key] = name
+        text = config.get("text_config")
+        for key in [k for k in ("torch_dtype", "dtype") if isinstance(text, dict) and k in text]:
+            text[key] = name
     (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 

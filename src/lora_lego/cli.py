@@ -22,6 +22,8 @@ from .cli_convert import add_input_options, add_output_format, add_target_option
 from .errors import LoraLegoError, MethodError, TargetError
 from .inspect import describe_adapters, describe_report
 from .merge import check_device, scale_rule
+from .oserrors import os_errno, reason
+from .signals import BROKEN_PIPE, INTERRUPTED, TERMINATED, Terminated, command_signals, silence_stdout
 from .formats import available_formats, harmonise, load_adapter, output_format, save_adapter
 from .registry import DEFAULT_METHOD, available_methods, get_method
 from .targets import TARGETS, check_loads, fit_rank, get_target
@@ -148,15 +150,21 @@ def _add_common(command: argparse.ArgumentParser, *, rank_required: bool) -> Non
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 2 bad input, 1 internal error)."""
+    """Run the CLI; returns the exit code (0 ok, 2 bad input, 1 internal error, 130 / 143 interrupted /
+    terminated, 141 stdout closed early)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s: %(message)s")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), command_signals():
         warnings.showwarning = _show_warning
         try:
             args = build_parser().parse_args(argv)
-            return _COMMANDS[args.command](args)
+            code = _COMMANDS[args.command](args)
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+            return code
+        except BrokenPipeError:  # `lora-lego methods | head -1`: the reader has all it wants
+            silence_stdout()
+            return BROKEN_PIPE
         except (LoraLegoError, _UsageError) as error:
             if debug:
                 traceback.print_exc()
@@ -164,10 +172,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)
-            return 130
+            return INTERRUPTED
+        except Terminated:
+            print("error: terminated", file=sys.stderr)
+            return TERMINATED
         except Exception as error:  # a bug: still one line unless --debug
             if debug:
                 traceback.print_exc()
+            if os_errno(error) is not None:  # an OS-level failure outside the writers (which raise OutputError)
+                where = f" ({error.filename!r})" if getattr(error, "filename", None) else ""
+                print(f"error: {reason(error)}{where}", file=sys.stderr)
+                return 2
             print(f"error: internal error ({type(error).__name__}: {_one_line(error)}); "
                   "run with --debug for the traceback", file=sys.stderr)
             return 1
@@ -196,7 +211,7 @@ def _run_merge(args: argparse.Namespace) -> int:
                           f"{args.output!r} ({written})")
     check_output_path(args.output, args.adapters, overwrite=args.overwrite)
     if args.report:  # checked before any work: a report that cannot be written must not leave an output behind
-        check_report_path(args.report, args.adapters, args.output)
+        check_report_path(args.report, args.adapters, args.output, overwrite=args.overwrite)
     started = time.perf_counter()
     adapters = harmonise([load_adapter(path, lazy=True, expand=args.expand, expand_rank=args.expand_rank,
                                        base_config=args.base_config)
@@ -214,7 +229,7 @@ def _run_merge(args: argparse.Namespace) -> int:
                  base_config=args.base_config)
     if args.report:
         write_json_atomic(args.report, {"provenance": merged.metadata["provenance"],
-                                        "modules": merged.metadata["report"]})
+                                        "modules": merged.metadata["report"]}, overwrite=args.overwrite)
     provenance = merged.metadata["provenance"]
     if choose:
         print(candidates_table(provenance["auto"], [a.name for a in adapters]))

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .calibrate import GRAM_MEMORY, calibrate, load_model, read_prompts
+from .calibrate import GRAM_MEMORY, PROMPT_FORMATS, calibrate, load_model, read_prompts
 from .calibration import load_calibration
 from .errors import CalibrationError, MethodError
 from .merge import check_device
@@ -21,6 +21,8 @@ from .writing import check_output_path
 
 def add_calibration_options(group) -> None:
     group.add_argument("--max-prompts", type=int, metavar="N", help="use the first N prompts of each file")
+    group.add_argument("--prompts-format", choices=PROMPT_FORMATS, help="read the prompts files as JSONL "
+                       "({\"text\": ...} per line) or text (a prompt per line); default: from their content")
     group.add_argument("--max-length", type=int, default=512, metavar="L", help="tokens per prompt (default 512)")
     group.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts per forward pass (default 8)")
     group.add_argument("--gram-memory", type=float, default=GRAM_MEMORY / 2**30, metavar="GIB",
@@ -60,7 +62,7 @@ def check_calibration_args(args: argparse.Namespace, needs: bool, *, choose: boo
     if args.prompts is not None and not args.model:
         raise CalibrationError("--prompts needs --model BASE_DIR (the base model the adapters were trained on)")
     for path in args.prompts or []:  # every file checked before the model is loaded
-        read_prompts(path, max_prompts=args.max_prompts)
+        read_prompts(path, max_prompts=args.max_prompts, format=getattr(args, "prompts_format", None))
 
 
 @contextlib.contextmanager
@@ -97,7 +99,8 @@ def _calibration_options(args: argparse.Namespace) -> dict:
     if not args.gram_memory > 0:
         raise CalibrationError(f"--gram-memory must be a positive number of GiB; got {args.gram_memory}")
     return {"max_prompts": args.max_prompts, "max_length": args.max_length, "batch_size": args.batch_size,
-            "gram_memory": max(int(args.gram_memory * 2**30), 1)}
+            "gram_memory": max(int(args.gram_memory * 2**30), 1),
+            "prompts_format": getattr(args, "prompts_format", None)}
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
@@ -106,7 +109,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
                       overwrite=args.overwrite)
     started = time.perf_counter()
     adapter = load_adapter(args.adapter, lazy=True) if args.adapter else None
-    read_prompts(args.prompts, max_prompts=args.max_prompts)
+    read_prompts(args.prompts, max_prompts=args.max_prompts, format=args.prompts_format)
     model, tokenizer = load_model(args.model, device=args.device, quiet=args.quiet)
     modules = args.modules or (list(adapter) if adapter is not None else None)
     result = calibrate(model, args.prompts, tokenizer=tokenizer, modules=modules, adapter=adapter, output=args.output,

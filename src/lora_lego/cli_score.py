@@ -39,6 +39,7 @@ def add_score_parser(commands) -> None:
                      help="saved calibrations, one per adapter: adds the Gram proxy's retention")
     cmd.add_argument("--report", metavar="FILE.json", help="write the scores here as JSON")
     cmd.add_argument("--plot", metavar="FILE.png", help="write a bar chart of retention per adapter here")
+    cmd.add_argument("--overwrite", action="store_true", help="replace an existing --report or --plot file")
     cmd.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda or cuda:N")
     cmd.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_evidence_options(cmd)
@@ -61,7 +62,7 @@ def run_score(args: argparse.Namespace) -> int:
         if path is not None:
             if not path.endswith(suffix):
                 raise OutputError(f"{path!r}: expected a {suffix} file name")
-            check_report_path(path, inputs, args.merged)
+            check_report_path(path, inputs, args.merged, overwrite=args.overwrite)
     started = time.perf_counter()
     adapters = harmonise([load_adapter(p, lazy=True) for p in [args.merged, *args.adapters]])
     merged, sources = adapters[0], adapters[1:]
@@ -71,14 +72,14 @@ def run_score(args: argparse.Namespace) -> int:
                    positions=args.positions, max_prompts=options["max_prompts"], max_length=options["max_length"],
                    batch_size=options["batch_size"], device=args.device, progress=not args.quiet)
     print(scores_table(result))
-    write_scores(result, args.report, args.plot)
+    write_scores(result, args.report, args.plot, overwrite=args.overwrite)
     print(f"score: {len(sources)} adapter(s) in {args.merged}, {time.perf_counter() - started:.1f} s")
     return 0
 
 
-def write_scores(result: Scores, report: str | None, plot: str | None) -> None:
+def write_scores(result: Scores, report: str | None, plot: str | None, *, overwrite: bool = False) -> None:
     if report:
-        write_json_atomic(report, result.to_dict())
+        write_json_atomic(report, result.to_dict(), overwrite=overwrite)
     if plot:
         image = retention_png(dict(zip(result.names, result.retention)))
         if image is None:

@@ -110,6 +110,14 @@ def _load_builtin_methods() -> None:
     from . import methods  # noqa: F401  (importing registers them)
 
 
+MAX_INT = 2**31 - 1  # the largest integer parameter accepted (ranks, n_init, max_iter, ...)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:30]}... ({len(text)} characters)"
+
+
 def _coerce(method: str, name: str, value: Any, annotation: Any) -> Any:
     """Convert `value` to the parameter's annotated type, or raise a MethodError saying what was expected."""
     where = f"method {method!r} parameter {name!r}"
@@ -135,10 +143,13 @@ def _coerce(method: str, name: str, value: Any, annotation: Any) -> Any:
     if annotation is int:
         try:
             number = float(value) if isinstance(value, str) else value
-        except ValueError:
-            number = None
-        if isinstance(number, bool) or not isinstance(number, (int, float)) or not float(number).is_integer():
+            integral = not isinstance(number, bool) and isinstance(number, (int, float)) and float(number).is_integer()
+        except (ValueError, OverflowError):  # not a number; an int too large for a float
+            number, integral = None, isinstance(value, int) and not isinstance(value, bool)
+        if not integral:
             raise MethodError(f"{where} must be an integer; got {value!r}")
+        if number is None or abs(number) > MAX_INT:  # torch and range() take 64-bit sizes; no method needs more
+            raise MethodError(f"{where} must be an integer of magnitude at most {MAX_INT}; got {_short(value)}")
         return int(number)
     if annotation is float:
         try:

@@ -54,9 +54,12 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
         if length > min(MAX_HEADER, size - 8):
             raise TensorFileError(f"{path.name}: header length {length} does not fit a file of {size} bytes")
         try:
-            header = json.loads(stream.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            header = json.loads(stream.read(length), object_pairs_hook=_unique_keys)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
             raise TensorFileError(f"{path.name}: header is not JSON ({error})") from None
+        except _DuplicateKey as error:  # safetensors' own parser silently keeps one of them
+            raise TensorFileError(f"{path.name}: the header names {error.args[0]!r} twice; expected each tensor "
+                                  "(and each entry) once") from None
     if not isinstance(header, dict):
         raise TensorFileError(f"{path.name}: header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -64,6 +67,19 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     for key, entry in header.items():
         infos[key] = _info(path.name, key, entry, 8 + length, size)
     return infos, metadata
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    found: dict[str, object] = {}
+    for key, value in pairs:
+        if key in found:
+            raise _DuplicateKey(key)
+        found[key] = value
+    return found
 
 
 def _info(name: str, key: str, entry: object, base: int, size: int) -> TensorInfo:

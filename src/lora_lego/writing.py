@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -15,6 +16,8 @@ from typing import Iterator, Sequence
 import torch
 
 from .errors import OutputError
+from .noreplace import rename_no_replace
+from .oserrors import output_error, reason
 from .types import Adapter
 
 DTYPES = {
@@ -42,6 +45,22 @@ def output_dtype(adapter: Adapter, dtype: str | torch.dtype | None) -> torch.dty
     return dtype_from_name(dtype)
 
 
+def cast_finite(tensor: torch.Tensor, dtype: torch.dtype, what: str, *, inherited_ok: bool = False) -> torch.Tensor:
+    """`tensor` cast to `dtype`, checked before it is written: OutputError naming `what` when an entry is NaN
+    or Inf after the cast (e.g. above 65504 in float16). `inherited_ok`: a tensor lora-lego did not change
+    may keep the NaN / Inf it already had (only what the cast or the work produced is refused)."""
+    out = tensor.to(dtype)
+    if not out.is_floating_point() or bool(torch.isfinite(out).all()):
+        return out
+    source_finite = bool(torch.isfinite(tensor).all())
+    if inherited_ok and not source_finite:
+        return out
+    name = str(dtype).removeprefix("torch.")
+    why = (f"largest |value| {tensor.detach().abs().max().item():.3g} does not fit {name}; write a wider dtype "
+           "(fp32 or bf16) or smaller values" if source_finite else "the values themselves are not finite")
+    raise OutputError(f"{what} would hold NaN or Inf in {name} ({why}); nothing was written")
+
+
 def check_output_path(output: str | Path, inputs: Sequence[str | Path], *, overwrite: bool) -> None:
     """Refuse an output that exists (unless overwrite), equals or lies inside an input, or contains one."""
     out = Path(output).resolve()
@@ -51,13 +70,33 @@ def check_output_path(output: str | Path, inputs: Sequence[str | Path], *, overw
             raise OutputError(f"output {str(output)!r} lies inside input adapter {str(source)!r}")
         if out in src.parents:
             raise OutputError(f"output {str(output)!r} contains input adapter {str(source)!r}")
+    check_output_name(output, f"output {str(output)!r}")
     if out.exists() and not overwrite:
         raise OutputError(f"output {str(output)!r} already exists (pass --overwrite / overwrite=True to replace it)")
     check_writable(out.parent, f"output {str(output)!r}")
 
 
-def check_report_path(report: str | Path, inputs: Sequence[str | Path], output: str | Path) -> None:
-    """Refuse a report file inside an input adapter, at the output folder or an existing folder, or not writable."""
+def check_output_name(path: str | Path, what: str) -> None:
+    """Refuse `.`, `..` (or a path ending in them) and an existing path that is not a regular file, a
+    folder or a link: a fifo, a socket or a device is never replaced, not even with overwrite."""
+    if Path(path).name in ("", ".", "..") or str(path).rstrip("/").endswith(("/.", "/..")):
+        raise OutputError(f"{what} names a current or parent folder ('.' or '..'); expected a new name")
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:  # absent (or unreadable: the write will say why)
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+        kind = "a fifo" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device or special file"
+        raise OutputError(f"{what} is {kind}; expected a regular file or folder (or a new name)")
+
+
+def check_report_path(report: str | Path, inputs: Sequence[str | Path], output: str | Path, *,
+                      overwrite: bool = False) -> None:
+    """Refuse a report file inside an input adapter, at the output folder or an existing folder, a link,
+    an existing file (unless overwrite), or not writable: the same rules as the output."""
+    check_output_name(report, f"report {str(report)!r}")
+    if Path(report).is_symlink():
+        raise OutputError(f"report {str(report)!r} is a symbolic link; refusing to write through it")
     path = Path(report).resolve()
     for source in inputs:
         if Path(source).resolve() in (path, *path.parents):
@@ -66,6 +105,8 @@ def check_report_path(report: str | Path, inputs: Sequence[str | Path], output: 
         raise OutputError(f"report {str(report)!r} is the output folder; expected a .json file path beside it")
     if path.is_dir():
         raise OutputError(f"report {str(report)!r} is a folder; expected a .json file path")
+    if path.exists() and not overwrite:
+        raise OutputError(f"report {str(report)!r} already exists (pass --overwrite to replace it)")
     check_writable(path.parent, f"report {str(report)!r}")
 
 
@@ -94,23 +135,24 @@ def atomic_folder(path: str | Path, *, overwrite: bool = False) -> Iterator[Path
     """
     final = Path(path)
     parent = final.parent
+    check_output_name(path, f"output {str(path)!r}")
     if final.exists() and not overwrite:
         raise OutputError(f"output {str(path)!r} already exists (pass --overwrite / overwrite=True to replace it)")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(parent, final.name)
+        remove_stale(parent, final.name)
         temporary = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=parent))
         os.chmod(temporary, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide the output from other users
     except OSError as error:
-        raise OutputError(f"cannot write output {str(path)!r}: {error.strerror or error}") from None
+        raise OutputError(f"cannot write output {str(path)!r}: {reason(error)}") from None
     try:
         yield temporary
-        _replace(temporary, final)
-    except OSError as error:
+        commit(temporary, final, overwrite=overwrite, what=f"output {str(path)!r}")
+    except BaseException as error:
         shutil.rmtree(temporary, ignore_errors=True)
-        raise OutputError(f"cannot write output {str(path)!r}: {error.strerror or error}") from None
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
+        translated = output_error(f"output {str(path)!r}", error)  # full disk, ulimit -f, ...: one typed error
+        if translated is not None:
+            raise translated from None
         raise
 
 
@@ -118,6 +160,19 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def commit(temporary: Path, final: Path, *, overwrite: bool, what: str) -> None:
+    """Put a finished temporary (file or folder) in place: replacing `final` only with overwrite, else
+    atomically refusing whatever appeared there since the checks (a concurrent run)."""
+    if overwrite:
+        _replace(temporary, final)
+        return
+    try:
+        rename_no_replace(temporary, final)
+    except FileExistsError:
+        raise OutputError(f"{what} already exists (written meanwhile by another run? pass --overwrite / "
+                          "overwrite=True to replace it)") from None
 
 
 def _replace(temporary: Path, final: Path) -> None:
@@ -136,13 +191,17 @@ def _replace(temporary: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _remove_stale(parent: Path, name: str) -> None:
-    """Delete temporary folders of `name` left by processes that no longer run."""
+def remove_stale(parent: Path, name: str) -> None:
+    """Delete temporary folders and files of `name` left by processes that no longer run."""
     for candidate in parent.glob(f".{glob.escape(name)}.*-*-*"):
         kind, _, rest = candidate.name[len(name) + 2:].partition("-")
         pid = rest.partition("-")[0]
         if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(candidate, ignore_errors=True)
+            if candidate.is_dir() and not candidate.is_symlink():
+                shutil.rmtree(candidate, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    candidate.unlink()
 
 
 def _alive(pid: int) -> bool:
@@ -157,15 +216,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_json_atomic(path: str | Path, data: object) -> None:
-    """Write JSON to `path` through a temporary file and a rename."""
-    final = Path(path)
+def write_json_atomic(path: str | Path, data: object, *, overwrite: bool = True) -> None:
+    """Write JSON to `path` through a temporary file and a rename (without overwrite: one that never
+    replaces a file, even one created meanwhile). Never writes through a symbolic link."""
+    final, temporary = Path(path), None
+    if final.is_symlink():
+        raise OutputError(f"cannot write {str(path)!r}: a symbolic link; refusing to write through it")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
+        remove_stale(final.parent, final.name)
+        handle, temporary = tempfile.mkstemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent)
+        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the report from other users
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             json.dump(data, stream, indent=2, sort_keys=True)
             stream.write("\n")
-        os.replace(temporary, final)
-    except OSError as error:
-        raise OutputError(f"cannot write {str(path)!r}: {error.strerror or error}") from None
+        commit(Path(temporary), final, overwrite=overwrite, what=repr(str(path)))
+    except BaseException as error:
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+        translated = output_error(repr(str(path)), error)
+        if translated is not None:
+            raise translated from None
+        raise

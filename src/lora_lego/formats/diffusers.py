@@ -14,7 +14,7 @@ import torch
 from ..errors import AdapterFormatError
 from ..tensorfile import TensorInfo
 from ..types import Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values, conv_kind, kernel_size
-from ..writing import output_dtype
+from ..writing import cast_finite, output_dtype
 from .diffusers_config import METADATA_KEY, config_scaling, header_configs, read_configs, split_component
 from .family import family_from_metadata, family_from_modules
 from .files import open_file, some, write_file
@@ -228,11 +228,11 @@ def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = Non
     metadata = {"format": "pt", METADATA_KEY: json.dumps(header_configs(ranks, adapter.name), indent=2, sort_keys=True)}
     if "provenance" in adapter.metadata:
         metadata["lora_lego"] = json.dumps(adapter.metadata["provenance"], sort_keys=True)
-    tensors, shapes = _tensor_plan(adapter, target)
+    tensors, shapes = _tensor_plan(adapter, target, f"output {str(path)!r}")
     return write_file(adapter, path, tensors, metadata, shapes=shapes, overwrite=overwrite)
 
 
-def _tensor_plan(adapter: Adapter, target: torch.dtype):
+def _tensor_plan(adapter: Adapter, target: torch.dtype, where: str):
     """key -> a function making the tensor, and key -> (dtype, shape); each module is read once."""
     tensors: dict[str, Callable[[], torch.Tensor]] = {}
     shapes: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
@@ -252,7 +252,8 @@ def _tensor_plan(adapter: Adapter, target: torch.dtype):
         for key, side, shape in ((a_key, "A", a_shape), (b_key, "B", b_shape)):
             shapes[f"{module}.{key}"] = (target, shape)
             tensors[f"{module}.{key}"] = (lambda m=module, s=side, sh=shape:
-                                          getattr(factors_of(m), s).detach().to(target).reshape(sh))
+                                          cast_finite(getattr(factors_of(m), s).detach(), target,
+                                                      f"{where}, module {m!r}: lora_{s}").reshape(sh))
     return tensors, shapes
 
 

@@ -76,10 +76,10 @@ def config_scaling(config: dict[str, Any], relative: str, rank: int, where: str)
     """PEFT's scaling of one module under `config` (as diffusers builds LoraConfig(**config)): alpha / r,
     or alpha / sqrt(r) with use_rslora; `relative` is the module path inside its component. LoraConfig's
     defaults (r = lora_alpha = 8) apply to absent fields. Raises AdapterFormatError on a rank mismatch."""
-    expected = pattern_value(config.get("rank_pattern"), relative, config.get("r", 8))
+    expected = pattern_value(config.get("rank_pattern"), relative, config.get("r", 8), where)
     if expected != rank:
         raise AdapterFormatError(f"{where}: tensors have rank {rank} but {METADATA_KEY} says r={expected}")
-    alpha = pattern_value(config.get("alpha_pattern"), relative, config.get("lora_alpha", 8))
+    alpha = pattern_value(config.get("alpha_pattern"), relative, config.get("lora_alpha", 8), where)
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 

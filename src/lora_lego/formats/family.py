@@ -42,13 +42,41 @@ def family_from_modules(modules: Iterable[str], cross_attention_dim: int | None 
         return "flux"
     if "transformer." in text and "transformer_blocks" in text and "unet" not in text:
         return "flux"
-    # lora_te1_ alone says nothing: diffusers' convert_state_dict_to_kohya and ComfyUI use it for SD 1.x too
+    # lora_te1_ beside a UNet says nothing: diffusers' convert_state_dict_to_kohya and ComfyUI use it for SD 1.x
+    # too; in a text-encoder-only file it is sd-scripts' SDXL naming (SD 1.x / 2.x text encoders: lora_te_)
+    text_only = bool(names) and all(n.startswith(("lora_te", "text_encoder")) for n in names)
+    if text_only and any(n.startswith("lora_te1_") for n in names):
+        return "sdxl"
     if any(n.startswith(("lora_te2_", "text_encoder_2.")) for n in names) or any(
             token in text for token in ("input_blocks", "output_blocks", "middle_block")) or cross_attention_dim == 2048:
         return "sdxl"
     if any(n.startswith(("lora_unet_", "lora_te_", "unet.", "text_encoder.")) for n in names):
         return "sd2" if cross_attention_dim == 1024 else "sd1"
     return None
+
+
+# module-name evidence of one family that no other family's file holds: (family, test)
+_EVIDENCE = (
+    ("flux", lambda n: any(t in n for t in ("double_blocks", "single_blocks"))),
+    ("sdxl", lambda n: n.startswith("lora_te2_") or any(t in n for t in ("input_blocks", "output_blocks",
+                                                                          "middle_block"))),
+    ("sd1/sd2", lambda n: n.startswith("lora_te_") or (n.startswith("lora_unet_") and any(
+        t in n for t in ("down_blocks", "up_blocks", "mid_block")))),
+)
+
+
+def mixed_families(modules: Iterable[str]) -> tuple[tuple[str, str], tuple[str, str]] | None:
+    """Two (family, example module) pairs when kohya module names belong to two families (e.g. SD 1.x's
+    lora_te_ beside SDXL's lora_te2_, or Flux blocks beside a UNet's), else None."""
+    found: dict[str, str] = {}
+    for name in modules:
+        for family, test in _EVIDENCE:
+            if family not in found and test(name):
+                found[family] = name
+    if "sdxl" in found and "sd1/sd2" in found and not found["sd1/sd2"].startswith("lora_te_"):
+        del found["sd1/sd2"]  # SDXL's diffusers-named UNet (down_blocks ...) is SDXL's too
+    pairs = sorted(found.items())
+    return (pairs[0], pairs[1]) if len(pairs) > 1 else None
 
 
 def header_json(header: Mapping[str, str], key: str) -> dict:

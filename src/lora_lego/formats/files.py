@@ -12,9 +12,10 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from ..errors import AdapterFormatError, OutputError
+from ..oserrors import output_error, reason
 from ..tensorfile import TensorFileError, TensorInfo, TensorWriter, read_header, read_tensor
 from ..types import Adapter
-from ..writing import check_output_path, current_umask, source_folders
+from ..writing import check_output_name, check_output_path, commit, current_umask, remove_stale, source_folders
 
 
 def open_file(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], Callable[[TensorInfo], torch.Tensor]]:
@@ -42,24 +43,26 @@ def open_file(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], Callab
 def atomic_file(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary file path beside `path`; on success it replaces `path`, on failure it is removed."""
     final = Path(path)
+    check_output_name(path, f"output {str(path)!r}")
     if final.exists() and not overwrite:
         raise OutputError(f"output {str(path)!r} already exists (pass --overwrite / overwrite=True to replace it)")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(final.parent, final.name)
         handle, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent)
         os.close(handle)
         os.chmod(name, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the output from other users
     except OSError as error:
-        raise OutputError(f"cannot write output {str(path)!r}: {error.strerror or error}") from None
+        raise OutputError(f"cannot write output {str(path)!r}: {reason(error)}") from None
     temporary = Path(name)
     try:
         yield temporary
-        os.replace(temporary, final)
-    except OSError as error:
+        commit(temporary, final, overwrite=overwrite, what=f"output {str(path)!r}")
+    except BaseException as error:
         temporary.unlink(missing_ok=True)
-        raise OutputError(f"cannot write output {str(path)!r}: {error.strerror or error}") from None
-    except BaseException:
-        temporary.unlink(missing_ok=True)
+        translated = output_error(f"output {str(path)!r}", error)  # full disk, ulimit -f, ...: one typed error
+        if translated is not None:
+            raise translated from None
         raise
 
 

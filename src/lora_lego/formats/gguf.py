@@ -19,7 +19,7 @@ import torch
 
 from ..errors import AdapterFormatError
 from ..types import Adapter, LoraFactors
-from ..writing import check_output_path, output_dtype, source_folders
+from ..writing import cast_finite, check_output_path, output_dtype, source_folders
 from .files import atomic_file, some
 
 SUFFIX = ".gguf"
@@ -191,8 +191,9 @@ def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = Non
         writer.write_ti_data_to_file()
         for module in adapter:
             A, B = _gguf_factors(adapter[module], alpha, _permuted_heads(names[module], arch, shape))
-            for tensor in (A, B):
-                writer.write_tensor_data(_to_numpy(tensor, torch_dtype))
+            for side, tensor in (("lora_a", A), ("lora_b", B)):
+                what = f"output {str(path)!r}, module {module!r}: {side}"
+                writer.write_tensor_data(_to_numpy(tensor, torch_dtype, what))
         writer.close()
     return path
 
@@ -212,10 +213,10 @@ def _numpy_dtype(dtype: torch.dtype):
     return np.uint16 if dtype == torch.bfloat16 else {torch.float32: np.float32, torch.float16: np.float16}[dtype]
 
 
-def _to_numpy(tensor: torch.Tensor, dtype: torch.dtype):
+def _to_numpy(tensor: torch.Tensor, dtype: torch.dtype, what: str):
     import numpy as np
 
-    tensor = tensor.to(dtype).contiguous()
+    tensor = cast_finite(tensor, dtype, what).contiguous()
     if dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(np.uint16)
     return tensor.numpy()

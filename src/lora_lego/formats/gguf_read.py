@@ -4,6 +4,8 @@ in, undoing the q/k row order of `gguf.py`'s writer (and of llama.cpp's converte
 from __future__ import annotations
 
 import json
+import math
+import struct
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,12 @@ from .gguf import (CONFIG_KEY, HF_MODULES, PERMUTED, _name_map, _permuted_heads,
                    gguf_module, permute_rows)
 
 _FLOAT_TYPES = ("F32", "F16", "BF16")
+# the smallest entries a GGUF header can hold: a tensor info (name length, n_dims, type, offset) and a
+# key-value (key length, value type, a one-byte value); counts that cannot fit in the file are refused
+_MIN_TENSOR_INFO, _MIN_KV = 8 + 4 + 4 + 8, 8 + 4 + 1
+# what the gguf package's reader raises on a damaged file, besides a clean ValueError
+_READER_ERRORS = (OSError, ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError, struct.error,
+                  AttributeError)
 
 
 def read(path: Path, *, lazy: bool = False, expand: bool = False, expand_rank: int | None = None,
@@ -30,12 +38,15 @@ def read(path: Path, *, lazy: bool = False, expand: bool = False, expand_rank: i
     """
     name = str(path)
     gguf = gguf_module()
+    check_counts(path, name)
     try:
         reader = gguf.GGUFReader(path)
-    except (OSError, ValueError) as error:
-        raise AdapterFormatError(f"adapter {name!r}: not a readable GGUF file ({error})") from None
-    fields = {key: _field(reader, key) for key in ("general.type", "adapter.type", "general.architecture",
-                                                    "adapter.lora.alpha", CONFIG_KEY)}
+        fields = {key: _field(reader, key) for key in ("general.type", "adapter.type", "general.architecture",
+                                                        "adapter.lora.alpha", CONFIG_KEY)}
+    except _READER_ERRORS as error:
+        raise AdapterFormatError(f"adapter {name!r}: not a readable GGUF file ({type(error).__name__}: "
+                                 f"{str(error)[:200]})") from None
+    alpha = check_fields(fields, name)
     if fields["general.type"] != "adapter" or fields["adapter.type"] != "lora":
         raise AdapterFormatError(f"adapter {name!r}: a GGUF file with general.type {fields['general.type']!r} and "
                                  f"adapter.type {fields['adapter.type']!r}; expected a LoRA adapter (adapter / lora)")
@@ -43,14 +54,17 @@ def read(path: Path, *, lazy: bool = False, expand: bool = False, expand_rank: i
     if arch not in PERMUTED:
         raise AdapterFormatError(f"adapter {name!r}: GGUF architecture {arch!r} is not supported; "
                                  f"supported: {', '.join(sorted(PERMUTED))}")
-    pairs = _pairs(reader, name)
+    try:
+        pairs = _pairs(reader, name)
+    except _READER_ERRORS as error:
+        raise AdapterFormatError(f"adapter {name!r}: damaged GGUF tensor infos ({type(error).__name__}: "
+                                 f"{str(error)[:200]})") from None
     shape = _file_shape(fields[CONFIG_KEY], base_config_path, arch, pairs, name)
     inverse = _inverse_names(arch, shape["layers"])
     unknown = [base for base in pairs if base not in inverse]
     if unknown:
         raise AdapterFormatError(f"adapter {name!r}: GGUF tensor(s) {some(unknown)} name no module lora-lego knows "
                                  f"for {arch} (attention, MLP, token_embd, output)")
-    alpha = float(fields["adapter.lora.alpha"] or 0.0)
     infos, parts = {}, {}
     for base, (a, b) in pairs.items():
         module, embedding = inverse[base], base == "token_embd"
@@ -83,6 +97,50 @@ def read(path: Path, *, lazy: bool = False, expand: bool = False, expand_rank: i
         metadata["gguf_base_config"] = json.loads(fields[CONFIG_KEY])
     modules = LazyModules(infos, read_module) if lazy else {module: read_module(module) for module in infos}
     return Adapter(modules, metadata, name=name)
+
+
+def check_counts(path: Path, name: str) -> None:
+    """Refuse a GGUF header whose tensor or key-value counts could not fit in the file (before the reader
+    loops over them): `adapter 'x': the GGUF header claims 2**60 tensors ...`."""
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(24)
+            size = stream.seek(0, 2)
+    except OSError as error:
+        raise AdapterFormatError(f"adapter {name!r}: cannot read the GGUF file ({error.strerror or error})") from None
+    if len(head) < 24 or head[:4] != b"GGUF":
+        raise AdapterFormatError(f"adapter {name!r}: not a GGUF file (no GGUF magic and 24-byte header)")
+    order = "<" if int.from_bytes(head[4:8], "little") & 0xFFFF else ">"  # as gguf's reader: a swapped file
+    tensors, kvs = struct.unpack(order + "QQ", head[8:24])
+    if tensors * _MIN_TENSOR_INFO + kvs * _MIN_KV > size - 24:
+        raise AdapterFormatError(f"adapter {name!r}: the GGUF header claims {tensors} tensors and {kvs} key-values, "
+                                 f"more than a file of {size} bytes can hold")
+
+
+def check_fields(fields: dict[str, Any], name: str) -> float:
+    """Check the header values read before use (their types, a finite alpha >= 0); returns alpha."""
+    for key in ("general.type", "adapter.type", "general.architecture", CONFIG_KEY):
+        if fields[key] is not None and not isinstance(fields[key], str):
+            raise AdapterFormatError(f"adapter {name!r}: GGUF key {key} must be a string; got {_brief(fields[key])}")
+    alpha = fields["adapter.lora.alpha"]
+    if alpha is None:
+        alpha = 0.0
+    elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+        raise AdapterFormatError(f"adapter {name!r}: GGUF key adapter.lora.alpha must be a finite number >= 0; "
+                                 f"got {_brief(alpha)}")
+    if fields[CONFIG_KEY] is not None:
+        try:
+            config = json.loads(fields[CONFIG_KEY])
+        except (ValueError, RecursionError) as error:
+            raise AdapterFormatError(f"adapter {name!r}: GGUF key {CONFIG_KEY} is not valid JSON ({error})") from None
+        if not isinstance(config, dict):
+            raise AdapterFormatError(f"adapter {name!r}: GGUF key {CONFIG_KEY} must hold a JSON object")
+    return float(alpha)
+
+
+def _brief(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def _field(reader, key: str):

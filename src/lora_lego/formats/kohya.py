@@ -17,7 +17,7 @@ from ..tensorfile import TensorInfo
 from ..types import Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values, conv_kind
 from ..writing import output_dtype
 from . import kohya_meta, lycoris
-from .family import family_from_metadata, family_from_modules
+from .family import family_from_metadata, family_from_modules, mixed_families
 from .files import open_file, some
 
 ALGOS = {  # the suffixes of each readable algorithm, and its name in messages
@@ -77,6 +77,11 @@ def read(path: Path, *, lazy: bool = False, expand: bool = False, expand_rank: i
                for module, parts in groups.items()}
     cross = next((layout.shape[1] for m, layout in layouts.items()  # a UNet's cross-attention width
                   if m.startswith("lora_unet_") and m.endswith("attn2_to_k")), None)
+    mixed = mixed_families(groups)
+    if mixed:
+        (first, example), (second, other) = mixed
+        raise AdapterFormatError(f"adapter {name!r}: module names of two model families ({first}: {example!r}; "
+                                 f"{second}: {other!r}); expected the modules of one base model")
     family = family_from_metadata(header) or family_from_modules(groups, cross)
     modules = {module: _module(module, algos[module], groups[module], layouts[module], family, expand_rank, fetch, name)
                for module in groups}
@@ -265,6 +270,6 @@ def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = Non
     target = output_dtype(adapter, dtype)
     entries, ranks, kinds = kohya_meta.file_entries(adapter, target)
     metadata = kohya_meta.output_metadata(adapter, path, ranks, kinds)
-    producer = kohya_meta.producer(adapter, target, kohya_meta.file_alpha(ranks))
+    producer = kohya_meta.producer(adapter, target, kohya_meta.file_alpha(ranks), f"output {str(path)!r}")
     return kohya_meta.write_hashed(adapter, path, entries, producer, metadata,
                                    overwrite=overwrite)

@@ -18,7 +18,7 @@ import torch
 from ..errors import AdapterFormatError, OutputError
 from ..tensorfile import NAMES
 from ..types import Adapter, LoraFactors, kernel_size
-from ..writing import check_output_path, source_folders
+from ..writing import cast_finite, check_output_path, source_folders
 from .files import atomic_file
 
 Entry = tuple[str, torch.dtype, tuple[int, ...]]  # key, dtype, shape
@@ -81,7 +81,7 @@ def file_alpha(ranks: Mapping[str, int]) -> int:
     return max(counts, key=lambda rank: (counts[rank], rank))
 
 
-def producer(adapter: Adapter, target: torch.dtype, alpha: int) -> Callable[[str], torch.Tensor]:
+def producer(adapter: Adapter, target: torch.dtype, alpha: int, where: str = "output") -> Callable[[str], torch.Tensor]:
     """key -> tensor, holding one module's tensors at a time (a module's keys are consecutive in sorted order)."""
     cache: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -89,12 +89,13 @@ def producer(adapter: Adapter, target: torch.dtype, alpha: int) -> Callable[[str
         module, _, suffix = key.partition(".")
         if module not in cache:
             cache.clear()
-            cache[module] = module_tensors(adapter[module], target, alpha)
+            cache[module] = module_tensors(adapter[module], target, alpha, f"{where}, module {module!r}")
         return cache[module][suffix]
     return produce
 
 
-def module_tensors(factors: LoraFactors, target: torch.dtype, alpha: int) -> dict[str, torch.Tensor]:
+def module_tensors(factors: LoraFactors, target: torch.dtype, alpha: int,
+                   what: str = "module") -> dict[str, torch.Tensor]:
     """`alpha`, lora_down.weight = A, lora_up.weight = B (conv: 4-D) in `target`. B carries r / alpha (as
     stored in `target`: bf16 is not exact above 256), so that a reader's alpha / r * B A is still the delta."""
     r, kernel = factors.rank, kernel_size(factors.kind)
@@ -104,8 +105,8 @@ def module_tensors(factors: LoraFactors, target: torch.dtype, alpha: int) -> dic
         B = B * (r / float(alpha))
     down = factors.A.detach().reshape(r, -1, *kernel) if kernel else factors.A.detach()
     up = B.reshape(*B.shape, 1, 1) if kernel else B
-    return {"alpha": alpha, "lora_down.weight": down.to(target).contiguous(),
-            "lora_up.weight": up.to(target).contiguous()}
+    return {"alpha": alpha, "lora_down.weight": cast_finite(down, target, f"{what}: lora_down").contiguous(),
+            "lora_up.weight": cast_finite(up, target, f"{what}: lora_up").contiguous()}
 
 
 def output_metadata(adapter: Adapter, path: Path, ranks: Mapping[str, int], kinds: Mapping[str, str]) -> dict[str, str]:

@@ -16,7 +16,7 @@ from ..errors import AdapterFormatError, LoraLegoWarning
 from ..tensorfile import TensorFileError, TensorInfo, read_header, read_tensor
 from ..types import MAX_ABS, Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values  # noqa: F401
 from ..card import write_card
-from ..writing import atomic_folder, check_output_path, output_dtype, source_folders
+from ..writing import atomic_folder, cast_finite, check_output_path, output_dtype, source_folders
 from .peft_config import CONFIG_NAME, module_scaling, pattern_value, read_config  # noqa: F401  (re-exported)
 
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -87,11 +87,23 @@ def _open_weights(folder: Path, name: str) -> tuple[dict[str, Any], Callable[[An
         try:
             tensors = torch.load(weights_path, map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises many types for damaged files
-            raise AdapterFormatError(f"adapter {name!r}: cannot read {weights_name} ({error})") from None
+            raise AdapterFormatError(f"adapter {name!r}: cannot read {weights_name} ({_load_reason(error)})") from None
         if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
             raise AdapterFormatError(f"adapter {name!r}: {weights_name} does not hold a dict of tensors")
         return tensors, lambda tensor: tensor.clone()  # a copy: factors are scaled in place after reading
     raise AdapterFormatError(f"adapter {name!r}: no {' or '.join(WEIGHTS_NAMES)} in the folder")
+
+
+def _load_reason(error: Exception) -> str:
+    """Why torch.load refused a file, without torch's advice to retry with weights_only=False (which runs
+    whatever code an untrusted pickle holds)."""
+    text = str(error)
+    if "weights_only" not in text:
+        return " ".join(text.split())[:300]
+    found = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)", text)
+    detail = f": {found[1].strip().rstrip('.')}" if found else ""
+    return (f"it holds pickled objects other than tensors{detail}; lora-lego loads tensors only and never runs "
+            "a pickle's code (save the adapter as safetensors with a trusted tool)")
 
 
 def _group_keys(tensors: dict[str, Any], name: str) -> dict[str, dict[str, Any]]:
@@ -182,8 +194,9 @@ def save_peft(adapter: Adapter, path: str | Path, *, dtype: str | torch.dtype | 
     for module, factors in adapter.items():
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if factors.kind == "embedding" else (
             "lora_A.weight", "lora_B.weight")
-        tensors[f"{_PREFIX}{module}.{a_key}"] = factors.A.detach().to(target).contiguous()
-        tensors[f"{_PREFIX}{module}.{b_key}"] = factors.B.detach().to(target).contiguous()
+        where = f"output {str(path)!r}, module {module!r}"
+        tensors[f"{_PREFIX}{module}.{a_key}"] = cast_finite(factors.A.detach(), target, f"{where}: lora_A").contiguous()
+        tensors[f"{_PREFIX}{module}.{b_key}"] = cast_finite(factors.B.detach(), target, f"{where}: lora_B").contiguous()
     metadata = {"format": "pt"}
     if "provenance" in adapter.metadata:
         metadata["lora_lego"] = json.dumps(adapter.metadata["provenance"], sort_keys=True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterFormatError
+from .patterns import PatternError, compile_key, matches
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -51,17 +51,19 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 
 def check_patterns(patterns: Any, key: str, where: str, location: str = "") -> None:
-    """rank_pattern / alpha_pattern: an object of regular expressions -> numbers (integers for ranks).
+    """rank_pattern / alpha_pattern: an object of regular expressions -> numbers (integers for ranks), each
+    one that lora-lego can match in bounded time (see `patterns`).
 
     Errors read "<where>: <key><location> must be ..."; `location` names the file the key sits in."""
     if not isinstance(patterns, dict):
         raise AdapterFormatError(f"{where}: {key}{location} must be an object")
     for pattern, value in patterns.items():
+        if not isinstance(pattern, str):  # JSON keys are strings; a Python caller's may not be
+            raise AdapterFormatError(f"{where}: {key} key {pattern!r} must be a string")
         try:
-            re.compile(pattern)
-        except re.error as error:
-            raise AdapterFormatError(
-                f"{where}: {key} key {pattern!r} is not a regular expression ({error})") from None
+            compile_key(pattern)
+        except PatternError as error:
+            raise AdapterFormatError(f"{where}: {key} key {_short(pattern)} {error}") from None
         if not is_number(value) or (key == "rank_pattern" and value != int(value)):
             expected = "an integer" if key == "rank_pattern" else "a number"
             raise AdapterFormatError(f"{where}: {key}[{pattern!r}] must be {expected}; got {value!r}")
@@ -77,20 +79,29 @@ def is_number(value: Any) -> bool:
         return False
 
 
-def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
-    """PEFT's rank_pattern / alpha_pattern rule: the first key k with re.match(rf"(.*\\.)?({k})$", module)."""
+def _short(pattern: str) -> str:
+    return repr(pattern) if len(pattern) <= 80 else f"{pattern[:60]!r}... ({len(pattern)} characters)"
+
+
+def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any, where: str = "adapter") -> Any:
+    """PEFT's rank_pattern / alpha_pattern rule: the first key k with re.match(rf"(.*\\.)?({k})$", module),
+    matched in bounded time (`patterns.matches`); `where` starts an error's message."""
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
+        try:
+            if matches(key, module):
+                return value
+        except PatternError as error:
+            raise AdapterFormatError(f"{where}: pattern key {_short(key)} {error}") from None
     return default
 
 
 def module_scaling(config: dict[str, Any], module: str, rank: int, name: str = "<adapter>") -> float:
     """PEFT's scaling of one module: alpha / r, or alpha / sqrt(r) with use_rslora."""
-    expected = pattern_value(config.get("rank_pattern"), module, config.get("r", 8))
+    where = f"adapter {name!r}, module {module[:80]!r}"
+    expected = pattern_value(config.get("rank_pattern"), module, config.get("r", 8), where)
     if expected != rank:
         raise AdapterFormatError(
             f"adapter {name!r}, module {module!r}: tensors have rank {rank} but the config says r={expected}"
         )
-    alpha = pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
+    alpha = pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8), where)
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
