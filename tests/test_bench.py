@@ -181,3 +181,13 @@ def test_precision_auto_follows_the_hardware_and_fp32_runs_without_autocast(tmp_
     assert errors[0] < 1e-6 and 1e-4 < errors[1] < 0.05, errors  # float32 rounding only; bf16's 8-bit mantissa
     assert main(["bench", "main", "--cache", str(tmp_path), "--device", "gpu"]) == 2
     assert "device must be 'cpu', 'cuda' or 'cuda:N'; got 'gpu'" in capsys.readouterr().err
+
+
+def test_evidence_spearman_matches_scipy_with_ties():
+    from scipy.stats import spearmanr
+
+    from lora_lego.bench.evidence import spearman
+
+    x, y = [0.1, 0.5, 0.5, 0.9, -0.2, 0.3], [0.0, 0.7, 0.2, 1.0, -0.5, 0.7]
+    assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)

@@ -384,7 +384,7 @@ def test_existing_output_needs_overwrite(tmp_path, peft_adapter):
     assert file_checksums(out) == before
     (out / "junk.txt").write_text("left over")
     ll.save_adapter(other, out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert ll.load_adapter(out).ranks == other.ranks
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 

@@ -30,7 +30,9 @@ DATA_FREE = ("tsv", "ties", "iso_c", "task_arithmetic", "lego", "lego_rank1")
 
 
 def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman's rank correlation (average ranks for ties)."""
+    """Spearman's rank correlation (average ranks for ties); nan for fewer than 3 pairs or a constant side."""
+    if len(x) < 3:
+        return float("nan")
     def ranks(values: list[float]) -> list[float]:
         order = sorted(range(len(values)), key=values.__getitem__)
         result = [0.0] * len(values)
