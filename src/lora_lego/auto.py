@@ -31,6 +31,7 @@ DATA_FREE = ("tsv", "ties", "iso_c", "task_arithmetic", "lego_rank1")
 CALIBRATED = ("regmean", "lego_calibrated")
 TIE = 0.005  # candidates within this mean retention of the best are ranked by their worst task
 STEP, STEPS = 1.4, 3  # the scale search: multiply or divide by STEP while retention improves, at most STEPS times
+NEAR = 0.05  # a proxy scale this close to 1 is not scored as a candidate of its own
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,8 @@ def merge_auto(adapters: Sequence[Adapter], *, model: str | Path | torch.nn.Modu
         merges[key] = merge(adapters, method, weights=weights, seed=seed, threads=threads, **ranked,
                             calibration=calibration if spec.needs_calibration else None, **params)
         terms = gram_terms(merges[key], adapters, calibration)
-        for scale in sorted({1.0, round(best_scale(terms), 4)}):
+        proxy = round(best_scale(terms), 4)
+        for scale in [1.0] + ([proxy] if proxy > 0 and abs(proxy - 1) > NEAR else []):
             if scale > 0:
                 tried.append(Candidate(method, {**params, **ranked}, scale, scorer.scores(merges[key], scale),
                                        proxy_retention(terms, scale)))
