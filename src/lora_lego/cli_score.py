@@ -4,6 +4,7 @@ retention table printed after a merge given --model/--prompts (thin, over `auto.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -123,7 +124,9 @@ def merge_with_evidence(args: argparse.Namespace, adapters: list, method: str, p
         model, tokenizer = load_model(args.model, device=args.device, quiet=args.quiet)
     options = {"max_prompts": args.max_prompts, "max_length": args.max_length, "batch_size": args.batch_size} \
         if args.command == "merge" else {}
-    with calibrations_for_merge(args, adapters, model, tokenizer, union=choose) as calibrations:
+    grams = calibrations_for_merge(args, adapters, model, tokenizer, union=choose) if needs or choose else \
+        contextlib.nullcontext(None)  # a data-free merge given prompts is only scored: no Grams needed
+    with grams as calibrations:
         if choose:
             rank = params.pop("rank", None)
             methods = None if method == "auto" else [" ".join([method, *(f"{k}={v}" for k, v in params.items())])]
