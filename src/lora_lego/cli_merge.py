@@ -1,0 +1,90 @@
+"""`lora-lego merge` and `prune`: check everything before any work, load the adapters lazily, merge (scored or
+chosen on prompts when given, see `cli_score`), check what the target server loads, write, and say what was made."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Sequence
+
+from .cli_calibration import check_calibration_args
+from .cli_score import DATA_FREE_NOTE, candidates_table, distance_words, merge_with_evidence, scores_table
+from .errors import MethodError, TargetError
+from .formats import harmonise, load_adapter, output_format, save_adapter
+from .merge import check_device, scale_rule
+from .registry import get_method
+from .targets import check_loads, fit_rank, get_target
+from .writing import check_output_path, check_report_path, dtype_from_name, write_json_atomic
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    params = parse_params(args.param)
+    if args.rank is not None:
+        params["rank"] = args.rank
+    if args.dtype:
+        dtype_from_name(args.dtype)
+    choose = args.method == "auto" or str(params.get("scale", "")).strip().lower() == "auto"
+    if choose:
+        params.pop("scale", None)
+        if args.pico:
+            raise MethodError("--pico is not a candidate of --method auto / -p scale=auto; leave one of them out")
+    spec = get_method("regmean" if args.method == "auto" else args.method)  # auto: the candidates' rank parameter
+    spec.resolve(scale_rule(params)[1])  # fail fast on a bad method, parameter or device, before loading
+    check_device(args.device)
+    needs = spec.needs_calibration and args.method != "auto"
+    check_calibration_args(args, needs, choose=choose)
+    target = get_target(args.target) if args.target else None
+    written = output_format(args.output, format=args.format)  # an unknown --format fails before any work
+    if target is not None and written not in target.formats:
+        raise TargetError(f"{target.name} loads {' / '.join(target.formats)} adapters; write a folder, not "
+                          f"{args.output!r} ({written})")
+    check_output_path(args.output, args.adapters, overwrite=args.overwrite)
+    if args.report:  # checked before any work: a report that cannot be written must not leave an output behind
+        check_report_path(args.report, args.adapters, args.output, overwrite=args.overwrite)
+    started = time.perf_counter()
+    adapters = harmonise([load_adapter(path, lazy=True, expand=args.expand, expand_rank=args.expand_rank,
+                                       base_config=args.base_config)
+                          for path in args.adapters])  # read module by module while merging; one naming
+    fits = "rank" in params or not spec.whole_rank  # a whole-rank method's rank is only known after the merge
+    if target is not None and fits and ("rank" in spec.parameters or "rank" in spec.aliases):
+        requested = params.get("rank", max(a.max_rank for a in adapters))
+        params["rank"] = fit_rank(target, int(requested))
+        if str(params["rank"]) != str(requested):
+            print(f"{target.name}: rank {requested} -> {params['rank']} (the nearest {target.rank_flag} at or above; "
+                  f"the server pads to it anyway)")
+    merged, scores = merge_with_evidence(args, adapters, args.method, params, needs=needs, choose=choose)
+    flag = check_loads(merged, target, written) if target is not None else None  # before anything is written
+    save_adapter(merged, args.output, format=args.format, dtype=args.dtype, overwrite=args.overwrite,
+                 base_config=args.base_config)
+    if args.report:
+        write_json_atomic(args.report, {"provenance": merged.metadata["provenance"],
+                                        "modules": merged.metadata["report"]}, overwrite=args.overwrite)
+    provenance = merged.metadata["provenance"]
+    if choose:
+        print(candidates_table(provenance["auto"], [a.name for a in adapters]))
+    elif scores is not None:
+        print(scores_table(scores))
+    report = merged.metadata["report"].values()
+    ranks = sorted({entry["rank"] for entry in report})
+    written = output_format(args.output, merged, args.format)
+    method = provenance["method"] + (f" (auto: {provenance['auto']['chosen']})" if choose else "")
+    print(f"{args.command}: {len(adapters)} adapter(s) -> {args.output} ({written}) with {method}: {len(merged)} "
+          f"modules, rank {'/'.join(map(str, ranks))}, {merged.num_parameters():,} parameters, "
+          f"{distance_words(report, args.command)}"
+          + (f", mean retention {scores.mean:.3f} (worst {scores.worst:.3f})" if scores is not None else "")
+          + f", {time.perf_counter() - started:.1f} s")
+    if flag is not None:
+        print(f"{target.name}: serve with {target.rank_flag} {flag} or more")
+    if scores is None and args.command == "merge" and len(adapters) > 1 and not spec.needs_calibration:
+        print(DATA_FREE_NOTE)
+    return 0
+
+
+def parse_params(items: Sequence[str]) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise MethodError(f"method parameter {item!r} must look like key=value")
+        params[key.strip()] = value.strip()
+    return params
