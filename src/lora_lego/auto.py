@@ -94,7 +94,8 @@ def merge_auto(adapters: Sequence[Adapter], *, model: str | Path | torch.nn.Modu
                tokenizer=None, calibration: Sequence[Calibration] | None = None, rank: int | None = None,
                methods: Sequence[str] | None = None, weights: Sequence[float] | None = None, seed: int = 0,
                positions: str = "last", max_prompts: int | None = None, max_length: int = 512, batch_size: int = 8,
-               search: bool = True, progress: bool = False, threads: int | None = None,
+               prompts_format: str | None = None, search: bool = True, progress: bool = False,
+               threads: int | None = None,
                device: str | torch.device | None = None, scorer: Scorer | None = None) -> Adapter:
     """The best merge of `adapters` that the candidates give, judged on the adapters' prompts.
 
@@ -110,7 +111,7 @@ def merge_auto(adapters: Sequence[Adapter], *, model: str | Path | torch.nn.Modu
     rank = rank if rank is not None else max(a.max_rank for a in adapters)
     if isinstance(model, (str, Path)):
         model, tokenizer = load_model(model, device=device)
-    texts = prompt_sets(prompts, max_prompts=max_prompts)
+    texts = prompt_sets(prompts, max_prompts=max_prompts, format=prompts_format)
     if scorer is None:
         scorer = Scorer(model, tokenizer, adapters, texts, positions=positions, max_length=max_length,
                         batch_size=batch_size, progress=progress)
@@ -180,12 +181,14 @@ def _result(merged: Adapter, best: Candidate, tried: list[Candidate], adapters: 
 def score(merged: Adapter, adapters: Sequence[Adapter], *, model: str | Path | torch.nn.Module,
           prompts: Sequence[Any], tokenizer=None, calibration: Sequence[Calibration] | None = None,
           positions: str = "last", max_prompts: int | None = None, max_length: int = 512, batch_size: int = 8,
-          device: str | torch.device | None = None, progress: bool = False) -> Scores:
+          prompts_format: str | None = None, device: str | torch.device | None = None,
+          progress: bool = False) -> Scores:
     """Each adapter's retention in `merged` on its own prompts (see `score.Scorer`), and with `calibration`
     (one per adapter) the Gram proxy's retention too."""
     if isinstance(model, (str, Path)):
         model, tokenizer = load_model(model, device=device)
-    scorer = Scorer(model, tokenizer, list(adapters), prompt_sets(prompts, max_prompts=max_prompts),
+    texts = prompt_sets(prompts, max_prompts=max_prompts, format=prompts_format)
+    scorer = Scorer(model, tokenizer, list(adapters), texts,
                     positions=positions, max_length=max_length, batch_size=batch_size, progress=progress)
     result = scorer.scores(merged)
     if calibration is not None:

@@ -71,7 +71,8 @@ def run_score(args: argparse.Namespace) -> int:
     options = _calibration_options(args)
     result = score(merged, sources, model=args.model, prompts=args.prompts, calibration=calibrations,
                    positions=args.positions, max_prompts=options["max_prompts"], max_length=options["max_length"],
-                   batch_size=options["batch_size"], device=args.device, progress=not args.quiet)
+                   batch_size=options["batch_size"], prompts_format=options["prompts_format"], device=args.device,
+                   progress=not args.quiet)
     print(scores_table(result))
     write_scores(result, args.report, args.plot, overwrite=args.overwrite)
     print(f"score: {len(sources)} adapter(s) in {args.merged}, {time.perf_counter() - started:.1f} s")
@@ -122,8 +123,8 @@ def merge_with_evidence(args: argparse.Namespace, adapters: list, method: str, p
     model = tokenizer = None
     if args.command == "merge" and args.prompts is not None:
         model, tokenizer = load_model(args.model, device=args.device, quiet=args.quiet)
-    options = {"max_prompts": args.max_prompts, "max_length": args.max_length, "batch_size": args.batch_size} \
-        if args.command == "merge" else {}
+    options = {"max_prompts": args.max_prompts, "max_length": args.max_length, "batch_size": args.batch_size,
+               "prompts_format": args.prompts_format} if args.command == "merge" else {}
     grams = calibrations_for_merge(args, adapters, model, tokenizer, union=choose) if needs or choose else \
         contextlib.nullcontext(None)  # a data-free merge given prompts is only scored: no Grams needed
     with grams as calibrations:

@@ -174,12 +174,14 @@ def _mean(parts: list[tuple[float, int]]) -> float:
     return total / max(count, 1)
 
 
-def prompt_sets(prompts: Sequence[str | Sequence[str]], *, max_prompts: int | None = None) -> list[list[str]]:
-    """One list of prompt strings per adapter from prompts files (see `read_prompts`) or lists of strings."""
+def prompt_sets(prompts: Sequence[str | Sequence[str]], *, max_prompts: int | None = None,
+                format: str | None = None) -> list[list[str]]:
+    """One list of prompt strings per adapter from prompts files (see `read_prompts`; `format` "jsonl", "txt" or
+    None: from the content) or lists of strings."""
     sets = []
     for item in prompts:
         if isinstance(item, str) or hasattr(item, "__fspath__"):
-            sets.append(read_prompts(item, max_prompts=max_prompts))
+            sets.append(read_prompts(item, max_prompts=max_prompts, format=format))
         else:
             texts = list(item)[:max_prompts]
             if not texts or not all(isinstance(t, str) for t in texts):
