@@ -35,7 +35,7 @@ def generate_prompts(model: torch.nn.Module, tokenizer, adapter: Adapter | None,
     arguments and seed give the same texts; `batch_size` samples are drawn together (a different batch size
     draws differently). Uses the key-value cache; the model's weights and mode are left as they were.
     """
-    _check(n, max_length, temperature, top_p, batch_size, start)
+    check_generation(n, max_length, temperature, top_p, batch_size, start)
     starts = [_start_ids(tokenizer, start, i) for i in range(n)]
     eos = tokenizer.eos_token_id
     generator = torch.Generator().manual_seed(seed)
@@ -58,7 +58,8 @@ def generate_prompts(model: torch.nn.Module, tokenizer, adapter: Adapter | None,
     return texts
 
 
-def _check(n: Any, max_length: Any, temperature: Any, top_p: Any, batch_size: Any, start: str) -> None:
+def check_generation(n: Any, max_length: Any, temperature: Any, top_p: Any, batch_size: Any, start: str) -> None:
+    """Raise CalibrationError for arguments `generate_prompts` refuses (checked before any model is loaded)."""
     for label, value in (("n", n), ("max_length", max_length), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise CalibrationError(f"generated prompts: {label} must be an integer >= 1; got {value!r}")
