@@ -86,6 +86,16 @@ def test_calibrate_and_score_take_generated_prompts(setup, tmp_path, capsys):
     assert [row["retention"] for row in scores["adapters"]] == pytest.approx(result.retention)
 
 
+def test_auto_chooses_on_generated_prompts(setup, tmp_path, capsys):
+    root, model_dir, paths = setup
+    code, stdout, err = run(capsys, "merge", *paths, "--method", "auto", "--rank", "2", "--model", model_dir, *OPTIONS,
+                            "-o", tmp_path / "auto", "--report", tmp_path / "auto.json")
+    assert code == 0, err
+    provenance = json.loads((tmp_path / "auto.json").read_text())["provenance"]
+    assert provenance["generated_prompts"] == RECORD and provenance["auto"]["n_prompts"] == [4, 4]
+    assert provenance["auto"]["chosen"] in stdout
+
+
 @pytest.mark.parametrize("argv, message", [
     (["merge", "{a}", "{b}", "--method", "regmean", "--model", "{m}", "--generate-prompts", "2", "--prompts", "{p}",
       "{p}"], "either --prompts FILE ... or --generate-prompts N, not both"),
