@@ -45,6 +45,9 @@ def test_same_seed_same_texts_another_seed_others_and_the_global_rng_untouched(s
     assert generate_prompts(model, tokenizer, adapter, 5, max_length=12, seed=4, start="bos", batch_size=2) != first
     assert len(first) == 5 and all(isinstance(t, str) and t for t in first)
     assert all(len(t.split()) <= 12 for t in first)
+    # the default start (bos, chosen by measurement) needs no chat template
+    assert generate_prompts(model, tokenizer, adapter, 2, max_length=3) == generate_prompts(
+        model, tokenizer, adapter, 2, max_length=3, start="bos")
 
 
 def test_the_adapter_is_applied_and_removed_and_the_mode_restored(setup):

@@ -12,7 +12,8 @@ from .generate import DEFAULT_START, STARTS, check_generation, generate_prompts
 
 def add_generation_options(group) -> None:
     group.add_argument("--generate-prompts", type=int, metavar="N", help="instead of --prompts: sample N prompts "
-                       "from the base model (--model) with each adapter applied, one set per adapter")
+                       "from the base model (--model) with each adapter applied, one set per adapter (measured "
+                       "below data-free tsv on our benchmark: see docs/results.md (k))")
     group.add_argument("--generate-length", type=int, default=64, metavar="L",
                        help="new tokens per generated prompt, at most (default 64)")
     group.add_argument("--generate-start", choices=STARTS, default=DEFAULT_START,
