@@ -146,7 +146,8 @@ def calibrate(model: str | Path | torch.nn.Module, prompts: str | Path | Sequenc
               modules: Iterable[str] | None = None, max_prompts: int | None = None, max_length: int = 512,
               batch_size: int = 8, device: str | torch.device | None = None, adapter: Adapter | None = None,
               output: str | Path | None = None, overwrite: bool = False, gram_memory: int = GRAM_MEMORY,
-              progress: bool = False, prompts_format: str | None = None) -> Calibration:
+              progress: bool = False, prompts_format: str | None = None,
+              generated: dict | None = None) -> Calibration:
     """Input Grams of `modules` (default: every linear layer) of a base model on `prompts`.
 
     `model` is a local transformers causal-LM folder (loaded in its own dtype, moved to `device`), or a
@@ -158,7 +159,8 @@ def calibrate(model: str | Path | torch.nn.Module, prompts: str | Path | Sequenc
     (its deltas added to the modules' outputs), giving the inputs of the fine-tuned model (RegMean's
     original setting) instead of the base model's. With `output`, the Grams are written to that folder
     as they are computed (atomically) and the returned Calibration reads them back lazily; otherwise
-    they are kept in memory.
+    they are kept in memory. `generated` (optional): how the prompts were generated (see `generate`), recorded
+    in the metadata.
     """
     if max_length < 1 or batch_size < 1 or gram_memory < 1:
         raise CalibrationError(f"need max_length, batch_size and gram_memory >= 1; got {max_length}, {batch_size}, "
@@ -183,20 +185,23 @@ def calibrate(model: str | Path | torch.nn.Module, prompts: str | Path | Sequenc
         model.eval()  # no dropout; the caller's mode is restored afterwards
         return _calibrate(model, model_name, tokenizer, texts, source, modules=modules, max_length=max_length,
                           batch_size=batch_size, adapter=adapter, output=output, overwrite=overwrite,
-                          gram_memory=gram_memory, progress=progress)
+                          gram_memory=gram_memory, progress=progress, generated=generated)
     finally:
         model.train(training)
 
 
 def _calibrate(model: torch.nn.Module, model_name: str, tokenizer, texts: list[str], source: str, *,
                modules: Iterable[str] | None, max_length: int, batch_size: int, adapter: Adapter | None,
-               output: str | Path | None, overwrite: bool, gram_memory: int, progress: bool) -> Calibration:
+               output: str | Path | None, overwrite: bool, gram_memory: int, progress: bool,
+               generated: dict | None = None) -> Calibration:
     targets = _targets(model, model_name, modules)
     batches = _batches(tokenizer, texts, max_length, batch_size, source)
     tokens = sum(int(mask.sum()) for _, mask in batches)
     metadata = {"model": model_name, "model_fingerprint": model_fingerprint(model), "prompts": source,
                 "prompts_sha256": prompts_digest(texts), "n_prompts": len(texts), "max_length": max_length,
                 "activations": "base" if adapter is None else f"adapter {adapter.name}"}
+    if generated:
+        metadata["generated_prompts"] = generated
     with torch.no_grad(), AppliedAdapter(model, adapter, model_name):
         groups, repeated = trace(model, targets, batches[0])
         chunks = chunks_for(groups, targets, gram_memory)

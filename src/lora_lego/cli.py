@@ -17,6 +17,7 @@ from .cli_calibration import add_calibration_options, run_calibrate
 from .cli_merge import run_merge
 from .cli_score import add_evidence_options, add_score_parser, run_score
 from .cli_apply import add_apply_parser, run_apply
+from .cli_generate import add_generation_options
 from .cli_convert import add_input_options, add_output_format, add_target_option, inspect_target, run_convert
 from .errors import LoraLegoError
 from .inspect import describe_adapters, describe_report
@@ -62,12 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
                             help="take each task's inputs from the base model (default) or from the model with "
                                  "that task's adapter applied")
     add_calibration_options(calibrated)
+    add_generation_options(calibrated)
     add_evidence_options(calibrated)
 
     calibrate_cmd = commands.add_parser("calibrate",
                                         help="input Grams of a base model on prompts, for calibrated merges")
     calibrate_cmd.add_argument("--model", required=True, help="base model folder (transformers)")
-    calibrate_cmd.add_argument("--prompts", required=True, metavar="FILE", help="prompts file (.jsonl or .txt)")
+    calibrate_cmd.add_argument("--prompts", metavar="FILE", help="prompts file (.jsonl or .txt)")
     calibrate_cmd.add_argument("-o", "--output", required=True, help="output folder")
     calibrate_cmd.add_argument("--modules", nargs="+", metavar="PATH",
                                help="module paths to calibrate (default: every linear layer)")
@@ -76,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate_cmd.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     calibrate_cmd.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_calibration_options(calibrate_cmd)
+    add_generation_options(calibrate_cmd)
 
     prune_cmd = commands.add_parser("prune", help="reduce one adapter to a lower rank (lego on one adapter)")
     prune_cmd.add_argument("adapters", nargs=1, metavar="ADAPTER", help="a PEFT LoRA folder or a .safetensors file")

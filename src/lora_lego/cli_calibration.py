@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .calibrate import GRAM_MEMORY, PROMPT_FORMATS, calibrate, load_model, read_prompts
 from .calibration import load_calibration
+from .cli_generate import check_generation_args, generated_prompt_sets, generating, generation_record
 from .errors import CalibrationError, MethodError
 from .merge import check_device
 from .formats import load_adapter
@@ -40,23 +41,26 @@ def check_calibration_args(args: argparse.Namespace, needs: bool, *, choose: boo
             raise MethodError(f"method {args.method!r} needs calibration data; prune with it through `merge` with one "
                               "adapter and --model/--prompts or --calibration")
         return
-    given = args.prompts is not None or args.calibration is not None
+    check_generation_args(args)  # --generate-prompts N stands for --prompts: one generated set per adapter
+    prompted = args.prompts is not None or generating(args)
+    given = prompted or args.calibration is not None
     if args.prompts is not None and args.calibration is not None:
         raise CalibrationError("give either --prompts (with --model) or --calibration, not both")
-    if choose and args.prompts is None:
+    if choose and not prompted:
         raise MethodError(f"{'--method auto' if args.method == 'auto' else '-p scale=auto'} scores merges on the "
-                          "adapters' prompts: give --model BASE_DIR --prompts P1 P2 ... (one prompts file per adapter)")
+                          "adapters' prompts: give --model BASE_DIR --prompts P1 P2 ... (one prompts file per adapter), "
+                          "or --model BASE_DIR --generate-prompts N")
     if not needs and not choose and args.calibration is not None:
         raise MethodError(f"method {args.method!r} does not use calibration data (--calibration); to measure what "
                           "each adapter keeps, give --model BASE_DIR --prompts P1 P2 ...")
     if needs and not given:
         raise MethodError(f"method {args.method!r} needs calibration data: --model BASE_DIR --prompts P1 P2 ... (one "
-                          "prompts file per adapter), or --calibration C1 C2 ...")
-    if args.model and args.prompts is None:
-        raise CalibrationError("--model is used with --prompts (one prompts file per adapter); a saved --calibration "
-                               "already holds its model")
+                          "prompts file per adapter), --model BASE_DIR --generate-prompts N, or --calibration C1 C2 ...")
+    if args.model and not prompted:
+        raise CalibrationError("--model is used with --prompts (one prompts file per adapter) or --generate-prompts N; "
+                               "a saved --calibration already holds its model")
     files = args.prompts if args.prompts is not None else args.calibration or []
-    if given and len(files) != len(args.adapters):
+    if files and len(files) != len(args.adapters):
         raise CalibrationError(f"got {len(files)} {'prompts files' if args.prompts else 'calibrations'} for "
                                f"{len(args.adapters)} adapters; give one per adapter, in the same order")
     if args.prompts is not None and not args.model:
@@ -88,7 +92,8 @@ def calibrations_for_merge(args: argparse.Namespace, adapters: list, model=None,
             calibrations.append(calibrate(
                 model, prompts, tokenizer=tokenizer, modules=everything if union else list(adapter),
                 adapter=adapter if args.activations == "adapted" else None, output=work / str(index),
-                progress=not args.quiet, **_calibration_options(args)))
+                progress=not args.quiet, generated=generation_record(args) if generating(args) else None,
+                **_calibration_options(args)))
             calibrations[-1].metadata["model"] = args.model
         yield calibrations
     finally:
@@ -105,15 +110,23 @@ def _calibration_options(args: argparse.Namespace) -> dict:
 
 def run_calibrate(args: argparse.Namespace) -> int:
     check_device(args.device)
-    check_output_path(args.output, [args.model, args.prompts] + ([args.adapter] if args.adapter else []),
+    check_generation_args(args)
+    if args.prompts is None and not generating(args):
+        raise CalibrationError("give --prompts FILE, or --generate-prompts N with --adapter")
+    if generating(args) and not args.adapter:
+        raise CalibrationError("--generate-prompts samples from the model with --adapter applied: give --adapter")
+    check_output_path(args.output, [args.model] + [p for p in (args.prompts, args.adapter) if p],
                       overwrite=args.overwrite)
     started = time.perf_counter()
     adapter = load_adapter(args.adapter, lazy=True) if args.adapter else None
-    read_prompts(args.prompts, max_prompts=args.max_prompts, format=args.prompts_format)
+    if args.prompts is not None:
+        read_prompts(args.prompts, max_prompts=args.max_prompts, format=args.prompts_format)
     model, tokenizer = load_model(args.model, device=args.device, quiet=args.quiet)
     modules = args.modules or (list(adapter) if adapter is not None else None)
-    result = calibrate(model, args.prompts, tokenizer=tokenizer, modules=modules, adapter=adapter, output=args.output,
-                       overwrite=args.overwrite, progress=not args.quiet, **_calibration_options(args))
+    prompts = generated_prompt_sets(args, [adapter], model, tokenizer)[0] if generating(args) else args.prompts
+    result = calibrate(model, prompts, tokenizer=tokenizer, modules=modules, adapter=adapter, output=args.output,
+                       overwrite=args.overwrite, progress=not args.quiet,
+                       generated=generation_record(args) if generating(args) else None, **_calibration_options(args))
     summary = result.summary()
     print(f"calibrate: {summary['n_prompts']} prompts ({summary['tokens']:,} tokens) through {args.model} -> "
           f"{args.output}: {summary['modules']} modules, {summary['grams']} Grams, "

@@ -14,6 +14,8 @@ from .auto import merge_auto, score
 from .calibrate import load_model
 from .card import retention_png
 from .cli_calibration import add_calibration_options, calibrations_for_merge, check_calibration_args
+from .cli_generate import (add_generation_options, check_generation_args, generated_prompt_sets, generating,
+                           generation_record)
 from .errors import MethodError, OutputError
 from .formats import harmonise, load_adapter
 from .merge import check_device, merge
@@ -35,7 +37,7 @@ def add_score_parser(commands) -> None:
     cmd.add_argument("merged", metavar="MERGED", help="the merged adapter (folder or file)")
     cmd.add_argument("--adapters", nargs="+", required=True, metavar="ADAPTER", help="the source adapters, in order")
     cmd.add_argument("--model", required=True, help="base model folder (transformers)")
-    cmd.add_argument("--prompts", nargs="+", required=True, metavar="FILE", help="one prompts file per adapter")
+    cmd.add_argument("--prompts", nargs="+", metavar="FILE", help="one prompts file per adapter (or --generate-prompts)")
     cmd.add_argument("--calibration", nargs="+", metavar="CALIB",
                      help="saved calibrations, one per adapter: adds the Gram proxy's retention")
     cmd.add_argument("--report", metavar="FILE.json", help="write the scores here as JSON")
@@ -45,6 +47,7 @@ def add_score_parser(commands) -> None:
     cmd.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_evidence_options(cmd)
     add_calibration_options(cmd)
+    add_generation_options(cmd)
 
 
 def run_score(args: argparse.Namespace) -> int:
@@ -52,13 +55,16 @@ def run_score(args: argparse.Namespace) -> int:
     from .cli_calibration import _calibration_options
 
     check_device(args.device)
-    if len(args.prompts) != len(args.adapters):
+    check_generation_args(args)
+    if args.prompts is None and not generating(args):
+        raise MethodError("score needs each adapter's prompts: --prompts P1 P2 ... or --generate-prompts N")
+    if args.prompts is not None and len(args.prompts) != len(args.adapters):
         raise MethodError(f"got {len(args.prompts)} prompts files for {len(args.adapters)} adapters; give one per "
                           "adapter, in the same order")
     if args.calibration is not None and len(args.calibration) != len(args.adapters):
         raise MethodError(f"got {len(args.calibration)} calibrations for {len(args.adapters)} adapters; give one per "
                           "adapter, in the same order")
-    inputs = [args.merged, *args.adapters, *args.prompts]
+    inputs = [args.merged, *args.adapters, *(args.prompts or [])]
     for path, suffix in ((args.report, ".json"), (args.plot, ".png")):
         if path is not None:
             if not path.endswith(suffix):
@@ -69,10 +75,16 @@ def run_score(args: argparse.Namespace) -> int:
     merged, sources = adapters[0], adapters[1:]
     calibrations = [load_calibration(p) for p in args.calibration] if args.calibration else None
     options = _calibration_options(args)
-    result = score(merged, sources, model=args.model, prompts=args.prompts, calibration=calibrations,
+    model, tokenizer, prompts = args.model, None, args.prompts
+    if generating(args):
+        model, tokenizer = load_model(args.model, device=args.device, quiet=args.quiet)
+        prompts = generated_prompt_sets(args, sources, model, tokenizer)
+    result = score(merged, sources, model=model, tokenizer=tokenizer, prompts=prompts, calibration=calibrations,
                    positions=args.positions, max_prompts=options["max_prompts"], max_length=options["max_length"],
                    batch_size=options["batch_size"], prompts_format=options["prompts_format"], device=args.device,
                    progress=not args.quiet)
+    if generating(args):
+        result.extra["generated_prompts"] = generation_record(args)
     print(scores_table(result))
     write_scores(result, args.report, args.plot, overwrite=args.overwrite)
     print(f"score: {len(sources)} adapter(s) in {args.merged}, {time.perf_counter() - started:.1f} s")
@@ -119,10 +131,21 @@ def merge_with_evidence(args: argparse.Namespace, adapters: list, method: str, p
                         needs: bool, choose: bool):
     """The merge of the CLI: plain, scored on --prompts when given, or chosen by retention (auto, scale=auto).
     Returns (merged adapter, Scores or None)."""
-    weights = getattr(args, "weights", None)
     model = tokenizer = None
-    if args.command == "merge" and args.prompts is not None:
+    if args.command == "merge" and (args.prompts is not None or generating(args)):
         model, tokenizer = load_model(args.model, device=args.device, quiet=args.quiet)
+    if generating(args):  # from here on, each adapter's generated prompts take --prompts' place
+        args.prompts = generated_prompt_sets(args, adapters, model, tokenizer)
+    merged, scores = _merge_with_evidence(args, adapters, method, params, model, tokenizer, needs=needs,
+                                          choose=choose)
+    if generating(args):
+        merged.metadata["provenance"]["generated_prompts"] = generation_record(args)
+    return merged, scores
+
+
+def _merge_with_evidence(args: argparse.Namespace, adapters: list, method: str, params: dict[str, Any], model,
+                         tokenizer, *, needs: bool, choose: bool):
+    weights = getattr(args, "weights", None)
     options = {"max_prompts": args.max_prompts, "max_length": args.max_length, "batch_size": args.batch_size,
                "prompts_format": args.prompts_format} if args.command == "merge" else {}
     grams = calibrations_for_merge(args, adapters, model, tokenizer, union=choose) if needs or choose else \
