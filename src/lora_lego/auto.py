@@ -51,9 +51,6 @@ class Candidate:
         shown = "".join(f" {k}={v}" for k, v in sorted(self.params.items()) if k != "rank")
         return f"{self.method}{shown} scale={self.scale:.3g}"
 
-    def key(self) -> tuple[float, float]:
-        return self.scores.mean, self.scores.worst
-
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, "method": self.method, "params": self.params, "scale": self.scale,
                 "mean_retention": self.scores.mean, "worst_retention": self.scores.worst,

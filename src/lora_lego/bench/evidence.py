@@ -17,7 +17,7 @@ import time
 
 import lora_lego as ll
 
-from ..auto import merge_auto
+from ..auto import merge_auto, scaled
 from ..score import Scorer, best_scale, gram_terms, module_scales, module_terms, proxy_retention
 from .calibrated import split_tasks
 from .experiments import Bench, Table
@@ -72,7 +72,7 @@ def evidence_table(bench: Bench) -> Table:
 
     def add(label: str, key: str, build, scale: float = 1.0) -> None:
         merged = build()
-        applied = auto_scaled(merged, scale)
+        applied = merged if scale == 1.0 else scaled(merged, scale)
         table.rows[label] = bench.evaluate(key, lambda: applied, bench.tasks)
         keys[label] = key
         terms = gram_terms(merged, adapters, calibrations)
@@ -114,11 +114,6 @@ def evidence_table(bench: Bench) -> Table:
     keys[label] = f"evidence auto k={r} n={PROMPTS}"
     _notes(bench, table, measures, keys, label, seconds, splits)
     return table
-
-
-def auto_scaled(merged: ll.Adapter, scale: float) -> ll.Adapter:
-    from ..auto import scaled
-    return merged if scale == 1.0 else scaled(merged, scale)
 
 
 def _notes(bench, table, measures, keys, auto_label, seconds, splits) -> None:
