@@ -195,7 +195,7 @@ def _calibrate(model: torch.nn.Module, model_name: str, tokenizer, texts: list[s
                output: str | Path | None, overwrite: bool, gram_memory: int, progress: bool,
                generated: dict | None = None) -> Calibration:
     targets = _targets(model, model_name, modules)
-    batches = _batches(tokenizer, texts, max_length, batch_size, source)
+    batches = token_batches(tokenizer, texts, max_length, batch_size, source)
     tokens = sum(int(mask.sum()) for _, mask in batches)
     metadata = {"model": model_name, "model_fingerprint": model_fingerprint(model), "prompts": source,
                 "prompts_sha256": prompts_digest(texts), "n_prompts": len(texts), "max_length": max_length,
@@ -244,7 +244,7 @@ def _targets(model: torch.nn.Module, model_name: str, modules: Iterable[str] | N
     return targets
 
 
-def _batches(tokenizer, texts: list[str], max_length: int, batch_size: int,
+def token_batches(tokenizer, texts: list[str], max_length: int, batch_size: int,
              source: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(input_ids, attention_mask) batches, right-padded, prompts sorted by length (less padding)."""
     def encode(text: str, length: int) -> list[int]:

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .calibrate import _batches, read_prompts
+from .calibrate import read_prompts, token_batches
 from .errors import CalibrationError, LoraLegoWarning
 from .gram_passes import AppliedAdapter
 from .lowrank import inner
@@ -91,7 +91,7 @@ class Scorer:
         self.model, self.adapters, self.positions, self.progress = model, list(adapters), positions, progress
         self.names = [a.name for a in self.adapters]
         self.n_prompts = [len(p) for p in prompts]
-        self.batches = [_batches(tokenizer, list(p), max_length, batch_size, f"prompts of {a.name!r}")
+        self.batches = [token_batches(tokenizer, list(p), max_length, batch_size, f"prompts of {a.name!r}")
                         for a, p in zip(self.adapters, prompts)]
         self.teachers: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per task, per batch: (top ids, log bins)
         self.kl_base: list[float] = []
