@@ -198,7 +198,18 @@ def _run_methods(args: argparse.Namespace) -> int:
         print(f"{title}\n  {spec.summary}\n  parameters: {params}" + (f" ({aliases})" if aliases else ""))
         if spec.paper:
             print(f"  paper: {spec.paper}")
+    _print_model_methods()
     return 0
+
+
+def _print_model_methods() -> None:
+    """The methods that run the base model on the adapters' prompts while they merge (not per-module functions)."""
+    from .regmean_pp import SPEC
+
+    params = ", ".join(f"{p.name}={p.default!r}" for p in SPEC.parameters.values())
+    print(f"{SPEC.name} (needs --model/--prompts)\n  {SPEC.summary}\n  parameters: {params}\n  paper: {SPEC.paper}")
+    print("auto (needs --model/--prompts)\n  the candidate merge with the best retention of every adapter on its "
+          "prompts (see the README's Merge with evidence)")
 
 
 def _run_formats(args: argparse.Namespace) -> int:

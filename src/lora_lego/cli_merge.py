@@ -13,6 +13,7 @@ from .errors import MethodError, TargetError
 from .formats import harmonise, load_adapter, output_format, save_adapter
 from .merge import check_device, scale_rule
 from .registry import get_method
+from .regmean_pp import SPEC as REGMEAN_PP
 from .targets import check_loads, fit_rank, get_target
 from .writing import check_output_path, check_report_path, dtype_from_name, write_json_atomic
 
@@ -28,10 +29,16 @@ def run_merge(args: argparse.Namespace) -> int:
         params.pop("scale", None)
         if args.pico:
             raise MethodError("--pico is not a candidate of --method auto / -p scale=auto; leave one of them out")
-    spec = get_method("regmean" if args.method == "auto" else args.method)  # auto: the candidates' rank parameter
+    if args.method == "regmean_pp":
+        spec = REGMEAN_PP
+        if args.calibration is not None:
+            raise MethodError("regmean_pp takes its Grams on the model as it merges it: give --model BASE_DIR "
+                              "--prompts P1 P2 ... (or --generate-prompts N), not --calibration")
+    else:
+        spec = get_method("regmean" if args.method == "auto" else args.method)  # auto: the candidates' rank
     spec.resolve(scale_rule(params)[1])  # fail fast on a bad method, parameter or device, before loading
     check_device(args.device)
-    needs = spec.needs_calibration and args.method != "auto"
+    needs = (spec.needs_calibration or spec is REGMEAN_PP) and args.method != "auto"
     check_calibration_args(args, needs, choose=choose)
     target = get_target(args.target) if args.target else None
     written = output_format(args.output, format=args.format)  # an unknown --format fails before any work

@@ -13,7 +13,8 @@ from typing import Any
 from .auto import merge_auto, score
 from .calibrate import load_model
 from .card import retention_png
-from .cli_calibration import add_calibration_options, calibrations_for_merge, check_calibration_args
+from .cli_calibration import (_calibration_options, add_calibration_options, calibrations_for_merge,
+                              check_calibration_args)
 from .cli_generate import (add_generation_options, check_generation_args, generated_prompt_sets, generating,
                            generation_record)
 from .errors import MethodError, OutputError
@@ -52,7 +53,6 @@ def add_score_parser(commands) -> None:
 
 def run_score(args: argparse.Namespace) -> int:
     from .calibration import load_calibration
-    from .cli_calibration import _calibration_options
 
     check_device(args.device)
     check_generation_args(args)
@@ -148,6 +148,17 @@ def _merge_with_evidence(args: argparse.Namespace, adapters: list, method: str, 
     weights = getattr(args, "weights", None)
     options = {"max_prompts": args.max_prompts, "max_length": args.max_length, "batch_size": args.batch_size,
                "prompts_format": args.prompts_format} if args.command == "merge" else {}
+    if method == "regmean_pp":
+        from .regmean_pp import SPEC, merge_regmean_pp
+
+        resolved = SPEC.resolve(params)
+        if args.activations == "adapted":
+            resolved.setdefault("within", "adapter")
+        calibration = _calibration_options(args)
+        merged = merge_regmean_pp(adapters, model=model, tokenizer=tokenizer, prompts=args.prompts, weights=weights,
+                                  seed=args.seed, progress=not args.quiet, threads=args.threads,
+                                  gram_memory=calibration["gram_memory"], **options, **resolved)
+        return _scored(args, merged, adapters, model, tokenizer, options)
     grams = calibrations_for_merge(args, adapters, model, tokenizer, union=choose) if needs or choose else \
         contextlib.nullcontext(None)  # a data-free merge given prompts is only scored: no Grams needed
     with grams as calibrations:
@@ -163,12 +174,17 @@ def _merge_with_evidence(args: argparse.Namespace, adapters: list, method: str, 
         merged = merge(adapters, method, weights=weights, seed=args.seed, progress=not args.quiet,
                        threads=args.threads, device=args.device, calibration=calibrations if needs else None,
                        pico=args.pico, **params)
-        if model is None:
-            return merged, None
-        result = score(merged, adapters, model=model, tokenizer=tokenizer, prompts=args.prompts,
-                       positions=args.positions, progress=not args.quiet, **options)
-        merged.metadata["provenance"]["retention"] = dict(zip(result.names, result.retention))
-        return merged, result
+        return _scored(args, merged, adapters, model, tokenizer, options)
+
+
+def _scored(args: argparse.Namespace, merged, adapters: list, model, tokenizer, options: dict):
+    """(merged, its Scores on the adapters' prompts), or (merged, None) without a model."""
+    if model is None:
+        return merged, None
+    result = score(merged, adapters, model=model, tokenizer=tokenizer, prompts=args.prompts,
+                   positions=args.positions, progress=not args.quiet, **options)
+    merged.metadata["provenance"]["retention"] = dict(zip(result.names, result.retention))
+    return merged, result
 
 
 def distance_words(report, command: str) -> str:

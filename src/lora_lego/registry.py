@@ -75,20 +75,28 @@ def register(name: str, *, paper: str | None = None, aliases: dict[str, str] | N
         taken = [n for n in (name, *method_aliases) if n in _METHODS or n in _METHOD_ALIASES]
         if taken:
             raise KeyError(f"merge method {taken[0]!r} is already registered")
-        signature = inspect.signature(fn)
-        hints = typing.get_type_hints(fn)
-        parameters = {
-            p.name: p.replace(annotation=hints.get(p.name, Any))
-            for p in signature.parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _RESERVED
-        }
-        summary = (inspect.getdoc(fn) or "").split("\n", 1)[0]
-        _METHODS[name] = MethodSpec(name, fn, summary, paper, parameters, dict(aliases or {}), tuple(method_aliases),
-                                    needs_calibration="calibration" in signature.parameters, whole_rank=whole_rank)
+        _METHODS[name] = describe(name, fn, paper=paper, aliases=aliases, method_aliases=method_aliases,
+                                  whole_rank=whole_rank)
         _METHOD_ALIASES.update({alias: name for alias in method_aliases})
         return fn
 
     return decorator
+
+
+def describe(name: str, fn: Callable, *, paper: str | None = None, aliases: dict[str, str] | None = None,
+             method_aliases: Sequence[str] = (), whole_rank: bool = False) -> MethodSpec:
+    """The spec of `fn` (its keyword-only parameters, the first line of its docstring), not registered: what
+    `register` records, and what a method that runs a model (e.g. `regmean_pp`) uses to check its parameters."""
+    signature = inspect.signature(fn)
+    hints = typing.get_type_hints(fn)
+    parameters = {
+        p.name: p.replace(annotation=hints.get(p.name, Any))
+        for p in signature.parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _RESERVED
+    }
+    summary = (inspect.getdoc(fn) or "").split("\n", 1)[0]
+    return MethodSpec(name, fn, summary, paper, parameters, dict(aliases or {}), tuple(method_aliases),
+                      needs_calibration="calibration" in signature.parameters, whole_rank=whole_rank)
 
 
 def get_method(name: str) -> MethodSpec:
