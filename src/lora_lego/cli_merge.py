@@ -7,6 +7,7 @@ import argparse
 import time
 from typing import Sequence
 
+from .allocate import allocation_rule
 from .cli_calibration import check_calibration_args
 from .cli_score import DATA_FREE_NOTE, candidates_table, distance_words, merge_with_evidence, scores_table
 from .errors import MethodError, TargetError
@@ -36,7 +37,7 @@ def run_merge(args: argparse.Namespace) -> int:
                               "--prompts P1 P2 ... (or --generate-prompts N), not --calibration")
     else:
         spec = get_method("regmean" if args.method == "auto" else args.method)  # auto: the candidates' rank
-    spec.resolve(scale_rule(params)[1])  # fail fast on a bad method, parameter or device, before loading
+    spec.resolve(allocation_rule(scale_rule(params)[1])[1])  # fail fast on a bad method, parameter or device
     check_device(args.device)
     needs = (spec.needs_calibration or spec is REGMEAN_PP) and args.method != "auto"
     check_calibration_args(args, needs, choose=choose)

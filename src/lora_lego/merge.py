@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import torch
 from tqdm.auto import tqdm
 
+from .allocate import allocation_rule, check_allocatable, greedy_ranks, spectrum
 from .calibration import Calibration, check_calibrations, moments
 from .core import match_norm, pico_calibrate
 from .errors import IncompatibleAdaptersError, LoraLegoError, LoraLegoWarning, MethodError
@@ -149,6 +150,9 @@ def merge(
     `calibration` (one per adapter, in order; see `calibrate`) is what calibrated methods such as
     `regmean` need: each module's call gets the adapters' mean input Grams (`Calibration.moment`).
 
+    `allocate="greedy"` (with `rank` r, for regmean and the spectral methods) spends the parameter count of
+    rank r everywhere over the modules by their singular values instead (see `allocate`).
+
     Two steps work with every method, without data: `pico=True` shrinks the output directions the
     adapters share before the method runs (`core.pico_calibrate`, arXiv 2604.16826) and implies
     `scale="norm"`, which rescales each merged module to the inputs' mean norm (see `scale_rule`).
@@ -162,7 +166,9 @@ def merge(
     method = spec.name  # a method alias (e.g. "svd") is recorded under the registered name
     norm, params = scale_rule(params)
     norm = norm or pico
+    allocation, params = allocation_rule(params)
     resolved = spec.resolve(params)
+    average = check_allocatable(method, spec.whole_rank, resolved) if allocation != "uniform" else None
     weights = check_weights(weights, len(adapters), [a.name for a in adapters])
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise MethodError(f"seed must be a non-negative integer; got {seed!r}")
@@ -173,6 +179,8 @@ def merge(
     jobs = [(module, [i for i in holders if weights[i] != 0]) for module, holders in owners.items()]
     # a weight of 0 leaves the adapter out; a module that only such adapters have is left out of the result
     jobs = [(module, holders) for module, holders in jobs if holders]
+    ranks = _allocated_ranks(spec, adapters, jobs, weights, calibration, resolved, seed, threads, device,
+                             average) if average is not None else {}
 
     def merge_module(job: tuple[str, list[int]]) -> tuple[str, LoraFactors, dict[str, Any]]:
         module, holders = job
@@ -183,7 +191,8 @@ def merge(
         grams = moments([calibration[i] for i in holders], module) if calibration else None  # read one at a time
         try:
             result, info = spec(pico_calibrate(factors) if pico else factors, module_weights,
-                                generator=module_generator(seed, module), calibration=grams, **resolved)
+                                generator=module_generator(seed, module), calibration=grams,
+                                **{**resolved, **({"rank": ranks[module]} if ranks else {})})
             if norm:
                 result, info["norm_scale"] = match_norm(result, factors, module_weights)
         except LoraLegoError as error:
@@ -205,11 +214,33 @@ def merge(
     for module, result, entry in tqdm(results, total=len(jobs), desc=f"merge ({method})", unit="module",
                                       disable=None if progress else True, leave=False):
         merged[module], report[module] = result, entry
-    recorded = {**resolved, **({"scale": "norm"} if norm else {}), **({"pico": True} if pico else {})}
+    recorded = {**resolved, **({"scale": "norm"} if norm else {}), **({"pico": True} if pico else {}),
+                **({"allocate": allocation} if ranks else {})}
     metadata = merged_metadata(adapters, method, recorded, weights, seed, report)
     if calibration:
         metadata["provenance"]["calibration"] = [c.summary() for c in calibration]
     return Adapter(merged, metadata, name="merged")
+
+
+def _allocated_ranks(spec, adapters, jobs, weights, calibration, resolved, seed, threads, device,
+                     average: int) -> dict[str, int]:
+    """Each module's rank under a budget of `average` ranks per module in parameters (see `allocate`)."""
+    def module_spectrum(job: tuple[str, list[int]]) -> tuple[str, torch.Tensor, int]:
+        module, holders = job
+        factors = [_read(adapters[i], module).to(device) for i in holders]
+        module_weights = [weights[i] for i in holders]
+        grams = moments([calibration[i] for i in holders], module) if calibration else None
+
+        def run(**params):
+            return spec(factors, module_weights, generator=module_generator(seed, module), calibration=grams,
+                        **{**resolved, **params})
+        return module, spectrum(spec.name, run, factors, module_weights, grams, resolved).cpu(), sum(factors[0].shape)
+
+    spectra, costs = {}, {}
+    for module, values, cost in in_threads(module_spectrum, jobs, threads):
+        spectra[module], costs[module] = values, cost
+    budget = sum(max(min(average, len(values)), 1) * costs[m] for m, values in spectra.items())
+    return greedy_ranks(spectra, costs, budget)
 
 
 def _check_threads(threads: int | None) -> int:
