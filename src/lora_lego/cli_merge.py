@@ -20,6 +20,8 @@ from .writing import check_output_path, check_report_path, dtype_from_name, writ
 def run_merge(args: argparse.Namespace) -> int:
     params = parse_params(args.param)
     if args.rank is not None:
+        if "rank" in params:
+            raise MethodError(f"the rank is given twice (--rank {args.rank} and -p rank={params['rank']}); give it once")
         params["rank"] = args.rank
     if args.dtype:
         dtype_from_name(args.dtype)
@@ -81,10 +83,15 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def parse_params(items: Sequence[str]) -> dict[str, str]:
+    """The -p KEY=VALUE items as a dict; MethodError for an item without "=" or a key given twice."""
     params: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise MethodError(f"method parameter {item!r} must look like key=value")
-        params[key.strip()] = value.strip()
+        if key in params:
+            raise MethodError(f"method parameter {key!r} is given twice (-p {key}={params[key]} and -p {item.strip()}); "
+                              "give it once")
+        params[key] = value.strip()
     return params
