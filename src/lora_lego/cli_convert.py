@@ -14,7 +14,7 @@ import torch
 from .errors import LoraLegoError, OutputError
 from .formats import available_formats, convert_adapter, load_adapter, output_format, save_adapter
 from .lowrank import relative_error
-from .targets import TARGETS, check_loads, config_refusals, get_target
+from .targets import TARGETS, check_loads, config_refusals, get_target, serve_line
 from .targets import describe as describe_target
 from .writing import check_output_path, dtype_from_name
 
@@ -27,7 +27,8 @@ def add_output_format(command: argparse.ArgumentParser) -> None:
 
 def add_target_option(command: argparse.ArgumentParser) -> None:
     command.add_argument("--target", choices=list(TARGETS),
-                         help="serving target: round --rank up to a rank it serves and refuse what it cannot load")
+                         help="serving target: refuse what it cannot load, before any work, and print the rank flag to serve "
+                              "the output with (the rank itself is kept: vLLM pads it)")
 
 
 def add_input_options(command: argparse.ArgumentParser) -> None:
@@ -66,7 +67,7 @@ def run_convert(args: argparse.Namespace) -> int:
           f"{len(adapter)} modules) -> {args.output} ({written}): every delta checked, largest relative "
           f"difference {worst:.2g}, {time.perf_counter() - started:.1f} s")
     if flag is not None:
-        print(f"{args.target}: serve with {get_target(args.target).rank_flag} {flag} or more")
+        print(serve_line(get_target(args.target), flag, adapter.max_rank))
     return 0
 
 

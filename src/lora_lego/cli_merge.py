@@ -13,7 +13,7 @@ from .errors import MethodError, TargetError
 from .formats import harmonise, load_adapter, output_format, save_adapter
 from .merge import check_device, scale_rule
 from .registry import get_method
-from .targets import check_loads, fit_rank, get_target
+from .targets import check_loads, fit_rank, get_target, serve_line
 from .writing import check_output_path, check_report_path, dtype_from_name, write_json_atomic
 
 
@@ -40,6 +40,8 @@ def run_merge(args: argparse.Namespace) -> int:
     if target is not None and written not in target.formats:
         raise TargetError(f"{target.name} loads {' / '.join(target.formats)} adapters; write a folder, not "
                           f"{args.output!r} ({written})")
+    if target is not None and args.rank is not None:
+        fit_rank(target, args.rank)  # a rank above what it serves fails before any work; the rank itself is kept
     check_output_path(args.output, args.adapters, overwrite=args.overwrite)
     if args.report:  # checked before any work: a report that cannot be written must not leave an output behind
         check_report_path(args.report, args.adapters, args.output, overwrite=args.overwrite)
@@ -47,13 +49,6 @@ def run_merge(args: argparse.Namespace) -> int:
     adapters = harmonise([load_adapter(path, lazy=True, expand=args.expand, expand_rank=args.expand_rank,
                                        base_config=args.base_config)
                           for path in args.adapters])  # read module by module while merging; one naming
-    fits = "rank" in params or not spec.whole_rank  # a whole-rank method's rank is only known after the merge
-    if target is not None and fits and ("rank" in spec.parameters or "rank" in spec.aliases):
-        requested = params.get("rank", max(a.max_rank for a in adapters))
-        params["rank"] = fit_rank(target, int(requested))
-        if str(params["rank"]) != str(requested):
-            print(f"{target.name}: rank {requested} -> {params['rank']} (the nearest {target.rank_flag} at or above; "
-                  f"the server pads to it anyway)")
     merged, scores = merge_with_evidence(args, adapters, args.method, params, needs=needs, choose=choose)
     flag = check_loads(merged, target, written) if target is not None else None  # before anything is written
     save_adapter(merged, args.output, format=args.format, dtype=args.dtype, overwrite=args.overwrite,
@@ -76,7 +71,7 @@ def run_merge(args: argparse.Namespace) -> int:
           + (f", mean retention {scores.mean:.3f} (worst {scores.worst:.3f})" if scores is not None else "")
           + f", {time.perf_counter() - started:.1f} s")
     if flag is not None:
-        print(f"{target.name}: serve with {target.rank_flag} {flag} or more")
+        print(serve_line(target, flag, merged.max_rank))
     if scores is None and args.command == "merge" and len(adapters) > 1 and not spec.needs_calibration:
         print(DATA_FREE_NOTE)
     return 0

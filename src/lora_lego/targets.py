@@ -1,5 +1,6 @@
 """Serving targets as data: what a server loads (format, ranks, features), so that merge / prune / convert
-can fit an adapter to it and `inspect --target` can say whether an adapter loads and why not."""
+refuse what it cannot load and name the rank flag to serve with, and `inspect --target` says whether an
+adapter loads and why not."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from .errors import TargetError
 from .types import Adapter
 
 __all__ = ["TARGETS", "Target", "TargetError", "check_loads", "config_refusals", "describe", "fit_rank", "get_target",
-           "refusals"]
+           "refusals", "serve_line"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,14 @@ def check_loads(adapter: Adapter, target: Target, output_format: str | None = No
     if reasons:
         raise TargetError(f"{adapter.name!r} does not load in {target.name}: " + "; ".join(reasons))
     return fit_rank(target, max(adapter.max_rank, 1))
+
+
+def serve_line(target: Target, flag: int, rank: int) -> str:
+    """The line after a write: the rank flag value to serve with (`flag`, from `check_loads`), for an adapter
+    of largest module rank `rank`, which the server pads up to it."""
+    default = f"; the default {target.default_rank} is enough" if target.default_rank and flag <= target.default_rank else ""
+    padded = f" (largest module rank {rank}, padded to {flag} by the server)" if rank != flag else ""
+    return f"{target.name}: serve with {target.rank_flag} {flag} or more{padded}{default}"
 
 
 def describe(adapter: Adapter, target: Target) -> str:
