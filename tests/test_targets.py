@@ -8,7 +8,7 @@ import torch
 from conftest import make_peft_adapter
 from lora_lego import load_adapter
 from lora_lego.cli import main
-from lora_lego.targets import TargetError, check_loads, fit_rank, get_target, refusals
+from lora_lego.targets import TargetError, check_loads, config_refusals, fit_rank, get_target, refusals
 from lora_lego.types import Adapter, LoraFactors
 
 VLLM = get_target("vllm")
@@ -74,3 +74,14 @@ def test_inspect_target_says_why_not(tmp_path, capsys):
     assert "loads with --max-lora-rank 8 or more; the default 16 is enough" in lines[0]
     assert "does not load" in lines[1] and "modules_to_save" in lines[1]
 
+
+@pytest.mark.parametrize("saved, refused", [
+    (None, False), ([], False), (["classifier", "score"], False), (["score"], False),
+    (["classifier", "lm_head"], True), (["embed_tokens"], True),
+])
+def test_vllm_accepts_a_classification_heads_modules_to_save_only(saved, refused):
+    reasons = config_refusals({"modules_to_save": saved}, VLLM)
+    if refused:
+        assert reasons == [f"vLLM does not load modules_to_save (full copies of layers) (modules_to_save={saved!r})"]
+    else:
+        assert reasons == []

@@ -20,7 +20,7 @@ class Target:
     `ranks` are the values its rank flag (`rank_flag`) accepts; an adapter loads when its largest module
     rank is at most the flag's value. `formats` are the adapter formats it reads, `kinds` the module
     kinds. `features` maps a PEFT config key to the values the server accepts (anything else is refused,
-    with `reasons[key]`).
+    with `reasons[key]`); `saved_modules` are the modules_to_save entries it accepts (a classification head).
     """
 
     name: str
@@ -32,6 +32,7 @@ class Target:
     features: dict[str, tuple]
     reasons: dict[str, str]
     default_rank: int | None = None
+    saved_modules: tuple[str, ...] = ()
 
 
 # vLLM: vllm/config/lora.py (max_lora_rank values, default 16) and vllm/lora/peft_helper.py (refusals)
@@ -48,7 +49,7 @@ TARGETS = {
                  "modules_to_save (full copies of layers)", "alora_invocation_tokens": "vLLM does not support aLoRA",
                  "layer_replication": "vLLM does not support layer_replication", "use_qalora": "vLLM does not "
                  "support QALoRA", "use_bdlora": "vLLM does not support block-diagonal LoRA"},
-        default_rank=16),
+        default_rank=16, saved_modules=("classifier", "score")),  # PEFT's SEQ_CLS heads, which vLLM accepts
 }
 
 
@@ -87,7 +88,10 @@ def config_refusals(config: dict, target: Target) -> list[str]:
     """What in a PEFT adapter_config.json the target refuses (DoRA, bias, modules_to_save, ...)."""
     reasons = []
     for key, allowed in target.features.items():
-        if key in config and config[key] not in allowed and config[key] != {} and config[key] != []:
+        value = config.get(key)
+        if key == "modules_to_save" and isinstance(value, (list, tuple)):
+            value = [m for m in value if m not in target.saved_modules] or None
+        if key in config and value not in allowed and value != {} and value != []:
             reasons.append(f"{target.reasons[key]} ({key}={config[key]!r})")
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower() not in ("gaussian", "eva", "orthogonal", "mica", "lora_ga"):
