@@ -48,6 +48,7 @@ def run_convert(args: argparse.Namespace) -> int:
     source = args.adapters[0]
     if args.dtype:
         dtype_from_name(args.dtype)
+    output_format(args.output, format=args.format)  # a name the format does not write fails before any work
     check_output_path(args.output, [source], overwrite=args.overwrite)
     adapter = load_adapter(source, lazy=True, expand=args.expand, expand_rank=args.expand_rank,
                            base_config=args.base_config)

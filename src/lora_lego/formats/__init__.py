@@ -15,12 +15,16 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..errors import AdapterFormatError
+from ..errors import AdapterFormatError, OutputError
 from ..tensorfile import TensorFileError, read_header
 from ..types import Adapter
 
 SINGLE_FILE = ".safetensors"
 GGUF_FILE = ".gguf"
+# Endings of weight, archive and text files that no format here writes: an output named so would be a
+# folder in disguise (a PEFT folder called "m.bin").
+NOT_WRITTEN = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".npy", ".npz", ".h5", ".onnx", ".ggml",
+               ".safetensor", ".json", ".yaml", ".yml", ".txt", ".zip", ".tar", ".gz")
 
 
 @dataclass(frozen=True)
@@ -122,18 +126,39 @@ def load_adapter(path: str | Path, *, lazy: bool = False, format: str | None = N
 def output_format(path: str | Path, adapter: Adapter | None = None, format: str | None = None) -> str:
     """The format `save_adapter` writes: `format` if given; gguf for a .gguf path; for a .safetensors
     path the adapter's own single-file format, else kohya for diffusion-model adapters and diffusers
-    for others; else PEFT."""
+    for others; else PEFT. OutputError for a name whose ending that format does not write (see
+    `check_output_ending`)."""
     if format is not None:
-        return get_format(format).name
+        fmt = get_format(format)
+        check_output_ending(str(path), fmt)
+        return fmt.name
     if str(path).endswith(GGUF_FILE):
         return "gguf"
     if not str(path).endswith(SINGLE_FILE):
+        check_output_ending(str(path), _FORMATS["peft"])
         return "peft"
     meta = adapter.metadata if adapter is not None else {}
     own = meta.get("format")
     if own in _FORMATS and _FORMATS[own].suffix == SINGLE_FILE:
         return own
     return "kohya" if meta.get("family") else "diffusers"
+
+
+def check_output_ending(path: str, fmt: Format) -> None:
+    """Refuse an output name that `fmt` would write under a misleading name: a single-file format needs its
+    own ending (.safetensors, .gguf); a folder takes neither, nor one no format writes (.bin, .pt, ...)."""
+    ending = next((e for e in (SINGLE_FILE, GGUF_FILE, *NOT_WRITTEN) if path.endswith(e)), "")
+    if fmt.single_file and ending != fmt.suffix:
+        renamed = (path[: -len(ending)] if ending else path.rstrip("/")) + fmt.suffix
+        found = f"not {ending}" if ending else "not a folder"
+        raise OutputError(f"output {path!r}: format {fmt.name} writes a single {fmt.suffix} file, {found}; "
+                          f"name it {renamed!r}")
+    if not fmt.single_file and ending in (SINGLE_FILE, GGUF_FILE):
+        raise OutputError(f"output {path!r}: format {fmt.name} writes a folder, not a {ending} file; name it "
+                          f"{path[: -len(ending)]!r}")
+    if not fmt.single_file and ending:
+        raise OutputError(f"output {path!r}: no format writes {ending} files; name a folder (peft), a "
+                          f"{SINGLE_FILE} file (kohya, diffusers) or a {GGUF_FILE} file (gguf)")
 
 
 def save_adapter(adapter: Adapter, path: str | Path, *, format: str | None = None,
