@@ -130,6 +130,28 @@ def test_cli_one_line_errors(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mixed.safetensors", "sd1.safetensors", "sdxl.safetensors"]
 
 
+def test_the_summary_names_what_loads_the_output(tmp_path, capsys):
+    llm = str(EXAMPLES / "rt_polarity")
+    assert main(["convert", llm, "-o", str(tmp_path / "x.safetensors")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "(diffusers; loads in diffusers' load_lora_weights): every delta checked" in lines[0]
+    assert lines[1] == ("note: this is an LLM adapter in a single diffusers file; PEFT (PeftModel.from_pretrained) "
+                        f"and vLLM load LLM adapters as a folder: write -o {tmp_path / 'x'} instead")
+    assert main(["merge", llm, llm, "-o", str(tmp_path / "m"), "-q"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "(peft; loads in PEFT's PeftModel.from_pretrained, vLLM, lora-lego apply) with ties" in lines[0]
+    assert not any(line.startswith("note: this is an LLM adapter") for line in lines)
+    ll.save_adapter(_sd_adapter(0), tmp_path / "sd.safetensors", format="kohya")
+    assert main(["prune", str(tmp_path / "sd.safetensors"), "--rank", "1", "-o", str(tmp_path / "p.safetensors"),
+                 "-q"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "(kohya; loads in sd-scripts, ComfyUI, A1111 / Forge, diffusers' load_lora_weights)" in lines[0]
+    assert len(lines) == 1  # a diffusion-model file: no folder note
+    assert main(["convert", str(tmp_path / "sd.safetensors"), "-o", str(tmp_path / "d.safetensors"),
+                 "--format", "diffusers"]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("command", ["merge", "convert"])
 @pytest.mark.parametrize("name, fmt, message", [
     ("m.gguf", "diffusers", "output '{out}': format diffusers writes a single .safetensors file, not .gguf; "

@@ -8,6 +8,7 @@ import time
 from typing import Sequence
 
 from .cli_calibration import check_calibration_args
+from .cli_convert import folder_note, written_words
 from .cli_score import DATA_FREE_NOTE, candidates_table, distance_words, merge_with_evidence, scores_table
 from .errors import MethodError, TargetError
 from .formats import harmonise, load_adapter, output_format, save_adapter
@@ -65,11 +66,14 @@ def run_merge(args: argparse.Namespace) -> int:
     ranks = sorted({entry["rank"] for entry in report})
     written = output_format(args.output, merged, args.format)
     method = provenance["method"] + (f" (auto: {provenance['auto']['chosen']})" if choose else "")
-    print(f"{args.command}: {len(adapters)} adapter(s) -> {args.output} ({written}) with {method}: {len(merged)} "
-          f"modules, rank {'/'.join(map(str, ranks))}, {merged.num_parameters():,} parameters, "
+    print(f"{args.command}: {len(adapters)} adapter(s) -> {args.output} ({written_words(written)}) with {method}: "
+          f"{len(merged)} modules, rank {'/'.join(map(str, ranks))}, {merged.num_parameters():,} parameters, "
           f"{distance_words(report, args.command)}"
           + (f", mean retention {scores.mean:.3f} (worst {scores.worst:.3f})" if scores is not None else "")
           + f", {time.perf_counter() - started:.1f} s")
+    note = folder_note(merged, written, args.output)
+    if note is not None:
+        print(note)
     if flag is not None:
         print(serve_line(target, flag, merged.max_rank))
     if scores is None and args.command == "merge" and len(adapters) > 1 and not spec.needs_calibration:

@@ -35,7 +35,7 @@ class Format:
     `suffix` is the file name ending of a single-file format (None for folders); `owns(key)` says
     whether a tensor key of a .safetensors file belongs to this format; `naming` is "dotted" (module
     paths) or "kohya" (lora_<component>_<path with "_">); `options` are the extra keyword arguments its
-    reader and writer take (e.g. "base_config_path").
+    reader and writer take (e.g. "base_config_path"); `consumers` names the tools that load what it writes.
     """
 
     name: str
@@ -46,6 +46,7 @@ class Format:
     owns: Callable[[str], bool] | None = None
     suffix: str | None = None
     options: tuple[str, ...] = ()
+    consumers: str = ""
 
     @property
     def single_file(self) -> bool:
@@ -208,15 +209,17 @@ def _register_builtins() -> None:
     from . import diffusers, gguf, gguf_read, kohya, peft
 
     register_format(Format("peft", "PEFT folder (adapter_config.json + adapter_model.safetensors or .bin)",
-                           peft.read, peft.write))
+                           peft.read, peft.write,
+                           consumers="PEFT's PeftModel.from_pretrained, vLLM, lora-lego apply"))
     register_format(Format("kohya", "kohya / LyCORIS single file (lora_down / lora_up / alpha; LoCon, Tucker)",
-                           kohya.read, kohya.write, naming="kohya", owns=kohya.owns, suffix=SINGLE_FILE))
+                           kohya.read, kohya.write, naming="kohya", owns=kohya.owns, suffix=SINGLE_FILE,
+                           consumers="sd-scripts, ComfyUI, A1111 / Forge, diffusers' load_lora_weights"))
     register_format(Format("diffusers", "diffusers / ai-toolkit / SimpleTuner single file (lora_A / lora_B, "
                            "component prefixes, lora_adapter_metadata)", diffusers.read, diffusers.write,
-                           owns=diffusers.owns, suffix=SINGLE_FILE))
+                           owns=diffusers.owns, suffix=SINGLE_FILE, consumers="diffusers' load_lora_weights"))
     register_format(Format("gguf", "llama.cpp / ollama GGUF LoRA adapter (blk.N.<name>.weight.lora_a / lora_b, "
                            "adapter.lora.alpha; needs the gguf package)", gguf_read.read, gguf.write, suffix=GGUF_FILE,
-                           options=("base_config_path",)))
+                           options=("base_config_path",), consumers="llama.cpp --lora, ollama's ADAPTER"))
 
 
 _register_builtins()
