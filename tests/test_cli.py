@@ -84,11 +84,25 @@ def test_concat_with_weights_is_exact(capsys, folders, tmp_path):
 
 
 def test_prune(capsys, folders, tmp_path):
-    code, _, err = run(capsys, "prune", folders[2], "-o", str(tmp_path / "pruned"), "--rank", "3", "-q")
+    code, out, err = run(capsys, "prune", folders[2], "-o", str(tmp_path / "pruned"), "--rank", "3", "-q")
     assert code == 0, err
-    assert {f.rank for f in ll.load_adapter(tmp_path / "pruned").modules.values()} == {3}
+    assert "with task_arithmetic" in out  # the default: the truncated SVD ("svd"), the best measured
+    pruned = ll.load_adapter(tmp_path / "pruned")
+    assert {f.rank for f in pruned.modules.values()} == {3}
+    truncated = ll.merge([ll.load_adapter(folders[2])], "task_arithmetic", rank=3)
+    for module in truncated:
+        torch.testing.assert_close(pruned[module].delta(), truncated[module].delta(), rtol=1e-5, atol=1e-6)
+    code, out, err = run(capsys, "prune", folders[2], "-o", str(tmp_path / "lego"), "--rank", "3", "--method", "lego",
+                         "-q")
+    assert code == 0 and "with lego" in out, err
     code, _, err = run(capsys, "prune", folders[2], "-o", str(tmp_path / "p2"))
     assert_one_line_error(code, err, "--rank")
+
+
+def test_prune_defaults_to_the_truncated_svd_in_python_too(folders):
+    adapter = ll.load_adapter(folders[2])
+    assert ll.prune(adapter, rank=2).metadata["provenance"]["method"] == "task_arithmetic"
+    assert ll.prune(adapter, rank=2, method="lego").metadata["provenance"]["method"] == "lego"
 
 
 def test_existing_output_needs_overwrite(capsys, folders, tmp_path):

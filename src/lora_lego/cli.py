@@ -24,7 +24,7 @@ from .inspect import describe_adapters, describe_report
 from .oserrors import os_errno, reason
 from .signals import BROKEN_PIPE, INTERRUPTED, TERMINATED, Terminated, command_signals, silence_stdout
 from .formats import available_formats, harmonise, load_adapter
-from .registry import DEFAULT_METHOD, available_methods, get_method
+from .registry import DEFAULT_METHOD, PRUNE_METHOD, available_methods, get_method
 from .targets import TARGETS
 
 
@@ -80,9 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibration_options(calibrate_cmd)
     add_generation_options(calibrate_cmd)
 
-    prune_cmd = commands.add_parser("prune", help="reduce one adapter to a lower rank (lego on one adapter)")
+    prune_cmd = commands.add_parser("prune", help="reduce one adapter to a lower rank (truncated SVD, or --method lego)")
     prune_cmd.add_argument("adapters", nargs=1, metavar="ADAPTER", help="a PEFT LoRA folder or a .safetensors file")
-    prune_cmd.add_argument("--method", default="lego", help="method used to prune (default lego)")
+    prune_cmd.add_argument("--method", default=PRUNE_METHOD,
+                           help=f"method used to prune (default {PRUNE_METHOD}: the truncated SVD of each delta, the "
+                           "best measured; lego: LoRA-LEGO's clustering of the ranks)")
     _add_common(prune_cmd, rank_required=True)
 
     convert_cmd = commands.add_parser("convert", help="rewrite an adapter in another format, exactly (checked)")
