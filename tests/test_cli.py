@@ -44,6 +44,19 @@ def test_methods_lists_the_registry(capsys):
     assert "n_clusters=None" in out and "2409.16167" in out and "density=0.5" in out
 
 
+def test_rank_help_says_its_default_depends_on_the_method(capsys):
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "its default depends on the method: the largest input rank" in text
+    whole = [name for name in ll.available_methods() if ll.get_method(name).whole_rank]
+    assert whole and all(name in text for name in whole)  # the help names every whole-rank method
+    assert "the sum of the input ranks for regmean" in text
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    assert "output rank k (required)" in " ".join(capsys.readouterr().out.split())
+
+
 def test_merge_lego_writes_a_loadable_folder_and_report(capsys, folders, tmp_path):
     out_dir, report = tmp_path / "out", tmp_path / "report.json"
     code, out, err = run(capsys, "merge", *folders, "-o", str(out_dir), "--method", "lego", "--rank", "4",

@@ -127,10 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RANK_HELP = ("output rank k (the method's rank parameter); its default depends on the method: the largest input rank "
+             "(lego, ties, task_arithmetic, auto, ...); every direction of the merge, at most the sum of the input "
+             "ranks, for tsv, iso_c, iso_cts and star; the sum of the input ranks for regmean (its exact solution). "
+             "concat and ensemble always give the sum, average the common input rank (they take no --rank)")
+RANK_HELP_PRUNE = "output rank k (required); modules of a lower rank keep theirs"
+
+
 def _add_common(command: argparse.ArgumentParser, *, rank_required: bool) -> None:
     command.add_argument("-o", "--output", required=True,
-                         help="output folder (PEFT) or .safetensors file (must not exist unless --overwrite)")
-    command.add_argument("--rank", type=int, required=rank_required, help="output rank k (the method's rank parameter)")
+                         help="output folder (PEFT), .safetensors file (kohya / diffusers) or .gguf file (llama.cpp); "
+                         "must not exist unless --overwrite")
+    command.add_argument("--rank", type=int, required=rank_required, help=RANK_HELP_PRUNE if rank_required else RANK_HELP)
     command.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     command.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                          help="method parameter, repeatable (e.g. -p n_init=20); -p scale=norm works with every "
