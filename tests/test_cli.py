@@ -38,10 +38,24 @@ def assert_one_line_error(code, err, pattern):
 def test_methods_lists_the_registry(capsys):
     code, out, _ = run(capsys, "methods")
     assert code == 0
-    titles = [line for line in out.splitlines() if not line.startswith(" ")]
+    listing, _, footer = out.partition("\n\n")
+    titles = [line for line in listing.splitlines() if not line.startswith(" ")]
     assert [t.split()[0].rstrip(",") for t in titles] == ll.available_methods()
-    assert f"{DEFAULT_METHOD} (default)" in titles and "task_arithmetic, also 'svd'" in titles
-    assert "n_clusters=None" in out and "2409.16167" in out and "density=0.5" in out
+    assert f"{DEFAULT_METHOD} (default)" in titles and "task_arithmetic, also 'svd' (default of prune)" in titles
+    assert "2409.16167" in out and "-p scale=norm" in footer
+
+
+def test_methods_shows_each_parameters_meaning_and_allowed_values(capsys):
+    code, out, _ = run(capsys, "methods")
+    assert code == 0
+    text = " ".join(out.split())  # long lines wrap
+    assert ("sign = total (total | frequency): sign election: total (the sign of the sum of values) or frequency "
+            "(the majority of signs)") in text
+    assert "density = 0.5 (number): fraction of each delta's entries kept (the largest), in (0, 1]" in text
+    assert "n_clusters = none (integer or none; --rank): number of clusters k, the output rank" in text
+    assert "param_norm = inf (inf | l2 | off): rescale each centroid" in text
+    assert "exact_svd = false (true | false):" in text and "concat Exact weighted sum" in text
+    assert max(len(line) for line in out.splitlines() if line.startswith("    ")) <= 110
 
 
 def test_rank_help_says_its_default_depends_on_the_method(capsys):

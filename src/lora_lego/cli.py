@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 import traceback
 import warnings
 from pathlib import Path
@@ -24,7 +25,7 @@ from .inspect import describe_adapters, describe_report
 from .oserrors import os_errno, reason
 from .signals import BROKEN_PIPE, INTERRUPTED, TERMINATED, Terminated, command_signals, silence_stdout
 from .formats import available_formats, harmonise, load_adapter
-from .registry import DEFAULT_METHOD, PRUNE_METHOD, available_methods, get_method
+from .registry import DEFAULT_METHOD, PRUNE_METHOD, allowed_values, available_methods, get_method, shown_value
 from .targets import TARGETS
 
 
@@ -201,14 +202,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_methods(args: argparse.Namespace) -> int:
     for name in available_methods():
         spec = get_method(name)
-        params = ", ".join(f"{p.name}={p.default!r}" for p in spec.parameters.values()) or "-"
-        aliases = ", ".join(f"--{alias} = {target}" for alias, target in spec.aliases.items())
         title = name + (" (default)" if name == DEFAULT_METHOD else "") + "".join(f", also {a!r}" for a in spec.method_aliases)
+        title += " (default of prune)" if get_method(PRUNE_METHOD) is spec else ""
         title += " (needs calibration: --model/--prompts or --calibration)" if spec.needs_calibration else ""
-        print(f"{title}\n  {spec.summary}\n  parameters: {params}" + (f" ({aliases})" if aliases else ""))
+        print(f"{title}\n  {spec.summary}\n  parameters:" + ("" if spec.parameters else " none"))
+        for parameter in spec.parameters.values():
+            print(_parameter_line(spec, parameter))
         if spec.paper:
             print(f"  paper: {spec.paper}")
+    print("\nEvery method also takes -p scale=norm (each merged module rescaled to the inputs' mean norm) and, with\n"
+          "--model and --prompts, -p scale=auto (the global scale chosen by each adapter's retention).")
     return 0
+
+
+def _parameter_line(spec, parameter) -> str:
+    """`    name = default (allowed values; --rank): meaning`, as `lora-lego methods` lists a parameter."""
+    names = {parameter.name, *(alias for alias, target in spec.aliases.items() if target == parameter.name)}
+    allowed = allowed_values(parameter.annotation) + ("; --rank" if "rank" in names else "")
+    meaning = spec.docs.get(parameter.name)
+    line = f"{parameter.name} = {shown_value(parameter.default)} ({allowed})" + (f": {meaning}" if meaning else "")
+    return textwrap.fill(line, width=110, initial_indent="    ", subsequent_indent="        ", break_on_hyphens=False)
 
 
 def _run_formats(args: argparse.Namespace) -> int:
