@@ -154,13 +154,13 @@ def test_the_summary_names_what_loads_the_output(tmp_path, capsys):
 
 @pytest.mark.parametrize("command", ["merge", "convert"])
 @pytest.mark.parametrize("name, fmt, message", [
-    ("m.gguf", "diffusers", "output '{out}': format diffusers writes a single .safetensors file, not .gguf; "
-                            "name it '{stem}.safetensors'"),
+    ("m.gguf", "diffusers", ("output '{out}': format diffusers writes a single .safetensors file, not .gguf; "
+                             "name it '{stem}.safetensors'")),
     ("m.safetensors", "gguf", "format gguf writes a single .gguf file, not .safetensors; name it '{stem}.gguf'"),
     ("m.safetensors", "peft", "format peft writes a folder, not a .safetensors file; name it '{stem}'"),
     ("m", "kohya", "format kohya writes a single .safetensors file, not a folder; name it '{stem}.safetensors'"),
-    ("m.bin", None, "output '{out}': no format writes .bin files; name a folder (peft), a .safetensors file "
-                    "(kohya, diffusers) or a .gguf file (gguf)"),
+    ("m.bin", None, ("output '{out}': no format writes .bin files; name a folder (peft), a .safetensors file "
+                     "(kohya, diffusers) or a .gguf file (gguf)")),
     ("m.pt", "peft", "no format writes .pt files"),
 ])
 def test_an_output_name_the_format_does_not_write_is_refused_before_any_work(tmp_path, capsys, command, name, fmt,

@@ -12,8 +12,15 @@ from pathlib import Path
 import torch
 
 from .errors import LoraLegoError, OutputError
-from .formats import (SINGLE_FILE, available_formats, convert_adapter, get_format, load_adapter, output_format,
-                      save_adapter)
+from .formats import (
+    SINGLE_FILE,
+    available_formats,
+    convert_adapter,
+    get_format,
+    load_adapter,
+    output_format,
+    save_adapter,
+)
 from .lowrank import relative_error
 from .targets import TARGETS, check_loads, config_refusals, get_target, serve_line
 from .targets import describe as describe_target
@@ -54,7 +61,7 @@ def folder_note(adapter: Adapter, written: str, output: str) -> str | None:
     """For an LLM adapter (no diffusion-model family) written as one diffusers file: what loads the folder form."""
     if written != "diffusers" or adapter.metadata.get("family"):
         return None
-    folder = output[: -len(SINGLE_FILE)] if output.endswith(SINGLE_FILE) else output
+    folder = output.removesuffix(SINGLE_FILE)
     return (f"note: this is an LLM adapter in a single diffusers file; PEFT (PeftModel.from_pretrained) and vLLM "
             f"load LLM adapters as a folder: write -o {folder} instead")
 
