@@ -38,10 +38,37 @@ def assert_one_line_error(code, err, pattern):
 def test_methods_lists_the_registry(capsys):
     code, out, _ = run(capsys, "methods")
     assert code == 0
-    titles = [line for line in out.splitlines() if not line.startswith(" ")]
-    assert [t.split()[0].rstrip(",") for t in titles] == ll.available_methods()
-    assert f"{DEFAULT_METHOD} (default)" in titles and "task_arithmetic, also 'svd'" in titles
-    assert "n_clusters=None" in out and "2409.16167" in out and "density=0.5" in out
+    listing, _, footer = out.partition("\n\n")
+    titles = [line for line in listing.splitlines() if not line.startswith(" ")]
+    assert [t.split()[0].rstrip(",") for t in titles] == ll.available_methods() + ["regmean_pp", "auto"]
+    assert f"{DEFAULT_METHOD} (default)" in titles and "task_arithmetic, also 'svd' (default of prune)" in titles
+    assert "2409.16167" in out and "-p scale=norm" in footer
+
+
+def test_methods_shows_each_parameters_meaning_and_allowed_values(capsys):
+    code, out, _ = run(capsys, "methods")
+    assert code == 0
+    text = " ".join(out.split())  # long lines wrap
+    assert ("sign = total (total | frequency): sign election: total (the sign of the sum of values) or frequency "
+            "(the majority of signs)") in text
+    assert "density = 0.5 (number): fraction of each delta's entries kept (the largest), in (0, 1]" in text
+    assert "n_clusters = none (integer or none; --rank): number of clusters k, the output rank" in text
+    assert "param_norm = inf (inf | l2 | off): rescale each centroid" in text
+    assert "exact_svd = false (true | false):" in text and "concat Exact weighted sum" in text
+    assert max(len(line) for line in out.splitlines() if line.startswith("    ")) <= 110
+
+
+def test_rank_help_says_its_default_depends_on_the_method(capsys):
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "its default depends on the method: the largest input rank" in text
+    whole = [name for name in ll.available_methods() if ll.get_method(name).whole_rank]
+    assert whole and all(name in text for name in whole)  # the help names every whole-rank method
+    assert "the sum of the input ranks for regmean" in text
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    assert "output rank k (required)" in " ".join(capsys.readouterr().out.split())
 
 
 def test_merge_lego_writes_a_loadable_folder_and_report(capsys, folders, tmp_path):
@@ -84,11 +111,25 @@ def test_concat_with_weights_is_exact(capsys, folders, tmp_path):
 
 
 def test_prune(capsys, folders, tmp_path):
-    code, _, err = run(capsys, "prune", folders[2], "-o", str(tmp_path / "pruned"), "--rank", "3", "-q")
+    code, out, err = run(capsys, "prune", folders[2], "-o", str(tmp_path / "pruned"), "--rank", "3", "-q")
     assert code == 0, err
-    assert {f.rank for f in ll.load_adapter(tmp_path / "pruned").modules.values()} == {3}
+    assert "with task_arithmetic" in out  # the default: the truncated SVD ("svd"), the best measured
+    pruned = ll.load_adapter(tmp_path / "pruned")
+    assert {f.rank for f in pruned.modules.values()} == {3}
+    truncated = ll.merge([ll.load_adapter(folders[2])], "task_arithmetic", rank=3)
+    for module in truncated:
+        torch.testing.assert_close(pruned[module].delta(), truncated[module].delta(), rtol=1e-5, atol=1e-6)
+    code, out, err = run(capsys, "prune", folders[2], "-o", str(tmp_path / "lego"), "--rank", "3", "--method", "lego",
+                         "-q")
+    assert code == 0 and "with lego" in out, err
     code, _, err = run(capsys, "prune", folders[2], "-o", str(tmp_path / "p2"))
     assert_one_line_error(code, err, "--rank")
+
+
+def test_prune_defaults_to_the_truncated_svd_in_python_too(folders):
+    adapter = ll.load_adapter(folders[2])
+    assert ll.prune(adapter, rank=2).metadata["provenance"]["method"] == "task_arithmetic"
+    assert ll.prune(adapter, rank=2, method="lego").metadata["provenance"]["method"] == "lego"
 
 
 def test_existing_output_needs_overwrite(capsys, folders, tmp_path):
@@ -109,6 +150,9 @@ def test_existing_output_needs_overwrite(capsys, folders, tmp_path):
     (["merge", "{a}", "-o", "{out}", "--method", "nope"], "unknown merge method 'nope'"),
     (["merge", "{a}", "-o", "{out}", "-p", "n_init"], "key=value"),
     (["merge", "{a}", "-o", "{out}", "-p", "bogus=1"], "no parameter 'bogus'"),
+    (["merge", "{a}", "-o", "{out}", "--method", "lego", "-p", "n_init=3", "-p", "n_init=5"],
+     "method parameter 'n_init' is given twice (-p n_init=3 and -p n_init=5)"),
+    (["merge", "{a}", "-o", "{out}", "--rank", "4", "-p", "rank=8"], "the rank is given twice (--rank 4 and -p rank=8)"),
     (["merge", "{a}", "-o", "{out}", "--method", "lego", "-p", "n_init=x"], "must be an integer"),
     (["merge", "{a}", "-o", "{out}", "--rank", "0"], "must be an integer >= 1"),
     (["merge", "{a}", "{b}", "-o", "{out}", "--weights", "1"], "2 adapters"),

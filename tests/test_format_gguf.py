@@ -165,10 +165,13 @@ def test_merging_gguf_adapters_equals_merging_their_peft_sources(tmp_path, base)
 
 def test_cli_convert_to_gguf_and_inspect(tmp_path, base, capsys):
     folder = make_peft_adapter(tmp_path, "a", target_modules=["q_proj", "v_proj"])
-    out = tmp_path / "x.bin"
+    assert main(["convert", str(folder), "-o", str(tmp_path / "x.bin"), "--format", "gguf"]) == 2  # a .gguf name only
+    assert "format gguf writes a single .gguf file, not .bin" in capsys.readouterr().err
+    out = tmp_path / "x.gguf"
     assert main(["convert", str(folder), "-o", str(out), "--format", "gguf", "--base-config", str(base)]) == 0
     assert "every delta checked" in capsys.readouterr().out
     assert reader_field(out, "general.type") == "adapter"
+    out = out.rename(tmp_path / "x.bin")  # a GGUF file is recognised by its content, whatever its name
     assert main(["inspect", str(out)]) == 0
     assert "gguf" in capsys.readouterr().out
 

@@ -130,6 +130,52 @@ def test_cli_one_line_errors(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mixed.safetensors", "sd1.safetensors", "sdxl.safetensors"]
 
 
+def test_the_summary_names_what_loads_the_output(tmp_path, capsys):
+    llm = str(EXAMPLES / "rt_polarity")
+    assert main(["convert", llm, "-o", str(tmp_path / "x.safetensors")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "(diffusers; loads in diffusers' load_lora_weights): every delta checked" in lines[0]
+    assert lines[1] == ("note: this is an LLM adapter in a single diffusers file; PEFT (PeftModel.from_pretrained) "
+                        f"and vLLM load LLM adapters as a folder: write -o {tmp_path / 'x'} instead")
+    assert main(["merge", llm, llm, "-o", str(tmp_path / "m"), "-q"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "(peft; loads in PEFT's PeftModel.from_pretrained, vLLM, lora-lego apply) with ties" in lines[0]
+    assert not any(line.startswith("note: this is an LLM adapter") for line in lines)
+    ll.save_adapter(_sd_adapter(0), tmp_path / "sd.safetensors", format="kohya")
+    assert main(["prune", str(tmp_path / "sd.safetensors"), "--rank", "1", "-o", str(tmp_path / "p.safetensors"),
+                 "-q"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "(kohya; loads in sd-scripts, ComfyUI, A1111 / Forge, diffusers' load_lora_weights)" in lines[0]
+    assert len(lines) == 1  # a diffusion-model file: no folder note
+    assert main(["convert", str(tmp_path / "sd.safetensors"), "-o", str(tmp_path / "d.safetensors"),
+                 "--format", "diffusers"]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["merge", "convert"])
+@pytest.mark.parametrize("name, fmt, message", [
+    ("m.gguf", "diffusers", ("output '{out}': format diffusers writes a single .safetensors file, not .gguf; "
+                             "name it '{stem}.safetensors'")),
+    ("m.safetensors", "gguf", "format gguf writes a single .gguf file, not .safetensors; name it '{stem}.gguf'"),
+    ("m.safetensors", "peft", "format peft writes a folder, not a .safetensors file; name it '{stem}'"),
+    ("m", "kohya", "format kohya writes a single .safetensors file, not a folder; name it '{stem}.safetensors'"),
+    ("m.bin", None, ("output '{out}': no format writes .bin files; name a folder (peft), a .safetensors file "
+                     "(kohya, diffusers) or a .gguf file (gguf)")),
+    ("m.pt", "peft", "no format writes .pt files"),
+])
+def test_an_output_name_the_format_does_not_write_is_refused_before_any_work(tmp_path, capsys, command, name, fmt,
+                                                                               message):
+    out = tmp_path / name
+    argv = [command, str(EXAMPLES / "rt_polarity"), "-o", str(out), *(["--format", fmt] if fmt else [])]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("error: ")
+    assert message.format(out=out, stem=tmp_path / "m") in error
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ll.OutputError, match="does not write|no format writes|writes a"):
+        ll.save_adapter(ll.load_adapter(EXAMPLES / "rt_polarity"), out, format=fmt)
+
+
 def test_inspect_shows_format_family_components(tmp_path, capsys):
     ll.save_adapter(_sd_adapter(0), tmp_path / "a.safetensors", format="kohya")
     assert main(["inspect", str(tmp_path / "a.safetensors")]) == 0

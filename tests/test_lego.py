@@ -154,10 +154,10 @@ def test_bad_lego_parameters(params):
 def test_prune_reduces_rank_and_keeps_small_modules():
     adapter = random_adapter("a", 8, seed=4)
     adapter.modules["model.layers.0.v_proj"] = random_factors(8, 16, 2, torch.Generator().manual_seed(9))
-    pruned = ll.prune(adapter, rank=4)
+    pruned = ll.prune(adapter, rank=4, method="lego")
     assert pruned["model.layers.0.q_proj"].rank == 4
     assert pruned["model.layers.0.v_proj"].rank == 2
-    exact = ll.prune(adapter, rank=8, output_reweight=False)
+    exact = ll.prune(adapter, rank=8, method="lego", output_reweight=False)
     for module in adapter:
         torch.testing.assert_close(exact[module].delta().double(), dense_sum([adapter], module), rtol=1e-5, atol=1e-5)
 

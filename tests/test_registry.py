@@ -1,7 +1,9 @@
+from typing import Literal
+
 import pytest
 
 from lora_lego.errors import MethodError
-from lora_lego.registry import available_methods, get_method, register
+from lora_lego.registry import allowed_values, available_methods, get_method, parameter_docs, register, shown_value
 
 
 def test_builtin_methods_are_listed():
@@ -47,3 +49,29 @@ def test_bad_parameters_raise_method_error(given, message):
 def test_duplicate_registration_is_refused():
     with pytest.raises(KeyError, match="already registered"):
         register("concat")(lambda factors, weights, *, generator: factors[0])
+
+
+@pytest.mark.parametrize("name", available_methods())
+def test_every_parameter_is_documented_in_the_docstring(name):
+    spec = get_method(name)
+    assert set(spec.docs) == set(spec.parameters), "add a `Parameters:` section with one line per parameter"
+    assert all(meaning.strip() for meaning in spec.docs.values())
+
+
+def test_parameter_docs_reads_the_section_with_continued_lines():
+    doc = ("Summary.\n\nProse about `density`.\n\nParameters:\n    density: fraction kept,\n"
+           "        in (0, 1]\n    sign: total or frequency\n\nAfter the section: ignored.")
+    assert parameter_docs(doc) == {"density": "fraction kept, in (0, 1]", "sign": "total or frequency"}
+    assert parameter_docs("No section here.") == {}
+
+
+@pytest.mark.parametrize("annotation, words", [
+    (Literal["inf", "l2", "off"], "inf | l2 | off"), (bool, "true | false"), (int, "integer"), (float, "number"),
+    (int | None, "integer or none"), (float | None, "number or none"), (str, "text"),
+])
+def test_allowed_values_in_words(annotation, words):
+    assert allowed_values(annotation) == words
+
+
+def test_defaults_are_shown_as_the_cli_takes_them():
+    assert [shown_value(v) for v in (None, True, False, 0.5, "inf")] == ["none", "true", "false", "0.5", "inf"]

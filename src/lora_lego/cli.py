@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 import traceback
 import warnings
 from pathlib import Path
@@ -24,7 +25,7 @@ from .inspect import describe_adapters, describe_report
 from .oserrors import os_errno, reason
 from .signals import BROKEN_PIPE, INTERRUPTED, TERMINATED, Terminated, command_signals, silence_stdout
 from .formats import available_formats, harmonise, load_adapter
-from .registry import DEFAULT_METHOD, available_methods, get_method
+from .registry import DEFAULT_METHOD, PRUNE_METHOD, allowed_values, available_methods, get_method, shown_value
 from .targets import TARGETS
 
 
@@ -80,9 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibration_options(calibrate_cmd)
     add_generation_options(calibrate_cmd)
 
-    prune_cmd = commands.add_parser("prune", help="reduce one adapter to a lower rank (lego on one adapter)")
+    prune_cmd = commands.add_parser("prune", help="reduce one adapter to a lower rank (truncated SVD, or --method lego)")
     prune_cmd.add_argument("adapters", nargs=1, metavar="ADAPTER", help="a PEFT LoRA folder or a .safetensors file")
-    prune_cmd.add_argument("--method", default="lego", help="method used to prune (default lego)")
+    prune_cmd.add_argument("--method", default=PRUNE_METHOD,
+                           help=f"method used to prune (default {PRUNE_METHOD}: the truncated SVD of each delta, the "
+                           "best measured; lego: LoRA-LEGO's clustering of the ranks)")
     _add_common(prune_cmd, rank_required=True)
 
     convert_cmd = commands.add_parser("convert", help="rewrite an adapter in another format, exactly (checked)")
@@ -125,10 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RANK_HELP = ("output rank k (the method's rank parameter); its default depends on the method: the largest input rank "
+             "(lego, ties, task_arithmetic, auto, ...); every direction of the merge, at most the sum of the input "
+             "ranks, for tsv, iso_c, iso_cts, star and wudi; the sum of the input ranks for regmean and regmean_pp (the "
+             "exact solution); with -p allocate=greedy, an average (a parameter budget spread over the modules). "
+             "concat and ensemble always give the sum, average the common input rank (they take no --rank)")
+RANK_HELP_PRUNE = "output rank k (required); modules of a lower rank keep theirs"
+
+
 def _add_common(command: argparse.ArgumentParser, *, rank_required: bool) -> None:
     command.add_argument("-o", "--output", required=True,
-                         help="output folder (PEFT) or .safetensors file (must not exist unless --overwrite)")
-    command.add_argument("--rank", type=int, required=rank_required, help="output rank k (the method's rank parameter)")
+                         help="output folder (PEFT), .safetensors file (kohya / diffusers) or .gguf file (llama.cpp); "
+                         "must not exist unless --overwrite")
+    command.add_argument("--rank", type=int, required=rank_required, help=RANK_HELP_PRUNE if rank_required else RANK_HELP)
     command.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     command.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                          help="method parameter, repeatable (e.g. -p n_init=20); -p scale=norm works with every "
@@ -191,23 +203,37 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_methods(args: argparse.Namespace) -> int:
     for name in available_methods():
         spec = get_method(name)
-        params = ", ".join(f"{p.name}={p.default!r}" for p in spec.parameters.values()) or "-"
-        aliases = ", ".join(f"--{alias} = {target}" for alias, target in spec.aliases.items())
         title = name + (" (default)" if name == DEFAULT_METHOD else "") + "".join(f", also {a!r}" for a in spec.method_aliases)
+        title += " (default of prune)" if get_method(PRUNE_METHOD) is spec else ""
         title += " (needs calibration: --model/--prompts or --calibration)" if spec.needs_calibration else ""
-        print(f"{title}\n  {spec.summary}\n  parameters: {params}" + (f" ({aliases})" if aliases else ""))
+        print(f"{title}\n  {spec.summary}\n  parameters:" + ("" if spec.parameters else " none"))
+        for parameter in spec.parameters.values():
+            print(_parameter_line(spec, parameter))
         if spec.paper:
             print(f"  paper: {spec.paper}")
     _print_model_methods()
+    print("\nEvery method also takes -p scale=norm (each merged module rescaled to the inputs' mean norm) and, with\n"
+          "--model and --prompts, -p scale=auto (the global scale chosen by each adapter's retention).")
     return 0
+
+
+def _parameter_line(spec, parameter) -> str:
+    """`    name = default (allowed values; --rank): meaning`, as `lora-lego methods` lists a parameter."""
+    names = {parameter.name, *(alias for alias, target in spec.aliases.items() if target == parameter.name)}
+    allowed = allowed_values(parameter.annotation) + ("; --rank" if "rank" in names else "")
+    meaning = spec.docs.get(parameter.name)
+    line = f"{parameter.name} = {shown_value(parameter.default)} ({allowed})" + (f": {meaning}" if meaning else "")
+    return textwrap.fill(line, width=110, initial_indent="    ", subsequent_indent="        ", break_on_hyphens=False)
 
 
 def _print_model_methods() -> None:
     """The methods that run the base model on the adapters' prompts while they merge (not per-module functions)."""
     from .regmean_pp import SPEC
 
-    params = ", ".join(f"{p.name}={p.default!r}" for p in SPEC.parameters.values())
-    print(f"{SPEC.name} (needs --model/--prompts)\n  {SPEC.summary}\n  parameters: {params}\n  paper: {SPEC.paper}")
+    print(f"{SPEC.name} (needs --model/--prompts)\n  {SPEC.summary}\n  parameters:")
+    for parameter in SPEC.parameters.values():
+        print(_parameter_line(SPEC, parameter))
+    print(f"  paper: {SPEC.paper}")
     print("auto (needs --model/--prompts)\n  the candidate merge with the best retention of every adapter on its "
           "prompts (see the README's Merge with evidence)")
 

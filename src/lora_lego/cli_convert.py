@@ -12,10 +12,19 @@ from pathlib import Path
 import torch
 
 from .errors import LoraLegoError, OutputError
-from .formats import available_formats, convert_adapter, load_adapter, output_format, save_adapter
+from .formats import (
+    SINGLE_FILE,
+    available_formats,
+    convert_adapter,
+    get_format,
+    load_adapter,
+    output_format,
+    save_adapter,
+)
 from .lowrank import relative_error
-from .targets import TARGETS, check_loads, config_refusals, get_target
+from .targets import TARGETS, check_loads, config_refusals, get_target, serve_line
 from .targets import describe as describe_target
+from .types import Adapter
 from .writing import check_output_path, dtype_from_name
 
 
@@ -27,7 +36,8 @@ def add_output_format(command: argparse.ArgumentParser) -> None:
 
 def add_target_option(command: argparse.ArgumentParser) -> None:
     command.add_argument("--target", choices=list(TARGETS),
-                         help="serving target: round --rank up to a rank it serves and refuse what it cannot load")
+                         help="serving target: refuse what it cannot load, before any work, and print the rank flag to serve "
+                              "the output with (the rank itself is kept: vLLM pads it)")
 
 
 def add_input_options(command: argparse.ArgumentParser) -> None:
@@ -41,12 +51,28 @@ def add_input_options(command: argparse.ArgumentParser) -> None:
                          help="read LyCORIS LoHa / LoKr modules as their best rank-K LoRA (truncated SVD)")
 
 
+def written_words(written: str) -> str:
+    """The format written and the tools that load it, for the line a merge or a conversion ends with."""
+    consumers = get_format(written).consumers
+    return f"{written}; loads in {consumers}" if consumers else written
+
+
+def folder_note(adapter: Adapter, written: str, output: str) -> str | None:
+    """For an LLM adapter (no diffusion-model family) written as one diffusers file: what loads the folder form."""
+    if written != "diffusers" or adapter.metadata.get("family"):
+        return None
+    folder = output.removesuffix(SINGLE_FILE)
+    return (f"note: this is an LLM adapter in a single diffusers file; PEFT (PeftModel.from_pretrained) and vLLM "
+            f"load LLM adapters as a folder: write -o {folder} instead")
+
+
 def run_convert(args: argparse.Namespace) -> int:
     """Read one adapter, write it in another format, then read the output back and check every delta."""
     started = time.perf_counter()
     source = args.adapters[0]
     if args.dtype:
         dtype_from_name(args.dtype)
+    output_format(args.output, format=args.format)  # a name the format does not write fails before any work
     check_output_path(args.output, [source], overwrite=args.overwrite)
     adapter = load_adapter(source, lazy=True, expand=args.expand, expand_rank=args.expand_rank,
                            base_config=args.base_config)
@@ -63,10 +89,13 @@ def run_convert(args: argparse.Namespace) -> int:
         raise
     meta = adapter.metadata
     print(f"convert: {source} ({meta.get('format')}{', ' + meta['family'] if meta.get('family') else ''}, "
-          f"{len(adapter)} modules) -> {args.output} ({written}): every delta checked, largest relative "
-          f"difference {worst:.2g}, {time.perf_counter() - started:.1f} s")
+          f"{len(adapter)} modules) -> {args.output} ({written_words(written)}): every delta checked, largest "
+          f"relative difference {worst:.2g}, {time.perf_counter() - started:.1f} s")
+    note = folder_note(adapter, written, args.output)
+    if note is not None:
+        print(note)
     if flag is not None:
-        print(f"{args.target}: serve with {get_target(args.target).rank_flag} {flag} or more")
+        print(serve_line(get_target(args.target), flag, adapter.max_rank))
     return 0
 
 

@@ -9,19 +9,22 @@ from typing import Sequence
 
 from .allocate import allocation_rule
 from .cli_calibration import check_calibration_args
+from .cli_convert import folder_note, written_words
 from .cli_score import DATA_FREE_NOTE, candidates_table, distance_words, merge_with_evidence, scores_table
 from .errors import MethodError, TargetError
 from .formats import harmonise, load_adapter, output_format, save_adapter
 from .merge import check_device, scale_rule
 from .registry import get_method
 from .regmean_pp import SPEC as REGMEAN_PP
-from .targets import check_loads, fit_rank, get_target
+from .targets import check_loads, fit_rank, get_target, serve_line
 from .writing import check_output_path, check_report_path, dtype_from_name, write_json_atomic
 
 
 def run_merge(args: argparse.Namespace) -> int:
     params = parse_params(args.param)
     if args.rank is not None:
+        if "rank" in params:
+            raise MethodError(f"the rank is given twice (--rank {args.rank} and -p rank={params['rank']}); give it once")
         params["rank"] = args.rank
     if args.dtype:
         dtype_from_name(args.dtype)
@@ -46,6 +49,8 @@ def run_merge(args: argparse.Namespace) -> int:
     if target is not None and written not in target.formats:
         raise TargetError(f"{target.name} loads {' / '.join(target.formats)} adapters; write a folder, not "
                           f"{args.output!r} ({written})")
+    if target is not None and args.rank is not None:
+        fit_rank(target, args.rank)  # a rank above what it serves fails before any work; the rank itself is kept
     check_output_path(args.output, args.adapters, overwrite=args.overwrite)
     if args.report:  # checked before any work: a report that cannot be written must not leave an output behind
         check_report_path(args.report, args.adapters, args.output, overwrite=args.overwrite)
@@ -53,13 +58,6 @@ def run_merge(args: argparse.Namespace) -> int:
     adapters = harmonise([load_adapter(path, lazy=True, expand=args.expand, expand_rank=args.expand_rank,
                                        base_config=args.base_config)
                           for path in args.adapters])  # read module by module while merging; one naming
-    fits = "rank" in params or not spec.whole_rank  # a whole-rank method's rank is only known after the merge
-    if target is not None and fits and ("rank" in spec.parameters or "rank" in spec.aliases):
-        requested = params.get("rank", max(a.max_rank for a in adapters))
-        params["rank"] = fit_rank(target, int(requested))
-        if str(params["rank"]) != str(requested):
-            print(f"{target.name}: rank {requested} -> {params['rank']} (the nearest {target.rank_flag} at or above; "
-                  f"the server pads to it anyway)")
     merged, scores = merge_with_evidence(args, adapters, args.method, params, needs=needs, choose=choose)
     flag = check_loads(merged, target, written) if target is not None else None  # before anything is written
     save_adapter(merged, args.output, format=args.format, dtype=args.dtype, overwrite=args.overwrite,
@@ -76,23 +74,31 @@ def run_merge(args: argparse.Namespace) -> int:
     ranks = sorted({entry["rank"] for entry in report})
     written = output_format(args.output, merged, args.format)
     method = provenance["method"] + (f" (auto: {provenance['auto']['chosen']})" if choose else "")
-    print(f"{args.command}: {len(adapters)} adapter(s) -> {args.output} ({written}) with {method}: {len(merged)} "
-          f"modules, rank {'/'.join(map(str, ranks))}, {merged.num_parameters():,} parameters, "
+    print(f"{args.command}: {len(adapters)} adapter(s) -> {args.output} ({written_words(written)}) with {method}: "
+          f"{len(merged)} modules, rank {'/'.join(map(str, ranks))}, {merged.num_parameters():,} parameters, "
           f"{distance_words(report, args.command)}"
           + (f", mean retention {scores.mean:.3f} (worst {scores.worst:.3f})" if scores is not None else "")
           + f", {time.perf_counter() - started:.1f} s")
+    note = folder_note(merged, written, args.output)
+    if note is not None:
+        print(note)
     if flag is not None:
-        print(f"{target.name}: serve with {target.rank_flag} {flag} or more")
+        print(serve_line(target, flag, merged.max_rank))
     if scores is None and args.command == "merge" and len(adapters) > 1 and not spec.needs_calibration:
         print(DATA_FREE_NOTE)
     return 0
 
 
 def parse_params(items: Sequence[str]) -> dict[str, str]:
+    """The -p KEY=VALUE items as a dict; MethodError for an item without "=" or a key given twice."""
     params: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise MethodError(f"method parameter {item!r} must look like key=value")
-        params[key.strip()] = value.strip()
+        if key in params:
+            raise MethodError(f"method parameter {key!r} is given twice (-p {key}={params[key]} and -p {item.strip()}); "
+                              "give it once")
+        params[key] = value.strip()
     return params

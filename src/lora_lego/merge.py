@@ -19,7 +19,7 @@ from .calibration import Calibration, check_calibrations, moments
 from .core import match_norm, pico_calibrate
 from .errors import IncompatibleAdaptersError, LoraLegoError, LoraLegoWarning, MethodError
 from .provenance import merged_metadata, module_report
-from .registry import DEFAULT_METHOD, get_method
+from .registry import DEFAULT_METHOD, PRUNE_METHOD, get_method
 from .types import Adapter, LoraFactors, check_factor_values
 
 MAX_WEIGHT = 1e6  # largest |weight| of an adapter: task weights are O(1), larger ones overflow float32
@@ -307,6 +307,7 @@ def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def prune(adapter: Adapter, *, rank: int, method: str = "lego", seed: int = 0, **params: Any) -> Adapter:
-    """Reduce one adapter to rank `rank` per module (modules with fewer ranks keep theirs)."""
+def prune(adapter: Adapter, *, rank: int, method: str = PRUNE_METHOD, seed: int = 0, **params: Any) -> Adapter:
+    """Reduce one adapter to rank `rank` per module (modules with fewer ranks keep theirs); by default by the
+    truncated SVD of each module's delta ("svd", the best measured), `method="lego"` for LoRA-LEGO."""
     return merge([adapter], method, seed=seed, rank=rank, **params)

@@ -1,5 +1,6 @@
 """The one registry of merge methods. A method is a per-module pure function registered by name;
-its keyword-only parameters (with defaults and simple annotations) are its public parameters."""
+its keyword-only parameters (with defaults and simple annotations) are its public parameters, and the
+`Parameters:` section of its docstring says what each one means."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import inspect
 import math
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
 from .errors import MethodError
@@ -21,13 +22,18 @@ _RESERVED = ("generator", "calibration")
 # case over two benchmarks (docs/results.md, table (i'') and the independent six-task benchmark of issue 28):
 # ties 0.612 / 0.582, against tsv 0.720 / 0.514. With prompts, `--method auto` chooses per merge.
 DEFAULT_METHOD = "ties"
+# What `prune` and `lora-lego prune` run without a method: the truncated SVD of the adapter's delta (PEFT's "svd",
+# registered as task_arithmetic), the best pruning measured (docs/results.md table (c): 0.752 mean accuracy at
+# r = 2 of 6, against 0.717 for `lego`); `lego` stays one flag away.
+PRUNE_METHOD = "svd"
 _METHODS: dict[str, "MethodSpec"] = {}
 _METHOD_ALIASES: dict[str, str] = {}  # another name users know -> registered name (e.g. PEFT's "svd")
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its function, one-line idea, paper link, parameters and aliases."""
+    """A registered method: its function, one-line idea, paper link, parameters (with `docs`: what each means)
+    and aliases."""
 
     name: str
     fn: MethodFn
@@ -38,6 +44,7 @@ class MethodSpec:
     method_aliases: tuple[str, ...] = ()
     needs_calibration: bool = False
     whole_rank: bool = False  # without `rank`, the output keeps the merge's whole rank (<= sum of ranks)
+    docs: dict[str, str] = field(default_factory=dict)  # parameter -> meaning, from the docstring
 
     def resolve(self, params: dict[str, Any]) -> dict[str, Any]:
         """Validate and coerce user parameters (values may be strings from the CLI); apply aliases."""
@@ -94,9 +101,45 @@ def describe(name: str, fn: Callable, *, paper: str | None = None, aliases: dict
         for p in signature.parameters.values()
         if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _RESERVED
     }
-    summary = (inspect.getdoc(fn) or "").split("\n", 1)[0]
-    return MethodSpec(name, fn, summary, paper, parameters, dict(aliases or {}), tuple(method_aliases),
-                      needs_calibration="calibration" in signature.parameters, whole_rank=whole_rank)
+    doc = inspect.getdoc(fn) or ""
+    return MethodSpec(name, fn, doc.split("\n", 1)[0], paper, parameters, dict(aliases or {}), tuple(method_aliases),
+                      needs_calibration="calibration" in signature.parameters, whole_rank=whole_rank,
+                      docs=parameter_docs(doc))
+
+
+def parameter_docs(doc: str) -> dict[str, str]:
+    """{name: meaning} from the `Parameters:` section of a (dedented) docstring: one "    name: meaning" line per
+    parameter, a longer meaning continued on more indented lines; the section ends at a blank or unindented line."""
+    lines = doc.splitlines()
+    if "Parameters:" not in lines:
+        return {}
+    docs: dict[str, str] = {}
+    name = None
+    for line in lines[lines.index("Parameters:") + 1:]:
+        if not line.startswith("    "):
+            break
+        head, sep, rest = line.strip().partition(": ")
+        if not line.startswith("     ") and sep and head.isidentifier():
+            name, docs[head] = head, rest.strip()
+        elif name is not None:
+            docs[name] += " " + line.strip()
+    return docs
+
+
+def allowed_values(annotation: Any) -> str:
+    """What a parameter of this annotation accepts, in words: "inf | l2 | off", "true | false", "integer or none"."""
+    options = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Literal:
+        return " | ".join(shown_value(option) for option in options)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        words = " or ".join(allowed_values(option) for option in options if option is not type(None))
+        return words + (" or none" if type(None) in options else "")
+    return {bool: "true | false", int: "integer", float: "number", str: "text"}.get(annotation, "any")
+
+
+def shown_value(value: Any) -> str:
+    """A value as the CLI takes it (-p key=value): none, true, false, 0.5, inf."""
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def get_method(name: str) -> MethodSpec:

@@ -43,7 +43,15 @@ MAX_ROUNDS = 10
 
 def options(*, rank: int | None = None, shrink: float = 0.9, rounds: int = 0,
             within: Literal["base", "adapter"] = "base") -> None:
-    """RegMean++: regmean with each task's Grams on the model merged so far (rounds 0: layer by layer; N: N re-merges)."""
+    """RegMean++: regmean with each task's Grams on the model merged so far (rounds 0: layer by layer; N: N re-merges).
+
+    Parameters:
+        rank: output rank k, the best in the calibration norm; none: the sum of the input ranks (exact)
+        shrink: scale of the Grams' off-diagonal entries, in [0, 1]
+        rounds: 0: layer by layer, each layer on the Grams of the model merged below it; N in 1..10: merge,
+            re-calibrate on the whole merged model, merge again, N times
+        within: the activations inside the layer being merged: the base model's, or each task's own adapter's
+    """
 
 
 SPEC = describe("regmean_pp", options, paper=PAPER)  # checks the CLI's -p values; the merge is merge_regmean_pp

@@ -1,5 +1,6 @@
 """Serving targets as data: what a server loads (format, ranks, features), so that merge / prune / convert
-can fit an adapter to it and `inspect --target` can say whether an adapter loads and why not."""
+refuse what it cannot load and name the rank flag to serve with, and `inspect --target` says whether an
+adapter loads and why not."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from .errors import TargetError
 from .types import Adapter
 
 __all__ = ["TARGETS", "Target", "TargetError", "check_loads", "config_refusals", "describe", "fit_rank", "get_target",
-           "refusals"]
+           "refusals", "serve_line"]
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,7 @@ class Target:
     `ranks` are the values its rank flag (`rank_flag`) accepts; an adapter loads when its largest module
     rank is at most the flag's value. `formats` are the adapter formats it reads, `kinds` the module
     kinds. `features` maps a PEFT config key to the values the server accepts (anything else is refused,
-    with `reasons[key]`).
+    with `reasons[key]`); `saved_modules` are the modules_to_save entries it accepts (a classification head).
     """
 
     name: str
@@ -31,6 +32,7 @@ class Target:
     features: dict[str, tuple]
     reasons: dict[str, str]
     default_rank: int | None = None
+    saved_modules: tuple[str, ...] = ()
 
 
 # vLLM: vllm/config/lora.py (max_lora_rank values, default 16) and vllm/lora/peft_helper.py (refusals)
@@ -47,7 +49,7 @@ TARGETS = {
                  "modules_to_save (full copies of layers)", "alora_invocation_tokens": "vLLM does not support aLoRA",
                  "layer_replication": "vLLM does not support layer_replication", "use_qalora": "vLLM does not "
                  "support QALoRA", "use_bdlora": "vLLM does not support block-diagonal LoRA"},
-        default_rank=16),
+        default_rank=16, saved_modules=("classifier", "score")),  # PEFT's SEQ_CLS heads, which vLLM accepts
 }
 
 
@@ -86,7 +88,10 @@ def config_refusals(config: dict, target: Target) -> list[str]:
     """What in a PEFT adapter_config.json the target refuses (DoRA, bias, modules_to_save, ...)."""
     reasons = []
     for key, allowed in target.features.items():
-        if key in config and config[key] not in allowed and config[key] != {} and config[key] != []:
+        value = config.get(key)
+        if key == "modules_to_save" and isinstance(value, (list, tuple)):
+            value = [m for m in value if m not in target.saved_modules] or None
+        if key in config and value not in allowed and value != {} and value != []:
             reasons.append(f"{target.reasons[key]} ({key}={config[key]!r})")
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower() not in ("gaussian", "eva", "orthogonal", "mica", "lora_ga"):
@@ -100,6 +105,14 @@ def check_loads(adapter: Adapter, target: Target, output_format: str | None = No
     if reasons:
         raise TargetError(f"{adapter.name!r} does not load in {target.name}: " + "; ".join(reasons))
     return fit_rank(target, max(adapter.max_rank, 1))
+
+
+def serve_line(target: Target, flag: int, rank: int) -> str:
+    """The line after a write: the rank flag value to serve with (`flag`, from `check_loads`), for an adapter
+    of largest module rank `rank`, which the server pads up to it."""
+    default = f"; the default {target.default_rank} is enough" if target.default_rank and flag <= target.default_rank else ""
+    padded = f" (largest module rank {rank}, padded to {flag} by the server)" if rank != flag else ""
+    return f"{target.name}: serve with {target.rank_flag} {flag} or more{padded}{default}"
 
 
 def describe(adapter: Adapter, target: Target) -> str:

@@ -15,12 +15,16 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..errors import AdapterFormatError
+from ..errors import AdapterFormatError, OutputError
 from ..tensorfile import TensorFileError, read_header
 from ..types import Adapter
 
 SINGLE_FILE = ".safetensors"
 GGUF_FILE = ".gguf"
+# Endings of weight, archive and text files that no format here writes: an output named so would be a
+# folder in disguise (a PEFT folder called "m.bin").
+NOT_WRITTEN = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".npy", ".npz", ".h5", ".onnx", ".ggml",
+               ".safetensor", ".json", ".yaml", ".yml", ".txt", ".zip", ".tar", ".gz")
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,7 @@ class Format:
     `suffix` is the file name ending of a single-file format (None for folders); `owns(key)` says
     whether a tensor key of a .safetensors file belongs to this format; `naming` is "dotted" (module
     paths) or "kohya" (lora_<component>_<path with "_">); `options` are the extra keyword arguments its
-    reader and writer take (e.g. "base_config_path").
+    reader and writer take (e.g. "base_config_path"); `consumers` names the tools that load what it writes.
     """
 
     name: str
@@ -42,6 +46,7 @@ class Format:
     owns: Callable[[str], bool] | None = None
     suffix: str | None = None
     options: tuple[str, ...] = ()
+    consumers: str = ""
 
     @property
     def single_file(self) -> bool:
@@ -122,18 +127,39 @@ def load_adapter(path: str | Path, *, lazy: bool = False, format: str | None = N
 def output_format(path: str | Path, adapter: Adapter | None = None, format: str | None = None) -> str:
     """The format `save_adapter` writes: `format` if given; gguf for a .gguf path; for a .safetensors
     path the adapter's own single-file format, else kohya for diffusion-model adapters and diffusers
-    for others; else PEFT."""
+    for others; else PEFT. OutputError for a name whose ending that format does not write (see
+    `check_output_ending`)."""
     if format is not None:
-        return get_format(format).name
+        fmt = get_format(format)
+        check_output_ending(str(path), fmt)
+        return fmt.name
     if str(path).endswith(GGUF_FILE):
         return "gguf"
     if not str(path).endswith(SINGLE_FILE):
+        check_output_ending(str(path), _FORMATS["peft"])
         return "peft"
     meta = adapter.metadata if adapter is not None else {}
     own = meta.get("format")
     if own in _FORMATS and _FORMATS[own].suffix == SINGLE_FILE:
         return own
     return "kohya" if meta.get("family") else "diffusers"
+
+
+def check_output_ending(path: str, fmt: Format) -> None:
+    """Refuse an output name that `fmt` would write under a misleading name: a single-file format needs its
+    own ending (.safetensors, .gguf); a folder takes neither, nor one no format writes (.bin, .pt, ...)."""
+    ending = next((e for e in (SINGLE_FILE, GGUF_FILE, *NOT_WRITTEN) if path.endswith(e)), "")
+    if fmt.single_file and ending != fmt.suffix:
+        renamed = (path[: -len(ending)] if ending else path.rstrip("/")) + fmt.suffix
+        found = f"not {ending}" if ending else "not a folder"
+        raise OutputError(f"output {path!r}: format {fmt.name} writes a single {fmt.suffix} file, {found}; "
+                          f"name it {renamed!r}")
+    if not fmt.single_file and ending in (SINGLE_FILE, GGUF_FILE):
+        raise OutputError(f"output {path!r}: format {fmt.name} writes a folder, not a {ending} file; name it "
+                          f"{path[: -len(ending)]!r}")
+    if not fmt.single_file and ending:
+        raise OutputError(f"output {path!r}: no format writes {ending} files; name a folder (peft), a "
+                          f"{SINGLE_FILE} file (kohya, diffusers) or a {GGUF_FILE} file (gguf)")
 
 
 def save_adapter(adapter: Adapter, path: str | Path, *, format: str | None = None,
@@ -183,15 +209,17 @@ def _register_builtins() -> None:
     from . import diffusers, gguf, gguf_read, kohya, peft
 
     register_format(Format("peft", "PEFT folder (adapter_config.json + adapter_model.safetensors or .bin)",
-                           peft.read, peft.write))
+                           peft.read, peft.write,
+                           consumers="PEFT's PeftModel.from_pretrained, vLLM, lora-lego apply"))
     register_format(Format("kohya", "kohya / LyCORIS single file (lora_down / lora_up / alpha; LoCon, Tucker)",
-                           kohya.read, kohya.write, naming="kohya", owns=kohya.owns, suffix=SINGLE_FILE))
+                           kohya.read, kohya.write, naming="kohya", owns=kohya.owns, suffix=SINGLE_FILE,
+                           consumers="sd-scripts, ComfyUI, A1111 / Forge, diffusers' load_lora_weights"))
     register_format(Format("diffusers", "diffusers / ai-toolkit / SimpleTuner single file (lora_A / lora_B, "
                            "component prefixes, lora_adapter_metadata)", diffusers.read, diffusers.write,
-                           owns=diffusers.owns, suffix=SINGLE_FILE))
+                           owns=diffusers.owns, suffix=SINGLE_FILE, consumers="diffusers' load_lora_weights"))
     register_format(Format("gguf", "llama.cpp / ollama GGUF LoRA adapter (blk.N.<name>.weight.lora_a / lora_b, "
                            "adapter.lora.alpha; needs the gguf package)", gguf_read.read, gguf.write, suffix=GGUF_FILE,
-                           options=("base_config_path",)))
+                           options=("base_config_path",), consumers="llama.cpp --lora, ollama's ADAPTER"))
 
 
 _register_builtins()

@@ -155,6 +155,12 @@ def task_arithmetic(factors: list[LoraFactors], weights: list[float], *, generat
     Default k: the largest input rank. `max_error` > 0 makes k the cap and keeps the smallest rank whose
     relative Frobenius error sqrt(sum_{i>k} s_i^2 / sum_i s_i^2) is <= max_error (exact, from the
     singular values). The report keeps the leading 2k singular values of the full sum (k: the cap).
+
+    Parameters:
+        rank: output rank k (the cap when max_error > 0); none: the largest input rank
+        scale: factor on the merged delta
+        max_error: 0: k fixed; > 0 (below 1): per module the smallest k <= the cap whose relative error is at
+            most this
     """
     k = default_rank(factors, rank, "task_arithmetic")
     check_max_error("task_arithmetic", max_error)
@@ -216,6 +222,15 @@ def ties(factors: list[LoraFactors], weights: list[float], *, generator: torch.G
     Weights multiply the trimmed deltas before the election (as PEFT). `exact_svd=false` uses a
     randomized SVD from the module's generator (near-optimal, ~50x faster on 4096-wide modules).
     `space="core"` runs the same rule on the R x R core matrices (R = sum of ranks; no dense matrix).
+
+    Parameters:
+        rank: output rank k; none: the largest input rank
+        density: fraction of each delta's entries kept (the largest), in (0, 1]
+        sign: sign election: total (the sign of the sum of values) or frequency (the majority of signs)
+        scale: factor on the merged delta
+        exact_svd: false: a randomized SVD back to rank k (near-optimal, much faster); true: an exact one
+        space: full: the rule on each dense delta (as the papers); core: on the R x R core matrices (no dense
+            matrix)
     """
     return _dense_merge(factors, weights, generator, method="ties", sparsify="trim", combine_by="ties",
                         density=density, sign=sign, rank=rank, scale=scale, exact_svd=exact_svd, space=space)
@@ -226,7 +241,16 @@ def dare_linear(factors: list[LoraFactors], weights: list[float], *, generator: 
                 rank: int | None = None, density: float = 0.5, scale: float = 1.0,
                 exact_svd: bool = False, space: Literal["full", "core"] = "full") -> LoraFactors:
     """DARE on the dense delta: random drop to `density` with 1/density rescale, weighted sum, rank k by SVD
-    (`space="core"`: on the core matrices)."""
+    (`space="core"`: on the core matrices).
+
+    Parameters:
+        rank: output rank k; none: the largest input rank
+        density: probability of keeping each entry of a delta, in (0, 1]; kept entries are divided by it
+        scale: factor on the merged delta
+        exact_svd: false: a randomized SVD back to rank k (near-optimal, much faster); true: an exact one
+        space: full: the rule on each dense delta (as the papers); core: on the R x R core matrices (no dense
+            matrix)
+    """
     return _dense_merge(factors, weights, generator, method="dare_linear", sparsify="dare", combine_by="sum",
                         density=density, sign="total", rank=rank, scale=scale, exact_svd=exact_svd, space=space)
 
@@ -236,7 +260,17 @@ def dare_ties(factors: list[LoraFactors], weights: list[float], *, generator: to
               rank: int | None = None, density: float = 0.5, sign: Literal["total", "frequency"] = "total",
               scale: float = 1.0, exact_svd: bool = False, space: Literal["full", "core"] = "full") -> LoraFactors:
     """DARE drop-and-rescale, then TIES sign election and disjoint mean, on the dense delta; rank k by SVD
-    (`space="core"`: on the core matrices)."""
+    (`space="core"`: on the core matrices).
+
+    Parameters:
+        rank: output rank k; none: the largest input rank
+        density: probability of keeping each entry of a delta, in (0, 1]; kept entries are divided by it
+        sign: sign election: total (the sign of the sum of values) or frequency (the majority of signs)
+        scale: factor on the merged delta
+        exact_svd: false: a randomized SVD back to rank k (near-optimal, much faster); true: an exact one
+        space: full: the rule on each dense delta (as the papers); core: on the R x R core matrices (no dense
+            matrix)
+    """
     return _dense_merge(factors, weights, generator, method="dare_ties", sparsify="dare", combine_by="ties",
                         density=density, sign=sign, rank=rank, scale=scale, exact_svd=exact_svd, space=space)
 
@@ -246,6 +280,15 @@ def magnitude_prune(factors: list[LoraFactors], weights: list[float], *, generat
                     rank: int | None = None, density: float = 0.5, scale: float = 1.0,
                     exact_svd: bool = False, space: Literal["full", "core"] = "full") -> LoraFactors:
     """Trim each dense delta to its `density` largest entries, weighted sum, rank k by SVD
-    (`space="core"`: on the core matrices)."""
+    (`space="core"`: on the core matrices).
+
+    Parameters:
+        rank: output rank k; none: the largest input rank
+        density: fraction of each delta's entries kept (the largest), in (0, 1]
+        scale: factor on the merged delta
+        exact_svd: false: a randomized SVD back to rank k (near-optimal, much faster); true: an exact one
+        space: full: the rule on each dense delta (as the papers); core: on the R x R core matrices (no dense
+            matrix)
+    """
     return _dense_merge(factors, weights, generator, method="magnitude_prune", sparsify="trim", combine_by="sum",
                         density=density, sign="total", rank=rank, scale=scale, exact_svd=exact_svd, space=space)

@@ -53,7 +53,12 @@ def _knots(factors: list[LoraFactors], weights: list[float], *, combine_by: str,
 @register("knots_ta", paper=KNOTS)
 def knots_ta(factors: list[LoraFactors], weights: list[float], *, generator: torch.Generator,
              rank: int | None = None, scale: float = 1.0) -> tuple[LoraFactors, dict]:
-    """KnOTS + task arithmetic: weighted sum of the tasks' coordinates in the shared SVD basis, rank k."""
+    """KnOTS + task arithmetic: weighted sum of the tasks' coordinates in the shared SVD basis, rank k.
+
+    Parameters:
+        rank: output rank k; none: the largest input rank
+        scale: factor on the merged delta
+    """
     return _knots(factors, weights, combine_by="sum", rank=rank, density=1.0, sign="total", scale=scale,
                   method="knots_ta")
 
@@ -62,7 +67,14 @@ def knots_ta(factors: list[LoraFactors], weights: list[float], *, generator: tor
 def knots_ties(factors: list[LoraFactors], weights: list[float], *, generator: torch.Generator,
                rank: int | None = None, density: float = 0.5, sign: Literal["total", "frequency"] = "total",
                scale: float = 1.0) -> tuple[LoraFactors, dict]:
-    """KnOTS + TIES: trim each task's coordinates to `density`, elect signs, disjoint mean, rebuild, rank k."""
+    """KnOTS + TIES: trim each task's coordinates to `density`, elect signs, disjoint mean, rebuild, rank k.
+
+    Parameters:
+        rank: output rank k; none: the largest input rank
+        density: fraction of each task's coordinates kept, in (0, 1]
+        sign: sign election: total (the sign of the sum of values) or frequency (the majority of signs)
+        scale: factor on the merged delta
+    """
     check_density("knots_ties", density)
     return _knots(factors, weights, combine_by="ties", rank=rank, density=density, sign=sign, scale=scale,
                   method="knots_ties")

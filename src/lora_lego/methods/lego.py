@@ -58,6 +58,20 @@ def lego(
     no longer depend on how the adapter happened to split B A into ranks (order, signs, scales).
     `max_error` > 0 (beyond the paper) picks k per module, `n_clusters` becoming the cap: the smallest
     k whose clustering leaves sqrt(inertia / sum_i w_i ||x_i||^2) <= max_error (see `_search_rank`).
+
+    Parameters:
+        n_clusters: number of clusters k, the output rank (the cap when max_error > 0); none: the largest input rank
+        n_init: K-means restarts (the lowest inertia is kept), >= 1
+        max_iter: K-means iterations per restart, at most, >= 1
+        tol: K-means stops when the centroids move less than this (relative to the data's variance), >= 0
+        param_norm: rescale each centroid to its members' mean norm: inf (max-abs of the whole unit), l2, or off
+        output_reweight: multiply the delta by sqrt(ref_rank / k)
+        ref_rank: reference rank of the output reweighting, > 0; none: the weighted mean input rank
+        features: what K-means clusters: the raw units, or normalized ones (each half of a unit of norm 1)
+        sample_weights: use |w| as K-means sample weights and in the centroid and norm means
+        canonical: svd: re-express each adapter through the SVD of its delta before pooling; none: as given
+        max_error: 0: k fixed; > 0 (below 1): per module the smallest k <= the cap whose relative error is at
+            most this
     """
     if canonical == "svd":
         factors = [canonical_factors(f) for f in factors]

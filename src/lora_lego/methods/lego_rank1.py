@@ -38,6 +38,17 @@ def lego_rank1(
     low-rank SVD); `param_norm` rescales it to the mean Frobenius norm |a_i| |b_i| of the members;
     `output_reweight` multiplies by sqrt(ref_rank / k) as in `lego`. `max_error` > 0 picks k as in
     `lego`, the energy being sum_i ||b_i a_i^T||_F^2 (the trace of the Gram matrix).
+
+    Parameters:
+        n_clusters: number of clusters k, the output rank (the cap when max_error > 0); none: the largest input rank
+        n_init: K-means restarts (the lowest inertia is kept), >= 1
+        max_iter: K-means iterations per restart, at most, >= 1
+        tol: K-means stops when the centroids move less than this (relative to the data's variance), >= 0
+        param_norm: rescale each rank-one centroid to its members' mean Frobenius norm
+        output_reweight: multiply the delta by sqrt(ref_rank / k)
+        ref_rank: reference rank of the output reweighting, > 0; none: the weighted mean input rank
+        max_error: 0: k fixed; > 0 (below 1): per module the smallest k <= the cap whose relative error is at
+            most this
     """
     pooled = concat_factors([f for f, w in zip(factors, weights, strict=True) if w != 0], [w for w in weights if w != 0])
     kept = torch.tensor([w != 0 for f, w in zip(factors, weights, strict=True) for _ in range(f.rank)],

@@ -100,6 +100,15 @@ def regmean(factors: list[LoraFactors], weights: list[float], *, generator: torc
     `max_error` > 0 picks the smallest k <= rank whose relative calibration-norm error is <= max_error.
     With identical Grams W is the |w|-weighted mean of the deltas; with one adapter, its delta. The
     report's `calibration_error` is ||(W - W*) L|| / ||W* L||, the error against W* in the calibration norm.
+
+    Parameters:
+        rank: output rank k, the best in the calibration norm (the cap when max_error > 0); none: the sum of the
+            input ranks (the exact solution)
+        shrink: scale of the Grams' off-diagonal entries, in [0, 1] (1: the plain Grams, often singular)
+        norm: how rank k is reached: calibration (best in the calibration norm) or frobenius (plain truncation,
+            for comparison)
+        max_error: 0: k fixed; > 0 (below 1): per module the smallest k <= the cap whose relative error is at
+            most this (in the calibration norm)
     """
     check_max_error("regmean", max_error)
     target, factor = whiten(factors, weights, calibration, shrink)
@@ -141,6 +150,16 @@ def lego_calibrated(factors: list[LoraFactors], weights: list[float], *, generat
     give A'. `refit` then solves B' in closed form, B' = (W* L) A'^T (A' A'^T)^+, the least-squares B for
     that A' in the calibration norm. At k >= u with basis="regmean" the result is RegMean's exactly.
     The report's `calibration_error` is measured against RegMean's W* in the calibration norm.
+
+    Parameters:
+        n_clusters: number of clusters k, the output rank; none: the largest input rank
+        shrink: scale of the Grams' off-diagonal entries, in [0, 1] (1: the plain Grams, often singular)
+        basis: the units clustered: regmean (those of RegMean's solution) or adapter (each adapter's own)
+        clustering: rank1 (K-means on the rank-one updates, as lego_rank1) or units (on the units, as lego)
+        refit: solve B in closed form for the clustered A (least squares in the calibration norm)
+        n_init: K-means restarts (the lowest inertia is kept), >= 1
+        max_iter: K-means iterations per restart, at most, >= 1
+        tol: K-means stops when the centroids move less than this (relative to the data's variance), >= 0
     """
     target, factor = whiten(factors, weights, calibration, shrink)
     k = max(f.rank for f in factors) if n_clusters is None else n_clusters

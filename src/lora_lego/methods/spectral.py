@@ -45,6 +45,10 @@ def tsv(factors: list[LoraFactors], weights: list[float], *, generator: torch.Ge
     null ones the official k = min(m, n) / T would add); U* = [U_1 .. U_T] and V* likewise are replaced
     by their polar factors, and the merge is scale * polar(U*) diag(S*) polar(V*)^T. Tasks with mutually
     orthogonal subspaces are left as they are (TSV-M = task arithmetic). rank=None keeps every direction.
+
+    Parameters:
+        rank: output rank k; none: every direction of the merge (at most the sum of the input ranks)
+        scale: factor on the merged delta
     """
     _check_rank("tsv", rank)
     space = core_space(factors)
@@ -70,6 +74,10 @@ def iso_c(factors: list[LoraFactors], weights: list[float], *, generator: torch.
     sum_t w_t M_t = U diag(s) V^T (non-null s only), merge = scale * mean(s) * U V^T. The official code
     averages over all min(m, n) singular values and gives that value to arbitrary null directions; in
     core space only the sum's own directions exist.
+
+    Parameters:
+        rank: output rank k; none: every direction of the merge (at most the sum of the input ranks)
+        scale: factor on the merged delta
     """
     _check_rank("iso_c", rank)
     space = core_space(factors)
@@ -90,6 +98,11 @@ def iso_cts(factors: list[LoraFactors], weights: list[float], *, generator: torc
     singular directions of sum_t w_t M_t; each task keeps floor((D - common part) / T) triplets of
     (I - U_c U_c^T) w_t M_t. The official code takes D = min(m, n) of the dense matrix, which on a LoRA
     makes every task-specific slot a null direction; D is the adapters' span here.
+
+    Parameters:
+        rank: output rank k; none: every direction of the merge (at most the sum of the input ranks)
+        common: fraction of the directions shared by all tasks (the rest: each task's own), in (0, 1]
+        scale: factor on the merged delta
     """
     _check_rank("iso_cts", rank)
     if not 0.0 < common <= 1.0:
@@ -119,7 +132,13 @@ def star(factors: list[LoraFactors], weights: list[float], *, generator: torch.G
     """STAR: each task truncated to `eta` of its nuclear norm, rescaled to the whole, then averaged.
 
     Per task the fewest top singular values holding `eta` of the nuclear norm are kept and rescaled
-    to the whole nuclear norm; the merge is the average (1/T) sum_t w_t of the truncated tasks."""
+    to the whole nuclear norm; the merge is the average (1/T) sum_t w_t of the truncated tasks.
+
+    Parameters:
+        rank: output rank k; none: every direction of the merge (at most the sum of the input ranks)
+        eta: fraction of each task's nuclear norm its truncation keeps, in (0, 1]
+        scale: factor on the merged delta
+    """
     _check_rank("star", rank)
     if not 0.0 < eta <= 1.0:
         raise MethodError(f"star: eta (the fraction of each task's nuclear norm kept) must be in (0, 1]; got {eta}")
@@ -166,6 +185,14 @@ def ctm(factors: list[LoraFactors], weights: list[float], *, generator: torch.Ge
     Each w_t M_t is rescaled to norm beta ||w_t M_t|| + (1 - beta) * (their mean) for the basis only;
     U, V = tucker2 of those (k = rank, default the largest input rank); O_t = U^T M_t V are merged by
     `rule` (weights applied, `density` for the trim / drop) and the result is scale * U O V^T.
+
+    Parameters:
+        rank: size k of the shared basis, the output rank; none: the largest input rank
+        beta: norm equalisation for the basis, in [0, 1]: 0 = equal norms, 1 = the tasks' own
+        rule: how the k x k projections are merged
+        density: fraction kept by the trim (ties) or the drop (dare_ties), in (0, 1]
+        iterations: HOOI sweeps of the Tucker-2 basis, >= 0
+        scale: factor on the merged delta
     """
     k = default_rank(factors, rank, "ctm")
     check_density("ctm", density)

@@ -37,6 +37,14 @@ def wudi(factors: list[LoraFactors], weights: list[float], *, generator: torch.G
     Adam (`steps`, `lr`) on the dense delta instead. `rank`: the exact rank-k truncation (default: the
     whole rank, <= the sum of ranks; for adam, the sum of ranks). `scale` multiplies the result.
     Tasks whose input subspaces (rows of A) are orthogonal give task arithmetic.
+
+    Parameters:
+        rank: output rank k; none: every direction of the merge (at most the sum of the input ranks)
+        ridge: Tikhonov term added to the Gram sum, relative to its mean eigenvalue (0: the exact minimiser)
+        solver: exact (closed form on the cores) or adam (the reference code's early-stopped Adam, dense)
+        steps: Adam steps (solver=adam)
+        lr: Adam's learning rate (solver=adam)
+        scale: factor on the merged delta
     """
     if isinstance(ridge, bool) or not ridge >= 0:
         raise MethodError(f"wudi: ridge must be a number >= 0; got {ridge}")
