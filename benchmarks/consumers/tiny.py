@@ -109,11 +109,14 @@ def effect_agreement(consumer_base: torch.Tensor, consumer_adapted: torch.Tensor
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
-    """Print `rows` as a plain fixed-width table of `columns` (floats in 3 significant digits)."""
-    def cell(value: object) -> str:
-        return f"{value:.3g}" if isinstance(value, float) else str(value)
+    """Print `rows` as a plain fixed-width table of `columns` (floats in 3 significant digits, correlations
+    with 6 decimals)."""
+    def cell(value: object, column: str) -> str:
+        if not isinstance(value, float):
+            return str(value)
+        return f"{value:.6f}" if column.endswith("corr") else f"{value:.3g}"
 
-    cells = [[cell(row.get(column, "")) for column in columns] for row in rows]
+    cells = [[cell(row.get(column, ""), column) for column in columns] for row in rows]
     widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
     print("  ".join(column.ljust(width) for column, width in zip(columns, widths)))
     for line in cells:
