@@ -21,10 +21,7 @@ pytestmark = [pytest.mark.consumers, pytest.mark.filterwarnings("ignore")]  # th
 
 # load / refuse outcomes where `inspect --target vllm` is known to be wrong today, with the reason; a case
 # listed here may agree (once fixed), a case not listed must
-KNOWN_MISSES = {
-    "modules_to_save classifier, score": "vLLM accepts modules_to_save ['classifier', 'score']; "
-                                         "targets.py refuses any (issue 32, item 6)",
-}
+KNOWN_MISSES: dict[str, str] = {}  # adapter -> why `inspect --target vllm` predicts it wrongly (none known)
 
 
 def consumer(name: str):
