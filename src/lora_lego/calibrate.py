@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .calibration import FILE_NAME, Calibration, header_metadata, load_calibration
 from .errors import CalibrationError, LoraLegoWarning
 from .gram_passes import AppliedAdapter, accumulate, chunks_for, in_features, trace
 from .tensorfile import TensorWriter
+from .progress import progress as progress_of
 from .types import Adapter
 from .writing import atomic_folder, check_output_path
 
@@ -207,9 +207,9 @@ def _calibrate(model: torch.nn.Module, model_name: str, tokenizer, texts: list[s
         chunks = chunks_for(groups, targets, gram_memory)
         keys = {module: group[0] for group in groups for module in group}
         shapes = {group[0]: (in_features(targets[group[0]]),) * 2 for group in groups}
-        bar = tqdm(total=sum(ids.shape[0] for ids, _ in batches) * len(chunks), unit="prompt",
-                   desc=f"calibrate {Path(source).name}" + (f" ({len(chunks)} passes)" if len(chunks) > 1 else ""),
-                   disable=None if progress else True, leave=False)
+        bar = progress_of(sum(ids.shape[0] for ids, _ in batches) * len(chunks),
+                          f"calibrate {Path(source).name}" + (f" ({len(chunks)} passes)" if len(chunks) > 1 else ""),
+                          "prompt", enabled=progress)
         with bar:
             if output is None:
                 grams: dict[str, torch.Tensor] = {}
