@@ -21,6 +21,7 @@ from ..errors import AdapterFormatError
 from ..types import Adapter, LoraFactors
 from ..writing import cast_finite, check_output_path, output_dtype, source_folders
 from .files import atomic_file, some
+from .record import record
 
 SUFFIX = ".gguf"
 MAGIC = b"GGUF"
@@ -177,8 +178,8 @@ def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = Non
         writer.add_string("adapter.type", "lora")
         writer.add_float32("adapter.lora.alpha", float(alpha))
         writer.add_string(CONFIG_KEY, json.dumps(recorded_config(config["architectures"], shape), sort_keys=True))
-        if adapter.metadata.get("provenance"):
-            writer.add_string(PROVENANCE_KEY, json.dumps(adapter.metadata["provenance"], sort_keys=True, default=str))
+        for key, value in record(adapter.metadata, PROVENANCE_KEY).items():  # provenance, base model, task type
+            writer.add_string(key, value)
         for module, info in ((m, adapter.info(m)) for m in adapter):
             d_out, d_in = info.shape
             a_shape = (d_in, info.rank) if info.kind == "embedding" else (info.rank, d_in)
