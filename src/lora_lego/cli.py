@@ -21,6 +21,7 @@ from .cli_apply import add_apply_parser, run_apply
 from .cli_generate import add_generation_options
 from .cli_convert import add_input_options, add_output_format, add_target_option, inspect_target, run_convert
 from .errors import LoraLegoError
+from .hub import default_revision
 from .inspect import describe_adapters, describe_report
 from .oserrors import os_errno, reason
 from .signals import BROKEN_PIPE, INTERRUPTED, TERMINATED, Terminated, command_signals, silence_stdout
@@ -125,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "cuda or cuda:N")
     bench_cmd.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                            help="bf16 autocast or fp32; auto (default): bf16 where the device computes it natively")
+    for name in HUB_COMMANDS:  # adapters and base models may be Hub ids (owner/name[/file][@REV]) in these
+        commands.choices[name].add_argument("--revision", metavar="REV", help="Hub revision (branch, tag or "
+                                            "commit) of the Hub ids given without their own @REV (default main)")
     return parser
 
 
@@ -171,7 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = _show_warning
         try:
             args = build_parser().parse_args(argv)
-            code = _COMMANDS[args.command](args)
+            with default_revision(getattr(args, "revision", None)):
+                code = _COMMANDS[args.command](args)
             sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
             return code
         except BrokenPipeError:  # `lora-lego methods | head -1`: the reader has all it wants
@@ -287,6 +292,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {_one_line(message) if isinstance(message, Warning) else message}", file=sys.stderr)
 
 
+HUB_COMMANDS = ("merge", "prune", "convert", "inspect", "apply", "score", "calibrate")
 _COMMANDS = {"merge": run_merge, "prune": run_merge, "convert": run_convert, "calibrate": run_calibrate,
              "methods": _run_methods, "formats": _run_formats, "inspect": _run_inspect, "bench": _run_bench,
              "apply": run_apply, "score": run_score}

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import AdapterFormatError
+from ..hub import resolve
 from ..types import Adapter, LoraFactors
 from ..writing import cast_finite, check_output_path, output_dtype, source_folders
 from .files import atomic_file, some
@@ -66,7 +67,7 @@ def is_gguf(path: Path) -> bool:
 def base_config(adapter: Adapter | None, base: str | Path | None, where: str) -> dict[str, Any]:
     """The base model's config.json as a dict: from `base` (a folder or the file), else from the adapter's
     base_model_name_or_path when that is a local folder. Raises AdapterFormatError when neither exists."""
-    candidates = [Path(base)] if base is not None else []
+    candidates = [resolve(base, kind="config").path] if base is not None else []  # a local folder, or a Hub id
     local = (adapter.metadata.get("base_model_name_or_path") if adapter is not None else None) or ""
     if base is None and local and Path(local).is_dir():
         candidates.append(Path(local))
