@@ -86,10 +86,12 @@ def provenance_lines(provenance: dict | None) -> list[str]:
     if sources:
         lines.append("  sources: " + ", ".join(f"{s} (weight {w:g})" for s, w in zip(sources, weights)))
     for entry in provenance.get("calibration") or []:
-        lines.append(f"  calibration: {entry.get('model')} on {entry.get('prompts')} ({entry.get('n_prompts')} prompts)")
+        lines.append(f"  calibration: {entry.get('model')} on {entry.get('prompts')} "
+                     f"({entry.get('n_prompts')} prompts)")
     evidence = provenance.get("evidence")
     if evidence:
-        lines.append(f"  measured with: {evidence.get('model')} on {', '.join(evidence.get('prompts') or ['generated prompts'])}")
+        prompts = ", ".join(evidence.get("prompts") or ["generated prompts"])
+        lines.append(f"  measured with: {evidence.get('model')} on {prompts}")
     retention = provenance.get("retention")
     if retention:
         lines.append("  retention: " + ", ".join(f"{name} {value:.3f}" for name, value in retention.items()))
