@@ -119,12 +119,13 @@ def check_merge(entry: dict[str, Any], argv: list[str], where: str, earlier: dic
     """What the merge command would refuse before any work, found now: method, parameters, calibration,
     output, format and target, inputs that exist (or are Hub ids, or an earlier merge's output)."""
     from .cli import build_parser
-    from .cli_calibration import check_calibration_args
     from .cli_merge import parse_params
     from .formats import output_format
     from .hub import parse_hub_id
+    from .allocate import allocation_rule
     from .merge import check_device, scale_rule
     from .registry import get_method
+    from .regmean_pp import SPEC as REGMEAN_PP
     from .writing import check_output_path
 
     problems = []
@@ -144,18 +145,23 @@ def check_merge(entry: dict[str, Any], argv: list[str], where: str, earlier: dic
         params: dict[str, Any] = parse_params(args.param)
     except Exception as error:  # (argparse, parse_params) the command line the merge stands for does not parse
         return problems + [f"{where}: {' '.join(str(error).split())}"]
-    if args.rank is not None:
+    if args.rank is not None and "rank" in params:
+        problems.append(f"{where}.params: the rank is given twice (rank: {args.rank} and params.rank); give it once")
+    elif args.rank is not None:
         params["rank"] = args.rank
     method = args.method
     choose = method == "auto" or str(params.get("scale", "")).strip().lower() == "auto"
+
+    def spec():  # as run_merge: regmean_pp is not a per-module method; auto takes the candidates' rank
+        return REGMEAN_PP if method == "regmean_pp" else get_method("regmean" if method == "auto" else method)
+
+    # the checks run_merge makes before any work, one key each (keep them in step with cli_merge.run_merge)
     checks: list[tuple[str, Callable[[], Any]]] = [
-        ("method", lambda: get_method("regmean" if method == "auto" else method)),
-        ("params", lambda: get_method("regmean" if method == "auto" else method).resolve(
-            scale_rule({k: v for k, v in params.items() if not (choose and k == "scale")})[1])),
+        ("method", spec),
+        ("params", lambda: spec().resolve(allocation_rule(scale_rule(
+            {k: v for k, v in params.items() if not (choose and k == "scale")})[1])[1])),
         ("device", lambda: check_device(args.device)),
-        ("calibration", lambda: check_calibration_args(
-            args, get_method("regmean" if method == "auto" else method).needs_calibration and method != "auto",
-            choose=choose)),
+        ("calibration", lambda: _check_calibration_use(args, spec(), method, choose)),
         ("format", lambda: output_format(args.output, format=args.format)),
         ("target", lambda: _check_target(args)),
         ("output", lambda: check_output_path(args.output, [i for i in args.adapters if Path(i).exists()],
@@ -171,17 +177,31 @@ def check_merge(entry: dict[str, Any], argv: list[str], where: str, earlier: dic
     return problems
 
 
+def _check_calibration_use(args, spec, method: str, choose: bool) -> None:
+    """The calibration the method needs, and only that (run_merge's check, before any work)."""
+    from .cli_calibration import check_calibration_args
+    from .errors import MethodError
+    from .regmean_pp import SPEC as REGMEAN_PP
+
+    if spec is REGMEAN_PP and args.calibration is not None:
+        raise MethodError("regmean_pp takes its Grams on the model as it merges it: give model and prompts, not "
+                          "saved calibrations")
+    check_calibration_args(args, (spec.needs_calibration or spec is REGMEAN_PP) and method != "auto", choose=choose)
+
+
 def _check_target(args) -> None:
-    """The target loads the format written (the merge command's check, before any work)."""
+    """The target loads the format written and serves the rank asked for (run_merge's checks, before any work)."""
     from .errors import TargetError
     from .formats import output_format
-    from .targets import get_target
+    from .targets import fit_rank, get_target
 
     if args.target is None:
         return
     target, written = get_target(args.target), output_format(args.output, format=args.format)
     if written not in target.formats:
         raise TargetError(f"{target.name} loads {' / '.join(target.formats)} adapters, not {written}")
+    if args.rank is not None:
+        fit_rank(target, args.rank)
 
 
 def check_order(merges: list, name: str) -> list[str]:
