@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoint import (Checkpoint, check_space, copy_other_files, read_checkpoint, write_config,
@@ -20,6 +19,7 @@ from .checkpoint import (Checkpoint, check_space, copy_other_files, read_checkpo
 from .formats.files import some
 from .errors import AdapterFormatError, BaseModelError, IncompatibleAdaptersError, LoraLegoWarning, OutputError
 from .tensorfile import TensorFileError, TensorInfo, TensorWriter, read_tensor
+from .progress import progress as progress_of
 from .types import Adapter, ModuleInfo, kernel_size
 from .writing import atomic_folder, cast_finite, check_output_path, dtype_from_name, source_folders
 
@@ -71,7 +71,7 @@ def apply_adapter(adapter: Adapter | str | Path, base: str | Path, output: str |
     with atomic_folder(output, overwrite=overwrite) as folder:
         skipped = copy_other_files(checkpoint, folder)
         write_config(checkpoint, plan.untied is not None, folder, target)
-        bar = tqdm(total=sum(map(len, entries.values())), desc="apply", unit="tensor", disable=not progress)
+        bar = progress_of(sum(map(len, entries.values())), "apply", "tensor", enabled=progress)
         with bar:
             for shard, shard_entries in entries.items():
                 write_shard(checkpoint, shard, shard_entries, plan, adapter, scale, folder, _provenance(adapter, scale), bar)

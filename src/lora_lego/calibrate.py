@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .calibration import FILE_NAME, Calibration, header_metadata, load_calibration
 from .errors import CalibrationError, LoraLegoWarning
 from .gram_passes import AppliedAdapter, accumulate, chunks_for, in_features, trace
+from .hub import resolve
+from .progress import progress as progress_of
 from .tensorfile import TensorWriter
 from .types import Adapter
 from .writing import atomic_folder, check_output_path
@@ -105,7 +106,8 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None, de
         raise CalibrationError(f"calibration needs transformers ({EXTRA})") from None
     if quiet:
         transformers_logging.disable_progress_bar()
-    folder = Path(path)
+    source = resolve(path, kind="model", error=CalibrationError)  # a local folder, or a Hub id
+    folder = source.path
     if not (folder / "config.json").is_file():
         raise CalibrationError(f"model {str(path)!r}: not a transformers model folder (no config.json)")
     try:
@@ -115,6 +117,8 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None, de
     except (OSError, ValueError, KeyError, ImportError) as error:
         raise CalibrationError(f"model {str(path)!r}: transformers cannot load it "
                                f"({' '.join(str(error).split())[:300]})") from None
+    if source.hub is not None:  # named by its id, as transformers names a model it downloads
+        model.config._name_or_path = source.name
     if device is not None and not device_map:
         model = model.to(device)
     return model.eval(), tokenizer
@@ -207,9 +211,9 @@ def _calibrate(model: torch.nn.Module, model_name: str, tokenizer, texts: list[s
         chunks = chunks_for(groups, targets, gram_memory)
         keys = {module: group[0] for group in groups for module in group}
         shapes = {group[0]: (in_features(targets[group[0]]),) * 2 for group in groups}
-        bar = tqdm(total=sum(ids.shape[0] for ids, _ in batches) * len(chunks), unit="prompt",
-                   desc=f"calibrate {Path(source).name}" + (f" ({len(chunks)} passes)" if len(chunks) > 1 else ""),
-                   disable=None if progress else True, leave=False)
+        bar = progress_of(sum(ids.shape[0] for ids, _ in batches) * len(chunks),
+                          f"calibrate {Path(source).name}" + (f" ({len(chunks)} passes)" if len(chunks) > 1 else ""),
+                          "prompt", enabled=progress)
         with bar:
             if output is None:
                 grams: dict[str, torch.Tensor] = {}

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from .errors import BaseModelError, OutputError
 from .formats.files import some
+from .hub import resolve
 from .tensorfile import TensorFileError, TensorInfo, read_header
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ class Checkpoint:
 
 def read_checkpoint(base: str | Path) -> Checkpoint:
     """The config and shard headers of a transformers folder; refuses one with only pickled (.bin) weights."""
-    folder = Path(base)
+    folder = resolve(base, kind="model", error=BaseModelError).path  # a local folder, or a Hub id
     if not (folder / CONFIG).is_file():
         raise BaseModelError(f"base {str(base)!r}: no {CONFIG} (expected a transformers model folder)")
     config = _read_json(folder / CONFIG, base)

@@ -20,7 +20,9 @@ from .cli_score import add_evidence_options, add_score_parser, run_score
 from .cli_apply import add_apply_parser, run_apply
 from .cli_generate import add_generation_options
 from .cli_convert import add_input_options, add_output_format, add_target_option, inspect_target, run_convert
+from .cli_run import add_run_parser, print_recipe, run_recipe
 from .errors import LoraLegoError
+from .hub import default_revision
 from .inspect import describe_adapters, describe_report
 from .oserrors import os_errno, reason
 from .signals import BROKEN_PIPE, INTERRUPTED, TERMINATED, Terminated, command_signals, silence_stdout
@@ -99,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_target_option(convert_cmd)
     add_apply_parser(commands)
     add_score_parser(commands)
+    add_run_parser(commands)
 
     commands.add_parser("methods", help="list the merge methods and their parameters")
     commands.add_parser("formats", help="list the adapter formats")
@@ -108,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_input_options(inspect_cmd)
     inspect_cmd.add_argument("--target", choices=list(TARGETS), help="say whether each adapter loads in this server, "
                              "and why not")
+    inspect_cmd.add_argument("--recipe", action="store_true", help="print a recipe (for `lora-lego run`) that makes "
+                             "each output again, from the provenance it records")
 
     bench_cmd = commands.add_parser("bench", help="offline benchmark on SmolLM2-135M and real tasks (extra [bench])")
     bench_cmd.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
@@ -125,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "cuda or cuda:N")
     bench_cmd.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                            help="bf16 autocast or fp32; auto (default): bf16 where the device computes it natively")
+    for name in HUB_COMMANDS:  # adapters and base models may be Hub ids (owner/name[/file][@REV]) in these
+        commands.choices[name].add_argument("--revision", metavar="REV", help="Hub revision (branch, tag or "
+                                            "commit) of the Hub ids given without their own @REV (default main)")
     return parser
 
 
@@ -171,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = _show_warning
         try:
             args = build_parser().parse_args(argv)
-            code = _COMMANDS[args.command](args)
+            with default_revision(getattr(args, "revision", None)):
+                code = _COMMANDS[args.command](args)
             sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
             return code
         except BrokenPipeError:  # `lora-lego methods | head -1`: the reader has all it wants
@@ -254,6 +263,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
     for path in calibrations:
         summary = load_calibration(path).summary()
         print(f"{path}: calibration\n" + "\n".join(f"  {key}: {value}" for key, value in summary.items()))
+    if args.recipe:
+        return print_recipe(args.paths, args)
     for report in reports:
         print(describe_report(report))
     if folders and args.target:
@@ -287,6 +298,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {_one_line(message) if isinstance(message, Warning) else message}", file=sys.stderr)
 
 
+HUB_COMMANDS = ("merge", "prune", "convert", "inspect", "apply", "score", "calibrate")
 _COMMANDS = {"merge": run_merge, "prune": run_merge, "convert": run_convert, "calibrate": run_calibrate,
              "methods": _run_methods, "formats": _run_formats, "inspect": _run_inspect, "bench": _run_bench,
-             "apply": run_apply, "score": run_score}
+             "apply": run_apply, "score": run_score, "run": run_recipe}

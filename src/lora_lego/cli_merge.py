@@ -59,6 +59,8 @@ def run_merge(args: argparse.Namespace) -> int:
                                        base_config=args.base_config)
                           for path in args.adapters])  # read module by module while merging; one naming
     merged, scores = merge_with_evidence(args, adapters, args.method, params, needs=needs, choose=choose)
+    if getattr(args, "recipe", None):  # `lora-lego run`: the output records the recipe merge it came from
+        merged.metadata["provenance"]["recipe"] = args.recipe
     flag = check_loads(merged, target, written) if target is not None else None  # before anything is written
     save_adapter(merged, args.output, format=args.format, dtype=args.dtype, overwrite=args.overwrite,
                  base_config=args.base_config)

@@ -140,6 +140,9 @@ def merge_with_evidence(args: argparse.Namespace, adapters: list, method: str, p
                                           choose=choose)
     if generating(args):
         merged.metadata["provenance"]["generated_prompts"] = generation_record(args)
+    if model is not None:  # what the retention (or the choice) was measured with: a recipe can name them again
+        files = None if generating(args) else [str(p) for p in args.prompts]
+        merged.metadata["provenance"]["evidence"] = {"model": str(args.model), "prompts": files}
     return merged, scores
 
 

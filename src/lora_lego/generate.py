@@ -10,10 +10,10 @@ import math
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .errors import CalibrationError
 from .gram_passes import AppliedAdapter
+from .progress import progress as progress_of
 from .types import Adapter
 
 STARTS = ("bos", "chat", "seeds")
@@ -42,7 +42,7 @@ def generate_prompts(model: torch.nn.Module, tokenizer, adapter: Adapter | None,
     texts: list[str] = [""] * n
     name = getattr(adapter, "name", "base model")
     training = model.training
-    bar = tqdm(total=n, unit="sample", desc=f"generate {name}"[:60], disable=None if progress else True, leave=False)
+    bar = progress_of(n, f"generate {name}"[:60], "sample", enabled=progress)
     try:
         model.eval()
         with torch.no_grad(), AppliedAdapter(model, adapter, type(model).__name__), bar:

@@ -43,10 +43,11 @@ def describe_adapter(adapter: Adapter) -> str:
         f"adapter {adapter.name}",
         f"  format: {meta.get('format', 'in memory')}   family: {meta.get('family') or '-'}   dtype: {meta.get('dtype')}",
     ]
+    if meta.get("format") == "peft" or meta.get("base_model_name_or_path") or meta.get("task_type"):
+        lines.append(f"  base model: {meta.get('base_model_name_or_path')}   task: {meta.get('task_type')}")
     if meta.get("format") == "peft":
         config = meta.get("peft_config", {})
         lines += [
-            f"  base model: {meta.get('base_model_name_or_path')}   task: {meta.get('task_type')}",
             f"  config: r={config.get('r')} lora_alpha={config.get('lora_alpha')} use_rslora={bool(config.get('use_rslora'))}"
             f" rank_pattern={len(config.get('rank_pattern') or {})} alpha_pattern={len(config.get('alpha_pattern') or {})}"
             f" fan_in_fan_out={bool(config.get('fan_in_fan_out'))}",
@@ -67,7 +68,39 @@ def describe_adapter(adapter: Adapter) -> str:
         lines.append(f"  trainer metadata: {'  '.join(shown)}")
     if "lora_adapter_metadata" in header:
         lines.append("  diffusers lora_adapter_metadata: present")
+    lines += provenance_lines(meta.get("provenance"))
     return "\n".join(lines)
+
+
+def provenance_lines(provenance: dict | None) -> list[str]:
+    """How lora-lego made the adapter, as its outputs record it (every format): method, parameters, seed,
+    sources and weights, calibration, retention, recipe. `inspect --recipe` prints it as a recipe."""
+    if not provenance:
+        return ["  provenance: none recorded (not written by lora-lego)"]
+    params = provenance.get("params") or {}
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(params.items())) or "defaults"
+    lines = [f"  made by: {provenance.get('tool', 'lora-lego')} {provenance.get('version', '?')}, method "
+             f"{provenance.get('method')} ({shown}), seed {provenance.get('seed')}"]
+    sources = provenance.get("sources") or []
+    weights = provenance.get("weights") or [1.0] * len(sources)
+    if sources:
+        lines.append("  sources: " + ", ".join(f"{s} (weight {w:g})" for s, w in zip(sources, weights)))
+    for entry in provenance.get("calibration") or []:
+        lines.append(f"  calibration: {entry.get('model')} on {entry.get('prompts')} "
+                     f"({entry.get('n_prompts')} prompts)")
+    evidence = provenance.get("evidence")
+    if evidence:
+        prompts = ", ".join(evidence.get("prompts") or ["generated prompts"])
+        lines.append(f"  measured with: {evidence.get('model')} on {prompts}")
+    retention = provenance.get("retention")
+    if retention:
+        lines.append("  retention: " + ", ".join(f"{name} {value:.3f}" for name, value in retention.items()))
+    if provenance.get("auto"):
+        lines.append(f"  auto chose: {provenance['auto'].get('chosen')}")
+    recipe = provenance.get("recipe")
+    if recipe:
+        lines.append(f"  recipe: {recipe.get('file')}, {recipe.get('key')}")
+    return lines
 
 
 def _short(value: str, limit: int = 60) -> str:

@@ -12,13 +12,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
-from tqdm.auto import tqdm
 
 from .allocate import allocation_rule, check_allocatable, greedy_ranks, spectrum
 from .calibration import Calibration, check_calibrations, moments
 from .core import match_norm, pico_calibrate
 from .errors import IncompatibleAdaptersError, LoraLegoError, LoraLegoWarning, MethodError
 from .provenance import merged_metadata, module_report
+from .progress import progress as progress_of
 from .registry import DEFAULT_METHOD, PRUNE_METHOD, get_method
 from .types import Adapter, LoraFactors, check_factor_values
 
@@ -211,8 +211,8 @@ def merge(
     merged: dict[str, LoraFactors] = {}
     report: dict[str, dict[str, Any]] = {}
     results = in_threads(merge_module, jobs, threads)
-    for module, result, entry in tqdm(results, total=len(jobs), desc=f"merge ({method})", unit="module",
-                                      disable=None if progress else True, leave=False):
+    for module, result, entry in progress_of(len(jobs), f"merge ({method})", "module", enabled=progress,
+                                             iterable=results):
         merged[module], report[module] = result, entry
     recorded = {**resolved, **({"scale": "norm"} if norm else {}), **({"pico": True} if pico else {}),
                 **({"allocate": allocation} if ranks else {})}

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .calibrate import GRAM_MEMORY, _targets, calibrate, load_model, model_fingerprint, token_batches
 from .calibration import Calibration
 from .errors import CalibrationError, MethodError
 from .gram_passes import AppliedAdapter, _forward, _Stop, accumulate, chunks_for, trace
 from .merge import check_weights, merge
+from .progress import progress as progress_of
 from .provenance import merged_metadata
 from .registry import describe
 from .score import prompt_sets
@@ -133,7 +133,7 @@ def _layerwise(model, tokenizer, adapters, texts, within, params, common, option
     merged: dict[str, LoraFactors] = {}
     report: dict[str, dict] = {}
     last = max(owner[m] for m in union)
-    bar = tqdm(total=last + 1, desc="regmean_pp", unit="layer", disable=None if progress else True, leave=False)
+    bar = progress_of(last + 1, "regmean_pp", "layer", enabled=progress)
     with bar, _Resumed(blocks, returns_tuple) as resumed:
         for index in range(last + 1):
             inside = [g for g in groups if owner[g[0]] == index]

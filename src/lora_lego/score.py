@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .calibrate import read_prompts, token_batches
 from .errors import CalibrationError, LoraLegoWarning
 from .gram_passes import AppliedAdapter
 from .lowrank import inner
+from .progress import progress as progress_of
 from .types import Adapter
 
 POSITIONS = ("last", "all")
@@ -147,7 +147,7 @@ class Scorer:
                 yield picked.float().cpu()
 
     def _bar(self, total: int, desc: str):
-        return tqdm(total=total, desc=desc, unit="batch", disable=None if self.progress else True, leave=False)
+        return progress_of(total, desc, "batch", enabled=self.progress)
 
 
 def log_bins(logits: torch.Tensor, top: torch.Tensor) -> torch.Tensor:

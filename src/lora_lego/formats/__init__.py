@@ -109,9 +109,12 @@ def detect_format(path: str | Path) -> str:
 
 
 def load_adapter(path: str | Path, *, lazy: bool = False, format: str | None = None, expand: bool = False,
-                 expand_rank: int | None = None, base_config: str | Path | None = None) -> Adapter:
+                 expand_rank: int | None = None, base_config: str | Path | None = None,
+                 revision: str | None = None) -> Adapter:
     """Read an adapter: a PEFT folder, a single .safetensors file (kohya / LyCORIS, diffusers) or a
-    llama.cpp .gguf adapter.
+    llama.cpp .gguf adapter, on disk or, for a string that is no local path, on the Hugging Face Hub
+    ("owner/name", "owner/name/subfolder", "owner/name/file.safetensors", "owner/name@revision"; `revision`
+    for ids without one; see `hub.resolve`, extra [hub]). A Hub adapter is named by its id.
 
     Factors are float32 with each module's scale folded in. `lazy=True` reads headers now and each
     module's factors on access. `format` overrides detection. LyCORIS LoHa / LoKr modules are refused
@@ -119,9 +122,15 @@ def load_adapter(path: str | Path, *, lazy: bool = False, format: str | None = N
     best rank-K approximation, by a truncated SVD). `base_config` (the base model's folder or
     config.json) is what a GGUF file of another producer needs to undo llama.cpp's q/k row order.
     """
-    fmt = get_format(format) if format is not None else get_format(detect_format(path))
+    from ..hub import resolve
+
+    source = resolve(path, revision=revision)
+    fmt = get_format(format) if format is not None else get_format(detect_format(source.path))
     extra = {"base_config_path": base_config} if "base_config_path" in fmt.options else {}
-    return fmt.read(Path(path), lazy=lazy, expand=expand, expand_rank=expand_rank, **extra)
+    adapter = fmt.read(source.path, lazy=lazy, expand=expand, expand_rank=expand_rank, **extra)
+    if source.hub is not None:  # reports, provenance and recipes name it as the user did, not by its cache path
+        adapter.name, adapter.metadata["hub"] = source.name, source.hub
+    return adapter
 
 
 def output_format(path: str | Path, adapter: Adapter | None = None, format: str | None = None) -> str:

@@ -20,6 +20,7 @@ from .family import family_from_metadata, family_from_modules
 from .files import open_file, some, write_file
 from .names import canonical_dotted, cross_attention_dim
 from .peft_config import CONFIG_NAME, read_config
+from .record import apply_recorded, record
 
 _PEFT_PREFIX = "base_model.model."
 _PARTS = {"lora_A.weight": ("A", "linear"), "lora_B.weight": ("B", "linear"), "lora_embedding_A": ("A", "embedding"),
@@ -82,6 +83,7 @@ def read(path: Path, *, lazy: bool = False, **_options: Any) -> Adapter:
         "task_type": None,
         "fan_in_fan_out": False,
     }
+    apply_recorded(metadata, header, name)
     modules = LazyModules(infos_out, read_module) if lazy else {module: read_module(module) for module in renamed}
     return Adapter(modules, metadata, name=name)
 
@@ -226,8 +228,7 @@ def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = Non
                                  "file needs dotted module paths (save_adapter / convert_adapter translates them)")
     target = output_dtype(adapter, dtype)
     metadata = {"format": "pt", METADATA_KEY: json.dumps(header_configs(ranks, adapter.name), indent=2, sort_keys=True)}
-    if "provenance" in adapter.metadata:
-        metadata["lora_lego"] = json.dumps(adapter.metadata["provenance"], sort_keys=True)
+    metadata.update(record(adapter.metadata))  # provenance, base model, task type
     tensors, shapes = _tensor_plan(adapter, target, f"output {str(path)!r}")
     return write_file(adapter, path, tensors, metadata, shapes=shapes, overwrite=overwrite)
 

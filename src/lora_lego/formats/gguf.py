@@ -18,9 +18,11 @@ from typing import Any
 import torch
 
 from ..errors import AdapterFormatError
+from ..hub import resolve
 from ..types import Adapter, LoraFactors
 from ..writing import cast_finite, check_output_path, output_dtype, source_folders
 from .files import atomic_file, some
+from .record import record
 
 SUFFIX = ".gguf"
 MAGIC = b"GGUF"
@@ -65,7 +67,7 @@ def is_gguf(path: Path) -> bool:
 def base_config(adapter: Adapter | None, base: str | Path | None, where: str) -> dict[str, Any]:
     """The base model's config.json as a dict: from `base` (a folder or the file), else from the adapter's
     base_model_name_or_path when that is a local folder. Raises AdapterFormatError when neither exists."""
-    candidates = [Path(base)] if base is not None else []
+    candidates = [resolve(base, kind="config").path] if base is not None else []  # a local folder, or a Hub id
     local = (adapter.metadata.get("base_model_name_or_path") if adapter is not None else None) or ""
     if base is None and local and Path(local).is_dir():
         candidates.append(Path(local))
@@ -177,8 +179,8 @@ def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = Non
         writer.add_string("adapter.type", "lora")
         writer.add_float32("adapter.lora.alpha", float(alpha))
         writer.add_string(CONFIG_KEY, json.dumps(recorded_config(config["architectures"], shape), sort_keys=True))
-        if adapter.metadata.get("provenance"):
-            writer.add_string(PROVENANCE_KEY, json.dumps(adapter.metadata["provenance"], sort_keys=True, default=str))
+        for key, value in record(adapter.metadata, PROVENANCE_KEY).items():  # provenance, base model, task type
+            writer.add_string(key, value)
         for module, info in ((m, adapter.info(m)) for m in adapter):
             d_out, d_in = info.shape
             a_shape = (d_in, info.rank) if info.kind == "embedding" else (info.rank, d_in)

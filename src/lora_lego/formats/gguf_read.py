@@ -15,8 +15,9 @@ import torch
 from ..errors import AdapterFormatError
 from ..types import Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values
 from .files import some
-from .gguf import (CONFIG_KEY, HF_MODULES, PERMUTED, _name_map, _permuted_heads, architecture, base_config,
-                   gguf_module, permute_rows)
+from .gguf import (CONFIG_KEY, HF_MODULES, PERMUTED, PROVENANCE_KEY, _name_map, _permuted_heads, architecture,
+                   base_config, gguf_module, permute_rows)
+from .record import BASE_MODEL, TASK_TYPE, apply_recorded
 
 _FLOAT_TYPES = ("F32", "F16", "BF16")
 # the smallest entries a GGUF header can hold: a tensor info (name length, n_dims, type, offset) and a
@@ -42,7 +43,8 @@ def read(path: Path, *, lazy: bool = False, expand: bool = False, expand_rank: i
     try:
         reader = gguf.GGUFReader(path)
         fields = {key: _field(reader, key) for key in ("general.type", "adapter.type", "general.architecture",
-                                                        "adapter.lora.alpha", CONFIG_KEY)}
+                                                        "adapter.lora.alpha", CONFIG_KEY, PROVENANCE_KEY,
+                                                        BASE_MODEL, TASK_TYPE)}
     except _READER_ERRORS as error:
         raise AdapterFormatError(f"adapter {name!r}: not a readable GGUF file ({type(error).__name__}: "
                                  f"{str(error)[:200]})") from None
@@ -95,6 +97,8 @@ def read(path: Path, *, lazy: bool = False, expand: bool = False, expand_rank: i
                 "gguf_architecture": arch, "gguf_alpha": alpha}
     if fields[CONFIG_KEY]:
         metadata["gguf_base_config"] = json.loads(fields[CONFIG_KEY])
+    metadata["task_type"] = None
+    apply_recorded(metadata, fields, name, PROVENANCE_KEY)  # what our writer records: provenance, base model, task
     modules = LazyModules(infos, read_module) if lazy else {module: read_module(module) for module in infos}
     return Adapter(modules, metadata, name=name)
 

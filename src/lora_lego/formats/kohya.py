@@ -19,6 +19,7 @@ from ..writing import output_dtype
 from . import kohya_meta, lycoris
 from .family import family_from_metadata, family_from_modules, mixed_families
 from .files import open_file, some
+from .record import apply_recorded
 
 ALGOS = {  # the suffixes of each readable algorithm, and its name in messages
     "lora": ("LoRA", ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha")),
@@ -100,6 +101,7 @@ def read(path: Path, *, lazy: bool = False, expand: bool = False, expand_rank: i
     }
     if expanded:
         metadata["lycoris"] = dict(expanded)
+    apply_recorded(metadata, header, name)
     table = LazyModules({m: s.info for m, s in modules.items()}, read_module)
     return Adapter(table if lazy else {module: read_module(module) for module in modules}, metadata, name=name)
 

@@ -20,6 +20,7 @@ from ..tensorfile import NAMES
 from ..types import Adapter, LoraFactors, kernel_size
 from ..writing import cast_finite, check_output_path, source_folders
 from .files import atomic_file
+from .record import record
 
 Entry = tuple[str, torch.dtype, tuple[int, ...]]  # key, dtype, shape
 
@@ -132,8 +133,7 @@ def output_metadata(adapter: Adapter, path: Path, ranks: Mapping[str, int], kind
     if merged:
         header["modelspec.merged_from"] = ", ".join(_titles(sources, meta.get("provenance", {}).get("sources", [])))
         header["modelspec.title"] = path.stem
-    if "provenance" in meta:
-        header["lora_lego"] = json.dumps(meta["provenance"], sort_keys=True)
+    header.update(record(meta))  # provenance, base model, task type
     return header
 
 

@@ -18,6 +18,7 @@ from ..types import MAX_ABS, Adapter, LazyModules, LoraFactors, ModuleInfo, chec
 from ..card import write_card
 from ..writing import atomic_folder, cast_finite, check_output_path, output_dtype, source_folders
 from .peft_config import CONFIG_NAME, module_scaling, pattern_value, read_config  # noqa: F401  (re-exported)
+from .record import PROVENANCE, apply_recorded
 
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 _PREFIX = "base_model.model."
@@ -39,7 +40,7 @@ def load_peft(path: str | Path, *, lazy: bool = False) -> Adapter:
     folder = Path(path)
     name = str(path)
     config = read_config(folder)
-    entries, fetch = _open_weights(folder, name)
+    entries, fetch, header = _open_weights(folder, name)
     pairs = _group_keys(entries, name)
     infos = {module: _check_parts(module, parts, name) for module, parts in pairs.items()}
     if not infos:
@@ -62,19 +63,21 @@ def load_peft(path: str | Path, *, lazy: bool = False) -> Adapter:
         "folder": str(folder.resolve()),  # what save_adapter must never write into (see writing.source_folders)
         "format": "peft",
     }
+    apply_recorded(metadata, {k: v for k, v in header.items() if k == PROVENANCE}, name)  # lora-lego's outputs
     modules = LazyModules(infos, read) if lazy else {module: read(module) for module in infos}
     return Adapter(modules, metadata, name=name)
 
 
-def _open_weights(folder: Path, name: str) -> tuple[dict[str, Any], Callable[[Any], torch.Tensor]]:
-    """The weights file's entries by key (safetensors: header infos; .bin: the tensors) and how to read one."""
+def _open_weights(folder: Path, name: str) -> tuple[dict[str, Any], Callable[[Any], torch.Tensor], dict[str, str]]:
+    """The weights file's entries by key (safetensors: header infos; .bin: the tensors), how to read one, and
+    the safetensors header's string metadata."""
     for weights_name in WEIGHTS_NAMES:
         weights_path = folder / weights_name
         if not weights_path.is_file():
             continue
         if weights_name.endswith(".safetensors"):
             try:
-                infos, _ = read_header(weights_path)
+                infos, header = read_header(weights_path)
             except (OSError, TensorFileError) as error:
                 raise AdapterFormatError(f"adapter {name!r}: cannot read {weights_name} ({error})") from None
 
@@ -83,14 +86,14 @@ def _open_weights(folder: Path, name: str) -> tuple[dict[str, Any], Callable[[An
                     return read_tensor(weights_path, info)
                 except (OSError, TensorFileError) as error:
                     raise AdapterFormatError(f"adapter {name!r}: cannot read {weights_name} ({error})") from None
-            return infos, fetch
+            return infos, fetch, dict(header)
         try:
             tensors = torch.load(weights_path, map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises many types for damaged files
             raise AdapterFormatError(f"adapter {name!r}: cannot read {weights_name} ({_load_reason(error)})") from None
         if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
             raise AdapterFormatError(f"adapter {name!r}: {weights_name} does not hold a dict of tensors")
-        return tensors, lambda tensor: tensor.clone()  # a copy: factors are scaled in place after reading
+        return tensors, lambda tensor: tensor.clone(), {}  # a copy: factors are scaled in place after reading
     raise AdapterFormatError(f"adapter {name!r}: no {' or '.join(WEIGHTS_NAMES)} in the folder")
 
 
