@@ -1,7 +1,7 @@
 """Beyond RegMean and TSV (issue 29; docs/results.md (l)): RegMean++ (exact and fixed point), WUDI (closed form,
 ridge, the reference's early-stopped Adam, scale=auto) and the rank budget (allocate=greedy), at equal output
 size, on the four r=4 q_proj/v_proj LoRAs of SmolLM2-135M-Instruct of the evidence experiment, 200 test rows
-per task, 100 *train* prompts per task for calibration (never test rows).
+per task, 100 *train* prompts per task for calibration and 16 of them for scale=auto (never test rows).
 
     cp /work/cache/runs/evidence4/evaluations.json /work/cache/runs/beyond/   # reuse cached accuracies
     python benchmarks/beyond_regmean.py --cache /work/cache --out /work/cache/runs/beyond
@@ -28,10 +28,12 @@ from lora_lego.bench.stats import paired_difference
 from lora_lego.bench.tasks import get_task
 from lora_lego.errors import LoraLegoWarning
 from lora_lego.regmean_pp import merge_regmean_pp
+from lora_lego.score import Scorer
 
 CONFIG = TrainConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"))
 TASKS = ["rt_polarity", "hyperbaton", "snips_intent", "fever"]
 N = 100  # calibration prompts per task
+SCORED = 16  # prompts per task on which scale=auto scores its candidates
 R, SUM = 4, 16
 
 
@@ -56,6 +58,9 @@ def main() -> None:
     rows: dict[str, dict] = {}
     calibrated = dict(calibration=calibrations)
     pp = dict(model=model, tokenizer=tokenizer, prompts=prompts, max_length=length)
+    scored = [p[:SCORED] for p in prompts]  # scale=auto scores on the first 16, as the evidence experiment did
+    auto = dict(model=model, tokenizer=tokenizer, prompts=scored, calibration=calibrations, max_length=length,
+                scorer=Scorer(model, tokenizer, adapters, scored, max_length=length))
     rows_spec = [
         ("base model", "base", lambda: None),
         ("tsv k=4", "evidence tsv k=4 x1.0", lambda: bench.merged(adapters, "tsv", rank=R)),
@@ -63,8 +68,8 @@ def main() -> None:
         ("iso_c k=4", "evidence iso_c k=4 x1.0", lambda: bench.merged(adapters, "iso_c", rank=R)),
         ("tsv k=4, scale=auto", "evidence tsv k=4 scale-auto n=16", None),
         ("ties k=4, scale=auto", "evidence ties k=4 scale-auto n=16", None),
-        ("iso_c k=4, scale=auto", f"beyond iso_c k=4 scale-auto n={N}", lambda: merge_auto(
-            adapters, **pp, calibration=calibrations, rank=R, methods=["iso_c"])),
+        ("iso_c k=4, scale=auto", f"beyond iso_c k=4 scale-auto n={SCORED}", lambda: merge_auto(
+            adapters, **auto, rank=R, methods=["iso_c"])),
         ("tsv k=4, allocate=greedy", "beyond tsv k=4 allocate", lambda: bench.merged(adapters, "tsv", rank=R,
                                                                                       allocate="greedy")),
         ("wudi k=4", "beyond wudi k=4", lambda: bench.merged(adapters, "wudi", rank=R)),
@@ -73,8 +78,8 @@ def main() -> None:
         ("wudi k=4, ridge 1", "beyond wudi k=4 ridge=1", lambda: bench.merged(adapters, "wudi", rank=R, ridge=1.0)),
         ("wudi k=4, Adam (reference: 300 steps, lr 1e-5)", "beyond wudi k=4 adam", lambda: bench.merged(
             adapters, "wudi", rank=R, solver="adam")),
-        ("wudi k=4, scale=auto", f"beyond wudi k=4 scale-auto n={N}", lambda: merge_auto(
-            adapters, **pp, calibration=calibrations, rank=R, methods=["wudi"])),
+        ("wudi k=4, scale=auto", f"beyond wudi k=4 scale-auto n={SCORED}", lambda: merge_auto(
+            adapters, **auto, rank=R, methods=["wudi"])),
         ("regmean k=4", f"beyond regmean k=4 n={N}", lambda: bench.merged(adapters, "regmean", rank=R, **calibrated)),
         ("regmean k=4, allocate=greedy", f"beyond regmean k=4 allocate n={N}", lambda: bench.merged(
             adapters, "regmean", rank=R, allocate="greedy", **calibrated)),
