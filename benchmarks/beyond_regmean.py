@@ -91,6 +91,9 @@ def main() -> None:
             adapters, **pp, rank=R, rounds=1)),
         ("regmean_pp k=4, rounds=2", f"beyond regmean_pp k=4 rounds=2 n={N}", lambda: merge_regmean_pp(
             adapters, **pp, rank=R, rounds=2)),
+        ("auto k=4, 16 prompts (candidates: data-free, regmean, regmean_pp, lego_calibrated)",
+         f"beyond auto k=4 n={SCORED}", lambda: merge_auto(adapters, model=model, tokenizer=tokenizer, prompts=scored,
+                                                          rank=R, max_length=length, scorer=auto["scorer"])),
         ("concat (exact sum), k=16", "merge concat", lambda: bench.merged(adapters, "concat")),
         ("wudi k=16", "beyond wudi k=16", lambda: bench.merged(adapters, "wudi", rank=SUM)),
         ("regmean k=16", f"beyond regmean k=16 n={N}", lambda: bench.merged(adapters, "regmean", **calibrated)),
@@ -111,25 +114,30 @@ def main() -> None:
 
 
 def evaluate(bench, key, build, tasks, seconds, label) -> dict:
-    """Accuracy per task (cached by key), with the rank and parameter count of the merge (built when needed)."""
-    made = {}
+    """Accuracy per task (cached by key), with the rank and parameter count of the merge and the seconds it took
+    to build (cached in sizes.json beside the evaluations, so that a rerun builds nothing it has measured)."""
+    if build is None:
+        return {"key": key, "accuracy": bench.evaluate(key, _missing, tasks), "rank": R, "parameters": None}
+    path = bench.out / "sizes.json"
+    sizes = json.loads(path.read_text()) if path.exists() else {}
 
     def timed():
         begin = time.perf_counter()
-        made["adapter"] = build()
+        adapter = build()
         seconds[label] = time.perf_counter() - begin
-        return made["adapter"]
+        if adapter is not None:
+            ranks = sorted(set(adapter.ranks.values()))
+            sizes[key] = {"rank": "/".join(map(str, ranks)) if len(ranks) <= 2 else f"{ranks[0]}..{ranks[-1]}",
+                          "parameters": adapter.num_parameters(), "seconds": seconds[label]}
+            path.write_text(json.dumps(sizes, indent=1))
+        return adapter
 
-    if build is None:
-        accuracy = bench.evaluate(key, _missing, tasks)
-        return {"key": key, "accuracy": accuracy, "rank": R, "parameters": None}
     accuracy = bench.evaluate(key, timed, tasks)
-    adapter = made["adapter"] if "adapter" in made else (timed() if key != "base" else None)
-    if adapter is None:
-        return {"key": key, "accuracy": accuracy, "rank": 0, "parameters": 0}
-    ranks = sorted(set(adapter.ranks.values()))
-    return {"key": key, "accuracy": accuracy, "rank": "/".join(map(str, ranks)) if len(ranks) <= 2 else
-            f"{ranks[0]}..{ranks[-1]}", "parameters": adapter.num_parameters()}
+    if key not in sizes and key != "base":
+        timed()
+    size = sizes.get(key, {"rank": 0, "parameters": 0})
+    seconds.setdefault(label, size.get("seconds"))
+    return {"key": key, "accuracy": accuracy, "rank": size["rank"], "parameters": size["parameters"]}
 
 
 def _missing():

@@ -24,11 +24,13 @@ from .errors import MethodError
 from .lowrank import concat_factors, relative_error
 from .merge import check_weights, merge
 from .registry import get_method
+from .regmean_pp import SPEC as REGMEAN_PP
+from .regmean_pp import merge_regmean_pp
 from .score import Scorer, Scores, best_scale, gram_terms, prompt_sets, proxy_retention
 from .types import Adapter, LoraFactors
 
 DATA_FREE = ("tsv", "ties", "iso_c", "task_arithmetic", "lego_rank1")
-CALIBRATED = ("regmean", "lego_calibrated")
+CALIBRATED = ("regmean", "regmean_pp", "lego_calibrated")
 TIE = 0.005  # candidates within this mean retention of the best are ranked by their worst task
 STEP, STEPS = 1.4, 3  # the scale search: multiply or divide by STEP while retention improves, at most STEPS times
 NEAR = 0.05  # a proxy scale this close to 1 is not scored as a candidate of its own
@@ -80,8 +82,8 @@ def candidate_specs(methods: Sequence[str] | None, calibrated: bool) -> list[tup
     for item in methods:
         name, *pairs = item.split()
         params = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
-        spec = get_method(name)
-        if spec.needs_calibration and not calibrated:
+        spec = REGMEAN_PP if name == REGMEAN_PP.name else get_method(name)
+        if (spec.needs_calibration or spec is REGMEAN_PP) and not calibrated:
             raise MethodError(f"candidate {name!r} needs calibration data (prompts or calibrations)")
         specs.append((spec.name, params))
     return specs
@@ -120,10 +122,15 @@ def merge_auto(adapters: Sequence[Adapter], *, model: str | Path | torch.nn.Modu
     merges: dict[tuple, Adapter] = {}
     for method, params in candidate_specs(methods, calibrated=True):
         key = (method, tuple(sorted(params.items())))
-        spec = get_method(method)
+        spec = REGMEAN_PP if method == REGMEAN_PP.name else get_method(method)
         ranked = {"rank": rank} if "rank" in spec.parameters or "rank" in spec.aliases else {}
-        merges[key] = merge(adapters, method, weights=weights, seed=seed, threads=threads, **ranked,
-                            calibration=calibration if spec.needs_calibration else None, **params)
+        if spec is REGMEAN_PP:  # its Grams come from the model as it merges: the prompts, not `calibration`
+            merges[key] = merge_regmean_pp(adapters, model=model, tokenizer=tokenizer, prompts=texts, weights=weights,
+                                           seed=seed, threads=threads, max_length=max_length, batch_size=batch_size,
+                                           progress=progress, **spec.resolve({**params, **ranked}))
+        else:
+            merges[key] = merge(adapters, method, weights=weights, seed=seed, threads=threads, **ranked,
+                                calibration=calibration if spec.needs_calibration else None, **params)
         terms = gram_terms(merges[key], adapters, calibration)
         proxy = round(best_scale(terms), 4)
         for scale in [1.0] + ([proxy] if proxy > 0 and abs(proxy - 1) > NEAR else []):
