@@ -91,7 +91,7 @@ def main() -> None:
             adapters, **pp, rank=R, rounds=1)),
         ("regmean_pp k=4, rounds=2", f"beyond regmean_pp k=4 rounds=2 n={N}", lambda: merge_regmean_pp(
             adapters, **pp, rank=R, rounds=2)),
-        ("auto k=4, 16 prompts (candidates: data-free, regmean, regmean_pp, lego_calibrated)",
+        ("auto k=4, 16 prompts (candidates now with wudi and regmean_pp)",
          f"beyond auto k=4 n={SCORED}", lambda: merge_auto(adapters, model=model, tokenizer=tokenizer, prompts=scored,
                                                           rank=R, max_length=length, scorer=auto["scorer"])),
         ("concat (exact sum), k=16", "merge concat", lambda: bench.merged(adapters, "concat")),

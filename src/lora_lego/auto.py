@@ -29,7 +29,7 @@ from .regmean_pp import merge_regmean_pp
 from .score import Scorer, Scores, best_scale, gram_terms, prompt_sets, proxy_retention
 from .types import Adapter, LoraFactors
 
-DATA_FREE = ("tsv", "ties", "iso_c", "task_arithmetic", "lego_rank1")
+DATA_FREE = ("tsv", "ties", "iso_c", "wudi", "task_arithmetic", "lego_rank1")
 CALIBRATED = ("regmean", "regmean_pp", "lego_calibrated")
 TIE = 0.005  # candidates within this mean retention of the best are ranked by their worst task
 STEP, STEPS = 1.4, 3  # the scale search: multiply or divide by STEP while retention improves, at most STEPS times
