@@ -24,7 +24,8 @@ from .cli_score import add_evidence_options, add_score_parser
 from .errors import LoraLegoError
 from .hub import default_revision
 from .oserrors import os_errno, reason
-from .registry import DEFAULT_METHOD, PRUNE_METHOD, allowed_values, available_methods, get_method, shown_value
+from .registry import DEFAULT_METHOD, PRUNE_METHOD, allowed_values, shown_value
+from .registry_source import builtin_specs, specs_in
 from .signals import BROKEN_PIPE, INTERRUPTED, TERMINATED, Terminated, command_signals, silence_stdout
 from .targets import TARGETS
 
@@ -221,10 +222,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_methods(args: argparse.Namespace) -> int:
-    for name in available_methods():
-        spec = get_method(name)
+    specs = method_specs()
+    for name in sorted(specs):
+        spec = specs[name]
         title = name + (" (default)" if name == DEFAULT_METHOD else "") + "".join(f", also {a!r}" for a in spec.method_aliases)
-        title += " (default of prune)" if get_method(PRUNE_METHOD) is spec else ""
+        title += " (default of prune)" if PRUNE_METHOD in (name, *spec.method_aliases) else ""
         title += " (needs calibration: --model/--prompts or --calibration)" if spec.needs_calibration else ""
         print(f"{title}\n  {spec.summary}\n  parameters:" + ("" if spec.parameters else " none"))
         for parameter in spec.parameters.values():
@@ -235,6 +237,11 @@ def _run_methods(args: argparse.Namespace) -> int:
     print("\nEvery method also takes -p scale=norm (each merged module rescaled to the inputs' mean norm) and, with\n"
           "--model and --prompts, -p scale=auto (the global scale chosen by each adapter's retention).")
     return 0
+
+
+def method_specs() -> dict:
+    """The built-in methods' specs by name, read from their source: the methods import torch, the list needs none."""
+    return builtin_specs()
 
 
 def _parameter_line(spec, parameter) -> str:
@@ -248,8 +255,7 @@ def _parameter_line(spec, parameter) -> str:
 
 def _print_model_methods() -> None:
     """The methods that run the base model on the adapters' prompts while they merge (not per-module functions)."""
-    from .regmean_pp import SPEC
-
+    SPEC = specs_in("regmean_pp")["regmean_pp"]  # regmean_pp.SPEC, read without importing torch
     print(f"{SPEC.name} (needs --model/--prompts)\n  {SPEC.summary}\n  parameters:")
     for parameter in SPEC.parameters.values():
         print(_parameter_line(SPEC, parameter))
