@@ -66,7 +66,7 @@ def test_os_failure_writing_a_file_is_one_line_exit_2(code, phrase, tmp_path, pe
 
 
 def test_an_os_failure_elsewhere_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("lora_lego.cli.available_methods", _fail_with(errno.EIO))
+    monkeypatch.setattr("lora_lego.cli.method_specs", _fail_with(errno.EIO))
     assert main(["methods"]) == 2
     assert _one_error_line(capsys) == "error: Input/output error"
 
@@ -96,11 +96,11 @@ def test_a_closed_pipe_is_quiet():  # `lora-lego methods | head -0`: the reader 
     assert (process.returncode, err) == (141, "")
 
 
-def test_ctrl_c_during_start_up_is_one_line_exit_130():
-    process = _run_cli(["methods"])
+def test_ctrl_c_while_torch_is_imported_is_one_line_exit_130():
+    process = _run_cli(["formats"])  # `formats` imports torch when it runs (`methods` and --help never do)
     maps, deadline = Path(f"/proc/{process.pid}/maps"), time.monotonic() + 120
     while maps.exists() and "libtorch" not in maps.read_text() and time.monotonic() < deadline:
-        time.sleep(0.005)  # until torch's library is mapped: lora_lego/__init__ is importing torch (seconds)
+        time.sleep(0.005)  # until torch's library is mapped: the command is importing torch (a second or more)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=300)
     assert (process.returncode, err, out) == (130, "error: interrupted\n", "")

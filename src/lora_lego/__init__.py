@@ -1,12 +1,19 @@
-"""lora-lego: merge LoRA adapters by clustering their rank-one units (LoRA-LEGO, ICLR 2025), and more."""
+"""lora-lego: merge LoRA adapters by clustering their rank-one units (LoRA-LEGO, ICLR 2025), and more.
 
-__version__ = "0.1.0"
+The public API is imported on first use (PEP 562): `import lora_lego` costs no torch, so that the command
+line starts fast; `lora_lego.merge`, `from lora_lego import merge` and `dir(lora_lego)` work as before."""
 
-from .signals import startup_guard  # noqa: E402  (stdlib only: set before the heavy imports below)
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
+from .signals import startup_guard  # stdlib only: set before any heavy import
 
 startup_guard()
 
-from .errors import (  # noqa: E402
+from .errors import (  # noqa: E402  (stdlib only)
     AdapterFormatError,
     BaseModelError,
     CalibrationError,
@@ -18,17 +25,47 @@ from .errors import (  # noqa: E402
     OutputError,
     TargetError,
 )
-from .calibrate import calibrate  # noqa: E402
-from .calibration import Calibration, load_calibration  # noqa: E402
-from .merge import merge, prune  # noqa: E402
-from .formats import load_adapter, save_adapter  # noqa: E402
-from .registry import available_methods, get_method, register  # noqa: E402
-from .types import Adapter, LoraFactors  # noqa: E402
-from .apply import apply_adapter  # noqa: E402
-from .auto import merge_auto, score  # noqa: E402
+
+# public name -> the submodule that defines it, imported when the name is first used
+_LAZY = {
+    "calibrate": "calibrate", "Calibration": "calibration", "load_calibration": "calibration", "merge": "merge",
+    "prune": "merge", "load_adapter": "formats", "save_adapter": "formats", "available_methods": "registry",
+    "get_method": "registry", "register": "registry", "Adapter": "types", "LoraFactors": "types",
+    "apply_adapter": "apply", "merge_auto": "auto", "score": "auto",
+}
 
 __all__ = [
     "Adapter", "LoraFactors", "load_adapter", "save_adapter", "merge", "prune", "register", "get_method",
     "available_methods", "apply_adapter", "merge_auto", "score", "calibrate", "Calibration", "load_calibration", "LoraLegoError", "AdapterFormatError",
     "BaseModelError", "CalibrationError", "TargetError", "IncompatibleAdaptersError", "MethodError", "OutputError", "LoraLegoWarning", "ClusteringWarning", "__version__",
 ]
+
+
+def __getattr__(name: str):
+    if name == "__version__":
+        from ._version import version
+
+        return version()
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+class _Package(types.ModuleType):
+    """Keeps the API's names when a submodule of the same name is imported: `lora_lego.merge` (and `score`,
+    `calibrate`) stay the functions, as they were when this package imported them eagerly, although the import
+    system binds each submodule it loads to its name in the package."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from ._version import version
 from .checkpoint import (Checkpoint, check_space, copy_other_files, read_checkpoint, write_config,
                          write_index)
 from .formats.files import some
@@ -241,4 +241,4 @@ def fold(weight: torch.Tensor, factors, layout: str, scale: float) -> torch.Tens
 
 def _provenance(adapter: Adapter, scale: float) -> dict[str, str]:
     return {"lora_lego": json.dumps({"apply": {"adapter": adapter.name, "modules": len(adapter), "scale": scale},
-                                     "version": __version__}, sort_keys=True)}
+                                     "version": version()}, sort_keys=True)}

@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .calibration import FILE_NAME, Calibration, header_metadata, load_calibration
+from .defaults import GRAM_MEMORY, PROMPT_FORMATS
 from .errors import CalibrationError, LoraLegoWarning
 from .gram_passes import AppliedAdapter, accumulate, chunks_for, in_features, trace
 from .hub import resolve
@@ -29,11 +30,9 @@ from .tensorfile import TensorWriter
 from .types import Adapter
 from .writing import atomic_folder, check_output_path
 
-GRAM_MEMORY = 3 * 2**29  # bytes of float64 accumulators per pass (1.5 GiB: one Llama-2-7B layer's 1.37)
 EXTRA = 'pip install "lora-lego[calibrate]"'
 
 
-PROMPT_FORMATS = ("jsonl", "txt")
 LONG_PROMPT_CHARS = 10**6  # a prompt this long gets a warning before it is tokenized
 
 

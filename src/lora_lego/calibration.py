@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from . import __version__
+from ._version import version
 from .errors import CalibrationError, MethodError
 from .registry import available_methods, get_method
 from .tensorfile import TensorFileError, read_header, read_tensor
@@ -98,7 +98,7 @@ class _Moments(Sequence[torch.Tensor]):
 def header_metadata(modules: Mapping[str, str], tokens: int, metadata: dict[str, Any]) -> dict[str, str]:
     """The safetensors header metadata of a calibration file (string values only)."""
     return {"format": FORMAT, "lora_lego_calibration": json.dumps(
-        {"modules": dict(modules), "tokens": int(tokens), "metadata": metadata, "version": __version__},
+        {"modules": dict(modules), "tokens": int(tokens), "metadata": metadata, "version": version()},
         sort_keys=True)}
 
 

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from ._version import version
 
 PLOT_NAME = "retention.png"
 
@@ -35,7 +35,7 @@ def model_card(metadata: dict[str, Any], *, plot: bool = False) -> str:
     method = provenance.get("method")
     title = "Merged LoRA adapter" if len(provenance.get("sources", [])) > 1 else "LoRA adapter"
     lines += [f"# {title}", "", f"Written by [lora-lego](https://arxiv.org/abs/2409.16167) "
-              f"{provenance.get('version', __version__)}" + (f" with method `{method}`." if method else "."), ""]
+              f"{provenance.get('version', version())}" + (f" with method `{method}`." if method else "."), ""]
     if base:
         lines += [f"Base model: `{base}`. Load with `PeftModel.from_pretrained(base_model, this_folder)`.", ""]
     lines += _sources(provenance)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import textwrap
@@ -11,23 +12,21 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from . import __version__
-from .calibration import FILE_NAME as CALIBRATION_FILE
-from .calibration import load_calibration
-from .cli_calibration import add_calibration_options, run_calibrate
-from .cli_merge import run_merge
-from .cli_score import add_evidence_options, add_score_parser, run_score
-from .cli_apply import add_apply_parser, run_apply
+# Building the parser imports no torch (nor transformers, safetensors, ...): each command imports what it needs
+# when it runs, so that `lora-lego --help` and `lora-lego methods` answer in a fraction of a second.
+from ._version import version
+from .cli_apply import add_apply_parser
+from .cli_calibration import add_calibration_options
+from .cli_convert import add_input_options, add_output_format, add_target_option
 from .cli_generate import add_generation_options
-from .cli_convert import add_input_options, add_output_format, add_target_option, inspect_target, run_convert
-from .cli_run import add_run_parser, print_recipe, run_recipe
+from .cli_run import add_run_parser
+from .cli_score import add_evidence_options, add_score_parser
 from .errors import LoraLegoError
 from .hub import default_revision
-from .inspect import describe_adapters, describe_report
 from .oserrors import os_errno, reason
+from .registry import DEFAULT_METHOD, PRUNE_METHOD, allowed_values, shown_value
+from .registry_source import builtin_specs, specs_in
 from .signals import BROKEN_PIPE, INTERRUPTED, TERMINATED, Terminated, command_signals, silence_stdout
-from .formats import available_formats, harmonise, load_adapter
-from .registry import DEFAULT_METHOD, PRUNE_METHOD, allowed_values, available_methods, get_method, shown_value
 from .targets import TARGETS
 
 
@@ -40,10 +39,23 @@ class _UsageError(Exception):
     pass
 
 
+class _Version(argparse.Action):
+    """--version, read from the package metadata only when asked for (what argparse's "version" action does,
+    without paying for importlib.metadata at every start)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="show program's version number and exit"):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"lora-lego {version()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lora-lego", description="Merge, prune and convert LoRA adapters (PEFT folders; kohya, "
                      "LyCORIS and diffusers .safetensors files; llama.cpp .gguf adapters), and fold them into a base.")
-    parser.add_argument("--version", action="version", version=f"lora-lego {__version__}")
+    parser.add_argument("--version", action=_Version)
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -210,10 +222,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_methods(args: argparse.Namespace) -> int:
-    for name in available_methods():
-        spec = get_method(name)
+    specs = method_specs()
+    for name in sorted(specs):
+        spec = specs[name]
         title = name + (" (default)" if name == DEFAULT_METHOD else "") + "".join(f", also {a!r}" for a in spec.method_aliases)
-        title += " (default of prune)" if get_method(PRUNE_METHOD) is spec else ""
+        title += " (default of prune)" if PRUNE_METHOD in (name, *spec.method_aliases) else ""
         title += " (needs calibration: --model/--prompts or --calibration)" if spec.needs_calibration else ""
         print(f"{title}\n  {spec.summary}\n  parameters:" + ("" if spec.parameters else " none"))
         for parameter in spec.parameters.values():
@@ -224,6 +237,11 @@ def _run_methods(args: argparse.Namespace) -> int:
     print("\nEvery method also takes -p scale=norm (each merged module rescaled to the inputs' mean norm) and, with\n"
           "--model and --prompts, -p scale=auto (the global scale chosen by each adapter's retention).")
     return 0
+
+
+def method_specs() -> dict:
+    """The built-in methods' specs by name, read from their source: the methods import torch, the list needs none."""
+    return builtin_specs()
 
 
 def _parameter_line(spec, parameter) -> str:
@@ -237,8 +255,7 @@ def _parameter_line(spec, parameter) -> str:
 
 def _print_model_methods() -> None:
     """The methods that run the base model on the adapters' prompts while they merge (not per-module functions)."""
-    from .regmean_pp import SPEC
-
+    SPEC = specs_in("regmean_pp")["regmean_pp"]  # regmean_pp.SPEC, read without importing torch
     print(f"{SPEC.name} (needs --model/--prompts)\n  {SPEC.summary}\n  parameters:")
     for parameter in SPEC.parameters.values():
         print(_parameter_line(SPEC, parameter))
@@ -248,7 +265,7 @@ def _print_model_methods() -> None:
 
 
 def _run_formats(args: argparse.Namespace) -> int:
-    from .formats import get_format
+    from .formats import available_formats, get_format
 
     for name in available_formats():
         fmt = get_format(name)
@@ -257,6 +274,13 @@ def _run_formats(args: argparse.Namespace) -> int:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
+    from .calibration import FILE_NAME as CALIBRATION_FILE
+    from .calibration import load_calibration
+    from .cli_convert import inspect_target
+    from .cli_run import print_recipe
+    from .formats import harmonise, load_adapter
+    from .inspect import describe_adapters, describe_report
+
     calibrations = [p for p in args.paths if (Path(p) / CALIBRATION_FILE).is_file() or p.endswith(CALIBRATION_FILE)]
     reports = [Path(p) for p in args.paths if p.endswith(".json") and p not in calibrations]
     folders = [p for p in args.paths if not p.endswith(".json") and p not in calibrations]
@@ -299,6 +323,17 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 HUB_COMMANDS = ("merge", "prune", "convert", "inspect", "apply", "score", "calibrate")
-_COMMANDS = {"merge": run_merge, "prune": run_merge, "convert": run_convert, "calibrate": run_calibrate,
+
+
+def _imported(module: str, function: str):
+    """The command function `lora_lego.<module>.<function>`, imported when the command runs."""
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(f".{module}", __package__), function)(args)
+    return run
+
+
+_COMMANDS = {"merge": _imported("cli_merge", "run_merge"), "prune": _imported("cli_merge", "run_merge"),
+             "convert": _imported("cli_convert", "run_convert"), "calibrate": _imported("cli_calibration", "run_calibrate"),
              "methods": _run_methods, "formats": _run_formats, "inspect": _run_inspect, "bench": _run_bench,
-             "apply": run_apply, "score": run_score, "run": run_recipe}
+             "apply": _imported("cli_apply", "run_apply"), "score": _imported("cli_score", "run_score"),
+             "run": _imported("cli_run", "run_recipe")}

@@ -6,9 +6,6 @@ import argparse
 import time
 from pathlib import Path
 
-from .apply import apply_adapter
-from .formats import load_adapter
-
 
 def add_apply_parser(commands) -> argparse.ArgumentParser:
     """Add the `apply` subcommand to an argparse subparsers object; returns its parser."""
@@ -31,6 +28,9 @@ def add_apply_parser(commands) -> argparse.ArgumentParser:
 
 def run_apply(args: argparse.Namespace) -> int:
     """Run `apply` and print one summary line (modules folded, shards written, seconds)."""
+    from .apply import apply_adapter
+    from .formats import load_adapter
+
     started = time.perf_counter()
     adapter = load_adapter(args.adapter, lazy=True, base_config=args.base)  # a .gguf adapter's head counts
     output = apply_adapter(adapter, args.base, args.output, scale=args.scale, dtype=args.dtype, untie=args.untie,

@@ -8,28 +8,21 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from .defaults import FORMATS
 from .errors import LoraLegoError, OutputError
-from .formats import (
-    SINGLE_FILE,
-    available_formats,
-    convert_adapter,
-    get_format,
-    load_adapter,
-    output_format,
-    save_adapter,
-)
-from .lowrank import relative_error
 from .targets import TARGETS, check_loads, config_refusals, get_target, serve_line
 from .targets import describe as describe_target
-from .types import Adapter
-from .writing import check_output_path, dtype_from_name
+
+if TYPE_CHECKING:
+    import torch
+
+    from .types import Adapter
 
 
 def add_output_format(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--format", choices=available_formats(),
+    command.add_argument("--format", choices=FORMATS,
                          help="output format (default: PEFT for a folder; for a .safetensors path the input's "
                               "file format, else kohya for diffusion-model adapters and diffusers for others)")
 
@@ -53,6 +46,8 @@ def add_input_options(command: argparse.ArgumentParser) -> None:
 
 def written_words(written: str) -> str:
     """The format written and the tools that load it, for the line a merge or a conversion ends with."""
+    from .formats import get_format
+
     consumers = get_format(written).consumers
     return f"{written}; loads in {consumers}" if consumers else written
 
@@ -61,6 +56,8 @@ def folder_note(adapter: Adapter, written: str, output: str) -> str | None:
     """For an LLM adapter (no diffusion-model family) written as one diffusers file: what loads the folder form."""
     if written != "diffusers" or adapter.metadata.get("family"):
         return None
+    from .formats import SINGLE_FILE
+
     folder = output.removesuffix(SINGLE_FILE)
     return (f"note: this is an LLM adapter in a single diffusers file; PEFT (PeftModel.from_pretrained) and vLLM "
             f"load LLM adapters as a folder: write -o {folder} instead")
@@ -68,6 +65,9 @@ def folder_note(adapter: Adapter, written: str, output: str) -> str | None:
 
 def run_convert(args: argparse.Namespace) -> int:
     """Read one adapter, write it in another format, then read the output back and check every delta."""
+    from .formats import load_adapter, output_format, save_adapter
+    from .writing import check_output_path, dtype_from_name
+
     started = time.perf_counter()
     source = args.adapters[0]
     if args.dtype:
@@ -101,6 +101,8 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def inspect_target(args: argparse.Namespace, paths: list[str]) -> int:
     """Whether each adapter loads in the target, and why not (from its config when lora-lego cannot read it)."""
+    from .formats import load_adapter
+
     target = get_target(args.target)
     for path in paths:
         try:
@@ -124,6 +126,12 @@ def check_same_deltas(original, converted, dtype: str) -> float:
     """The largest relative Frobenius difference between the two adapters' deltas, module by module
     (in the original's module names); raises OutputError when a module is missing or differs by more
     than the written dtype's rounding allows."""
+    import torch
+
+    from .formats import convert_adapter
+    from .lowrank import relative_error
+    from .writing import dtype_from_name
+
     converted = convert_adapter(converted, original.metadata.get("format", "peft"))
     eps = torch.finfo(dtype_from_name(dtype) if dtype in ("bf16", "fp16", "fp32") else _torch_dtype(dtype)).eps
     tolerance = max(2 * eps, 1e-5)
@@ -143,6 +151,8 @@ def check_same_deltas(original, converted, dtype: str) -> float:
 
 
 def _torch_dtype(name: str) -> torch.dtype:
+    import torch
+
     dtype = getattr(torch, str(name), None)
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .defaults import DEFAULT_START, STARTS
 from .errors import CalibrationError
-from .generate import DEFAULT_START, STARTS, check_generation, generate_prompts
 
 
 def add_generation_options(group) -> None:
@@ -32,6 +32,8 @@ def check_generation_args(args: argparse.Namespace) -> None:
     """Refuse, before any work, --generate-prompts with --prompts or --calibration, without --model, or N < 1."""
     if not generating(args):
         return
+    from .generate import check_generation
+
     if args.prompts is not None:
         raise CalibrationError("give either --prompts FILE ... or --generate-prompts N, not both")
     if getattr(args, "calibration", None) is not None and args.command != "score":
@@ -52,6 +54,8 @@ def generation_record(args: argparse.Namespace) -> dict[str, Any]:
 
 def generated_prompt_sets(args: argparse.Namespace, adapters: list, model, tokenizer) -> list[list[str]]:
     """One generated prompt set per adapter, sampled from base + that adapter."""
+    from .generate import generate_prompts
+
     return [generate_prompts(model, tokenizer, adapter, args.generate_prompts, max_length=args.generate_length,
                              temperature=args.temperature, top_p=args.top_p, seed=args.generate_seed,
                              start=args.generate_start, batch_size=args.batch_size, progress=not args.quiet)

@@ -11,8 +11,6 @@ import os
 import shlex
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 from pathlib import Path
 
 from .errors import LoraLegoError
@@ -88,6 +86,9 @@ def _waves(merges: list[Merge]) -> list[list[int]]:
 
 
 def _run_in_processes(args: argparse.Namespace, merges: list[Merge]) -> int:
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     context = get_context("spawn")  # no fork of a process that holds torch's threads
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:

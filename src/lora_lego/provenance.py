@@ -7,7 +7,7 @@ import warnings
 from collections import Counter
 from typing import Any, Sequence
 
-from . import __version__
+from ._version import version
 from .errors import IncompatibleAdaptersError, LoraLegoWarning
 from .lowrank import concat_factors, factor_grams, relative_error_from_grams
 from .types import LoraFactors
@@ -71,7 +71,7 @@ def merged_metadata(adapters, method, params, weights, seed, report) -> dict[str
         "input_folders": sorted({folder for a in adapters for folder in source_folders(a)}),
         "provenance": {
             "tool": "lora-lego",
-            "version": __version__,
+            "version": version(),
             "method": method,
             "params": params,
             "seed": seed,

@@ -9,10 +9,12 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 from .errors import MethodError
-from .types import LoraFactors
+
+if TYPE_CHECKING:  # the registry itself needs no torch: `lora-lego --help` reads its defaults
+    from .types import LoraFactors
 
 # A method: fn(factors, weights, *, generator, [calibration,] **params) -> LoraFactors | (LoraFactors, info dict)
 # A method that declares `calibration` needs calibration data: merge hands it one (d_in, d_in) Gram per adapter.

@@ -26,13 +26,13 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .calibrate import read_prompts, token_batches
+from .defaults import POSITIONS
 from .errors import CalibrationError, LoraLegoWarning
 from .gram_passes import AppliedAdapter
 from .lowrank import inner
 from .progress import progress as progress_of
 from .types import Adapter
 
-POSITIONS = ("last", "all")
 TOP_K = 256
 
 

@@ -5,9 +5,12 @@ adapter loads and why not."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import TargetError
-from .types import Adapter
+
+if TYPE_CHECKING:  # the table is read by the CLI's parser, which imports no torch
+    from .types import Adapter
 
 __all__ = ["TARGETS", "Target", "TargetError", "check_loads", "config_refusals", "describe", "fit_rank", "get_target",
            "refusals", "serve_line"]
