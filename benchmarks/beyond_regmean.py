@@ -128,7 +128,8 @@ def evaluate(bench, key, build, tasks, seconds, label) -> dict:
         if adapter is not None:
             ranks = sorted(set(adapter.ranks.values()))
             sizes[key] = {"rank": "/".join(map(str, ranks)) if len(ranks) <= 2 else f"{ranks[0]}..{ranks[-1]}",
-                          "parameters": adapter.num_parameters(), "seconds": seconds[label]}
+                          "parameters": adapter.num_parameters(), "seconds": seconds[label],
+                          "chosen": adapter.metadata.get("provenance", {}).get("auto", {}).get("chosen")}
             path.write_text(json.dumps(sizes, indent=1))
         return adapter
 
@@ -137,7 +138,8 @@ def evaluate(bench, key, build, tasks, seconds, label) -> dict:
         timed()
     size = sizes.get(key, {"rank": 0, "parameters": 0})
     seconds.setdefault(label, size.get("seconds"))
-    return {"key": key, "accuracy": accuracy, "rank": size["rank"], "parameters": size["parameters"]}
+    return {"key": key, "accuracy": accuracy, "rank": size["rank"], "parameters": size["parameters"],
+            "chosen": size.get("chosen")}
 
 
 def _missing():
