@@ -3,19 +3,15 @@ writing one atomically with sorted metadata (bitwise-identical files for the sam
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from ..errors import AdapterFormatError, OutputError
-from ..oserrors import output_error, reason
 from ..tensorfile import TensorFileError, TensorInfo, TensorWriter, read_header, read_tensor
 from ..types import Adapter
-from ..writing import check_output_name, check_output_path, commit, current_umask, remove_stale, source_folders
+from ..writing import atomic_output, check_output_path, source_folders
 
 
 def open_file(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], Callable[[TensorInfo], torch.Tensor]]:
@@ -39,33 +35,6 @@ def open_file(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], Callab
     return infos, dict(header), fetch
 
 
-@contextlib.contextmanager
-def atomic_file(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary file path beside `path`; on success it replaces `path`, on failure it is removed."""
-    final = Path(path)
-    check_output_name(path, f"output {str(path)!r}")
-    if final.exists() and not overwrite:
-        raise OutputError(f"output {str(path)!r} already exists (pass --overwrite / overwrite=True to replace it)")
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale(final.parent, final.name)
-        handle, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent)
-        os.close(handle)
-        os.chmod(name, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the output from other users
-    except OSError as error:
-        raise OutputError(f"cannot write output {str(path)!r}: {reason(error)}") from None
-    temporary = Path(name)
-    try:
-        yield temporary
-        commit(temporary, final, overwrite=overwrite, what=f"output {str(path)!r}")
-    except BaseException as error:
-        temporary.unlink(missing_ok=True)
-        translated = output_error(f"output {str(path)!r}", error)  # full disk, ulimit -f, ...: one typed error
-        if translated is not None:
-            raise translated from None
-        raise
-
-
 def write_file(adapter: Adapter, path: Path, tensors: Mapping[str, Callable[[], torch.Tensor] | torch.Tensor],
                metadata: Mapping[str, str], *, shapes: Mapping[str, tuple[torch.dtype, tuple[int, ...]]] | None = None,
                overwrite: bool = False) -> Path:
@@ -80,7 +49,7 @@ def write_file(adapter: Adapter, path: Path, tensors: Mapping[str, Callable[[], 
     check_output_path(path, source_folders(adapter), overwrite=overwrite)
     if shapes is None:
         shapes = {key: (t.dtype, tuple(t.shape)) for key, t in tensors.items()}  # type: ignore[union-attr]
-    with atomic_file(path, overwrite=overwrite) as temporary:
+    with atomic_output(path, overwrite=overwrite) as temporary:
         with TensorWriter(temporary, dict(shapes), dict(metadata)) as writer:
             for key, tensor in tensors.items():
                 writer.write(key, (tensor() if callable(tensor) else tensor).contiguous())

@@ -19,8 +19,8 @@ import torch
 
 from ..errors import AdapterFormatError
 from ..types import Adapter, LoraFactors
-from ..writing import cast_finite, check_output_path, output_dtype, source_folders
-from .files import atomic_file, some
+from ..writing import atomic_output, cast_finite, check_output_path, output_dtype, source_folders
+from .files import some
 
 SUFFIX = ".gguf"
 MAGIC = b"GGUF"
@@ -171,7 +171,7 @@ def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = Non
     raw = getattr(gguf.GGMLQuantizationType, _WRITE_TYPES[torch_dtype])
     alpha = Counter(adapter.ranks.values()).most_common(1)[0][0] if len(adapter) else 1
     check_output_path(path, source_folders(adapter), overwrite=overwrite)
-    with atomic_file(path, overwrite=overwrite) as temporary:
+    with atomic_output(path, overwrite=overwrite) as temporary:
         writer = gguf.GGUFWriter(temporary, arch)
         writer.add_type("adapter")
         writer.add_string("adapter.type", "lora")

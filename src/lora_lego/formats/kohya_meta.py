@@ -18,8 +18,7 @@ import torch
 from ..errors import AdapterFormatError, OutputError
 from ..tensorfile import NAMES
 from ..types import Adapter, LoraFactors, kernel_size
-from ..writing import cast_finite, check_output_path, source_folders
-from .files import atomic_file
+from ..writing import atomic_output, cast_finite, check_output_path, source_folders
 
 Entry = tuple[str, torch.dtype, tuple[int, ...]]  # key, dtype, shape
 
@@ -230,7 +229,7 @@ def write_hashed(adapter: Adapter, path: Path, entries: Sequence[Entry], produce
     check_output_path(path, source_folders(adapter), overwrite=overwrite)
     hasher = SshsHasher(safetensors_header(entries, {k: v for k, v in metadata.items() if k.startswith("ss_")}))
     placeholder = {**metadata, "sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8}
-    with atomic_file(path, overwrite=overwrite) as temporary, open(temporary, "wb") as stream:
+    with atomic_output(path, overwrite=overwrite) as temporary, open(temporary, "wb") as stream:
         stream.write(safetensors_header(entries, placeholder))
         for key, dtype, shape in entries:
             tensor = produce(key)
