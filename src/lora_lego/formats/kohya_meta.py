@@ -7,8 +7,6 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 import json
-import math
-import os
 import re
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -16,7 +14,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from ..errors import AdapterFormatError, OutputError
-from ..tensorfile import NAMES
+from ..tensorfile import TensorWriter, header_bytes
 from ..types import Adapter, LoraFactors, kernel_size
 from ..writing import atomic_output, cast_finite, check_output_path, source_folders
 
@@ -166,23 +164,6 @@ def network_metadata(ranks: Mapping[str, int], kinds: Mapping[str, str], family:
     return metadata
 
 
-def safetensors_header(entries: Sequence[Entry], metadata: Mapping[str, str]) -> bytes:
-    """The 8-byte length and JSON header of a safetensors file of `entries` (in this data order) and `metadata`.
-
-    As the safetensors library writes it (compact JSON, UTF-8 unescaped, padded with spaces to a multiple of 8
-    bytes), except that metadata keys are sorted where it uses hash-map order.
-    """
-    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
-    offset = 0
-    for key, dtype, shape in entries:
-        size = math.prod(shape) * dtype.itemsize
-        header[key] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text
-
-
 class SshsHasher:
     """sd-scripts' `precalculate_safetensors_hashes`, streamed: fed the header, then the data bytes in order.
 
@@ -210,37 +191,24 @@ class SshsHasher:
         return {"sshs_model_hash": self._model.hexdigest(), "sshs_legacy_hash": self._legacy.hexdigest()[:8]}
 
 
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a tensor (0-d included), as safetensors stores them."""
-    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
 def write_hashed(adapter: Adapter, path: Path, entries: Sequence[Entry], produce: Callable[[str], torch.Tensor],
                  metadata: Mapping[str, str], *, overwrite: bool = False) -> Path:
     """Write a safetensors file atomically, tensors made one at a time by `produce(key)` in `entries` order, with
     sshs_model_hash / sshs_legacy_hash over its re-serialisation with only the ss_* metadata (as sd-scripts).
 
-    One pass: the header is written with placeholder hashes of the final length, then rewritten in place
-    before the file is renamed into place. Refuses (OutputError) a folder, an input, or an existing path
-    unless `overwrite`.
+    One pass (`tensorfile.TensorWriter` with on_data): the header is written with placeholder hashes of the
+    final length, then rewritten in place before the file is renamed into place. Refuses (OutputError) a
+    folder, an input, or an existing path unless `overwrite`.
     """
     if path.is_dir():
         raise OutputError(f"output {str(path)!r} is a folder; expected a .safetensors file path")
     check_output_path(path, source_folders(adapter), overwrite=overwrite)
-    hasher = SshsHasher(safetensors_header(entries, {k: v for k, v in metadata.items() if k.startswith("ss_")}))
+    shapes = {key: (dtype, tuple(shape)) for key, dtype, shape in entries}
+    hasher = SshsHasher(header_bytes(shapes, {k: v for k, v in metadata.items() if k.startswith("ss_")}, library=True))
     placeholder = {**metadata, "sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8}
-    with atomic_output(path, overwrite=overwrite) as temporary, open(temporary, "wb") as stream:
-        stream.write(safetensors_header(entries, placeholder))
-        for key, dtype, shape in entries:
-            tensor = produce(key)
-            if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):  # a bug of the caller, not user input
-                raise RuntimeError(f"tensor {key!r}: expected {dtype} {list(shape)}, "
-                                   f"got {tensor.dtype} {list(tensor.shape)}")
-            data = tensor_bytes(tensor)
-            hasher.update(data)
-            stream.write(data)
-        stream.seek(0)
-        stream.write(safetensors_header(entries, {**metadata, **hasher.hashes()}))  # same length as the placeholder
-        stream.flush()
-        os.fsync(stream.fileno())
+    with atomic_output(path, overwrite=overwrite) as temporary:
+        with TensorWriter(temporary, shapes, placeholder, library=True, on_data=hasher.update) as writer:
+            for key in shapes:
+                writer.write(key, produce(key))
+            writer.set_metadata({**metadata, **hasher.hashes()})  # the placeholder's length
     return path

@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import save_file
 
 from ..errors import AdapterFormatError, LoraLegoWarning
-from ..tensorfile import TensorFileError, TensorInfo, read_header, read_tensor
+from ..tensorfile import TensorFileError, TensorInfo, read_header, read_tensor, save_file
 from ..types import MAX_ABS, Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values  # noqa: F401
 from ..card import write_card
 from ..writing import atomic_folder, cast_finite, check_output_path, output_dtype, source_folders
@@ -203,25 +202,8 @@ def save_peft(adapter: Adapter, path: str | Path, *, dtype: str | torch.dtype | 
     with atomic_folder(path, overwrite=overwrite) as folder:
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         save_file(tensors, folder / WEIGHTS_NAMES[0], metadata=metadata)
-        _sort_header_metadata(folder / WEIGHTS_NAMES[0])
         write_card(adapter.metadata, folder)
     return Path(path)
-
-
-def _sort_header_metadata(path: Path) -> None:
-    """Rewrite the safetensors header with its metadata keys sorted, in place (same length).
-
-    safetensors writes "__metadata__" in hash-map order, which varies from call to call, so the
-    same adapter would not give bitwise-identical files.
-    """
-    with open(path, "r+b") as stream:
-        size = int.from_bytes(stream.read(8), "little")
-        header = json.loads(stream.read(size))
-        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
-        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        if len(text) <= size:  # always in practice: the same content in another order
-            stream.seek(8)
-            stream.write(text.ljust(size, b" "))
 
 
 def peft_config(adapter: Adapter) -> dict[str, Any]:
