@@ -224,12 +224,17 @@ def write_outputs() -> None:
     save(diffusers_a, "diffusers_a.safetensors")
     save(diffusers_a, "diffusers_a_kohya.safetensors", format="kohya")
     save(ll.merge([diffusers_a, load("in/diffusers_b.safetensors")], "concat"), "diffusers_concat.safetensors")
+    unet = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_"
+    mixed = in_memory("mixed", {f"{unet}attn1_to_q": (16, 16, 3, "linear"), f"{unet}attn1_to_k": (16, 16, 3, "linear"),
+                                f"{unet}attn1_to_v": (16, 16, 2, "linear")}, 33, format="kohya", family="sd1")
+    save(mixed, "mixed_bf16.safetensors", dtype="bf16")  # B carries r / alpha = 2 / 3, as stored in bf16
     save(load("in/flux.safetensors"), "flux_kohya.safetensors", format="kohya")
     save(load("out/flux_kohya.safetensors"), "flux_back.safetensors", format="diffusers")
     llama = llama_adapter("llama", 30, 2)
     save(llama, "llama.gguf", base_config="in/llama")
     save(llama, "llama_f16.gguf", base_config="in/llama", dtype="fp16")
     save(llama_adapter("llama2", 31, 3), "llama2.gguf", base_config="in/llama")
+    save(llama_adapter("llama2", 31, 3), "llama2_bf16.gguf", base_config="in/llama", dtype="bf16")
     save(load("out/llama.gguf"), "llama_again.gguf")
     save(ll.merge([load("out/llama.gguf"), load("out/llama2.gguf")], "ties", rank=3), "llama_ties.gguf")
     save(load("out/llama.gguf"), "llama_peft")
