@@ -16,10 +16,12 @@ from ..tensorfile import TensorInfo
 from ..types import Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values, conv_kind, kernel_size
 from ..writing import cast_finite, output_dtype
 from .diffusers_config import METADATA_KEY, config_scaling, header_configs, read_configs, split_component
+from ..lowrank import scale_factors
 from .family import family_from_metadata, family_from_modules
 from .files import open_file, some, write_file
 from .names import canonical_dotted, cross_attention_dim
 from .peft_config import CONFIG_NAME, read_config
+from .ranks import stored_dtype
 
 _PEFT_PREFIX = "base_model.model."
 _PARTS = {"lora_A.weight": ("A", "linear"), "lora_B.weight": ("B", "linear"), "lora_embedding_A": ("A", "embedding"),
@@ -75,7 +77,7 @@ def read(path: Path, *, lazy: bool = False, **_options: Any) -> Adapter:
         "format": "diffusers",
         "family": family_from_metadata(header) or family_from_modules(renamed, cross_attention_dim(infos_out)),
         "header": dict(header),
-        "dtype": _stored_dtype(groups),
+        "dtype": stored_dtype(parts[side].dtype for parts in groups.values() for side in ("A", "B")),
         "scaling": {module: scalings[source] for module, source in renamed.items()},
         "folder": str(path.resolve()),  # what writes must never overwrite (see writing.source_folders)
         "base_model_name_or_path": None,
@@ -191,17 +193,9 @@ def _read_factors(parts: dict[str, Any], kind: str, scaling: float, fetch: Calla
     A = fetch(parts["A"]).to(torch.float32)
     B = fetch(parts["B"]).to(torch.float32)
     A, B = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], B.shape[1])  # conv: (r, c_in*kh*kw), (c_out, r)
-    root = abs(scaling) ** 0.5  # as lowrank.scale_factors: the sign (a negative alpha) goes on A
-    factors = LoraFactors(A.mul_(root if scaling >= 0 else -root), B.mul_(root), kind)
+    factors = scale_factors(LoraFactors(A, B, kind), scaling, in_place=True)  # a negative alpha's sign on A
     check_factor_values(factors, f"{where} (scaling {scaling:g} folded in)")
     return factors
-
-
-def _stored_dtype(groups: dict[str, dict[str, Any]]) -> str:
-    """The dtype the factors were stored in; ties go to the widest, deterministically."""
-    dtypes = [parts[side].dtype for parts in groups.values() for side in ("A", "B")]
-    stored = max(sorted(set(dtypes), key=str), key=lambda d: (dtypes.count(d), d.itemsize))
-    return str(stored).removeprefix("torch.")
 
 
 def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = None, overwrite: bool = False) -> Path:

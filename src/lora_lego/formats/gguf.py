@@ -21,6 +21,7 @@ from ..errors import AdapterFormatError
 from ..types import Adapter, LoraFactors
 from ..writing import atomic_output, cast_finite, check_output_path, output_dtype, source_folders
 from .files import some
+from .ranks import alpha_folded
 
 SUFFIX = ".gguf"
 MAGIC = b"GGUF"
@@ -200,7 +201,7 @@ def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = Non
 
 def _gguf_factors(factors: LoraFactors, alpha: int, heads: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(lora_a, lora_b) as llama.cpp reads them for scale alpha / r: B times r / alpha, q/k rows permuted."""
-    B = factors.B * (factors.rank / alpha)
+    B = alpha_folded(factors.B, factors.rank, alpha)
     if heads is not None:
         B = permute_rows(B, heads)
     A = factors.A.T if factors.kind == "embedding" else factors.A

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import AdapterFormatError
+from ..lowrank import scale_factors
 from ..types import Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values
 from .files import some
 from .gguf import (CONFIG_KEY, HF_MODULES, PERMUTED, _name_map, _permuted_heads, architecture, base_config,
@@ -84,8 +85,8 @@ def read(path: Path, *, lazy: bool = False, expand: bool = False, expand_rank: i
         heads = _permuted_heads(base, arch, shape)
         if heads is not None:
             B = permute_rows(B, heads, inverse=True)
-        scale = (alpha / A.shape[0] if alpha else 1.0) ** 0.5
-        factors = LoraFactors(A * scale, B * scale, infos[module].kind)
+        factors = scale_factors(LoraFactors(A, B, infos[module].kind), alpha / A.shape[0] if alpha else 1.0,
+                                in_place=True)
         check_factor_values(factors, f"adapter {name!r}, module {module!r}")
         return factors
 

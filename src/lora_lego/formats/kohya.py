@@ -16,9 +16,11 @@ from ..errors import AdapterFormatError
 from ..tensorfile import TensorInfo
 from ..types import Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values, conv_kind
 from ..writing import output_dtype
+from ..lowrank import scale_factors
 from . import kohya_meta, lycoris
 from .family import family_from_metadata, family_from_modules, mixed_families
 from .files import open_file, some
+from .ranks import stored_dtype
 
 ALGOS = {  # the suffixes of each readable algorithm, and its name in messages
     "lora": ("LoRA", ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha")),
@@ -89,11 +91,10 @@ def read(path: Path, *, lazy: bool = False, expand: bool = False, expand_rank: i
     def read_module(module: str) -> LoraFactors:
         return _read_factors(modules[module], expand_rank, fetch, f"adapter {name!r}, module {module!r}")
 
-    stored = Counter(info.dtype for m in modules.values() for key, info in m.parts.items() if key != "alpha")
     expanded = Counter(ALGOS[m.algo][0] for m in modules.values() if m.algo != "lora")
     metadata = {
         "format": "kohya", "family": family, "header": header,
-        "dtype": str(max(sorted(stored, key=str), key=lambda d: (stored[d], d.itemsize))).removeprefix("torch."),
+        "dtype": stored_dtype(info.dtype for m in modules.values() for key, info in m.parts.items() if key != "alpha"),
         "scaling": {module: m.scale for module, m in modules.items()},
         "folder": str(path.resolve()),  # what writes must never overwrite (writing.source_folders)
         "base_model_name_or_path": None, "task_type": None, "fan_in_fan_out": False,
@@ -249,10 +250,8 @@ def _read_factors(module: _Module, expand_rank: int | None, fetch: Callable[[Ten
         B = up.flatten(1)
     else:
         A, B = (lycoris.loha_factors if module.algo == "loha" else lycoris.lokr_factors)(tensors)
-    root = abs(module.scale) ** 0.5  # the sign (a negative alpha) goes on A, as peft.py
-    A, B = A * (root if module.scale >= 0 else -root), B * root
-    factors = (LoraFactors(A.contiguous(), B.contiguous(), module.info.kind) if module.algo == "lora"
-               else lycoris.to_plain(A, B, module.info.kind, expand_rank))
+    scaled = scale_factors(LoraFactors(A.contiguous(), B.contiguous(), module.info.kind), module.scale, in_place=True)
+    factors = scaled if module.algo == "lora" else lycoris.to_plain(scaled.A, scaled.B, module.info.kind, expand_rank)
     check_factor_values(factors, f"{where} (scale {module.scale:g} folded in)")
     return factors
 

@@ -5,7 +5,6 @@ streamed with sd-scripts' sshs hashes."""
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 import json
 import re
 from pathlib import Path
@@ -17,6 +16,7 @@ from ..errors import AdapterFormatError, OutputError
 from ..tensorfile import TensorWriter, header_bytes
 from ..types import Adapter, LoraFactors, kernel_size
 from ..writing import atomic_output, cast_finite, check_output_path, source_folders
+from .ranks import alpha_folded, common_rank
 
 Entry = tuple[str, torch.dtype, tuple[int, ...]]  # key, dtype, shape
 
@@ -67,15 +67,14 @@ def file_entries(adapter: Adapter, target: torch.dtype) -> tuple[list[Entry], di
 
 
 def file_alpha(ranks: Mapping[str, int]) -> int:
-    """The one alpha every module of the file gets: the most common rank (ties: the larger).
+    """The one alpha every module of the file gets: the most common rank (`ranks.common_rank`).
 
     One alpha for all modules, not alpha = r per module: diffusers' kohya loader turns per-module alphas into
     PEFT alpha_pattern keys that miss its attention modules, which then get the most common alpha instead
     (measured: a rank-2 to_k at half strength in a mixed-rank file). A module of another rank carries
     r / alpha in B, so every reader's alpha / r * up @ down is still the delta.
     """
-    counts = Counter(ranks.values())
-    return max(counts, key=lambda rank: (counts[rank], rank))
+    return common_rank(ranks.values())
 
 
 def producer(adapter: Adapter, target: torch.dtype, alpha: int, where: str = "output") -> Callable[[str], torch.Tensor]:
@@ -97,9 +96,7 @@ def module_tensors(factors: LoraFactors, target: torch.dtype, alpha: int,
     stored in `target`: bf16 is not exact above 256), so that a reader's alpha / r * B A is still the delta."""
     r, kernel = factors.rank, kernel_size(factors.kind)
     alpha = torch.tensor(float(alpha), dtype=target)
-    B = factors.B.detach().float()
-    if float(alpha) != r:
-        B = B * (r / float(alpha))
+    B = alpha_folded(factors.B.detach().float(), r, float(alpha))
     down = factors.A.detach().reshape(r, -1, *kernel) if kernel else factors.A.detach()
     up = B.reshape(*B.shape, 1, 1) if kernel else B
     return {"alpha": alpha, "lora_down.weight": cast_finite(down, target, f"{what}: lora_down").contiguous(),

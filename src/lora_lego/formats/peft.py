@@ -16,6 +16,8 @@ from ..tensorfile import TensorFileError, TensorInfo, read_header, read_tensor, 
 from ..types import MAX_ABS, Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values  # noqa: F401
 from ..card import write_card
 from ..writing import atomic_folder, cast_finite, check_output_path, output_dtype, source_folders
+from ..lowrank import scale_factors
+from .ranks import common_rank, stored_dtype
 from .peft_config import CONFIG_NAME, module_scaling, pattern_value, read_config  # noqa: F401  (re-exported)
 
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -48,14 +50,11 @@ def load_peft(path: str | Path, *, lazy: bool = False) -> Adapter:
     def read(module: str) -> LoraFactors:
         return _read_factors(pairs[module], scalings[module], fetch, f"adapter {name!r}, module {module!r}")
 
-    # the dtype the LoRA factors were stored in (base-layer copies left out); ties go to the widest, deterministically
-    factor_dtypes = [parts[side].dtype for parts in pairs.values() for side in ("A", "B")]
-    stored = max(sorted(set(factor_dtypes), key=str), key=lambda d: (factor_dtypes.count(d), d.itemsize))
     metadata = {
         "base_model_name_or_path": config.get("base_model_name_or_path"),
         "task_type": config.get("task_type"),
         "fan_in_fan_out": bool(config.get("fan_in_fan_out", False)),
-        "dtype": str(stored).removeprefix("torch."),
+        "dtype": stored_dtype(parts[side].dtype for parts in pairs.values() for side in ("A", "B")),  # not base layers
         "scaling": scalings,
         "peft_config": config,
         "folder": str(folder.resolve()),  # what save_adapter must never write into (see writing.source_folders)
@@ -163,10 +162,8 @@ def _check_parts(module: str, parts: dict[str, Any], name: str) -> ModuleInfo:
 
 def _read_factors(parts: dict[str, Any], scaling: float, fetch: Callable[[Any], torch.Tensor], where: str) -> LoraFactors:
     """Read one module's factors as float32 with sqrt(scaling) folded into each, and check their values."""
-    root = abs(scaling) ** 0.5  # as lowrank.scale_factors: the sign (a negative alpha) goes on A
-    A = fetch(parts["A"]).to(torch.float32).mul_(root if scaling >= 0 else -root)
-    B = fetch(parts["B"]).to(torch.float32).mul_(root)
-    factors = LoraFactors(A, B, parts["kind"])
+    A, B = fetch(parts["A"]).to(torch.float32), fetch(parts["B"]).to(torch.float32)
+    factors = scale_factors(LoraFactors(A, B, parts["kind"]), scaling, in_place=True)  # a negative alpha's sign on A
     check_factor_values(factors, f"{where} (scaling {scaling:g} folded in)")
     return factors
 
@@ -215,8 +212,7 @@ def peft_config(adapter: Adapter) -> dict[str, Any]:
     if min(ranks) < 1:
         empty = [m for m, rank in module_ranks.items() if rank < 1]
         raise AdapterFormatError(f"adapter {adapter.name!r}: modules of rank 0 cannot be saved ({_some(empty)})")
-    counts = {r: ranks.count(r) for r in set(ranks)}
-    r = max(counts, key=lambda rank: (counts[rank], rank))
+    r = common_rank(ranks)
     pattern = {module: rank for module, rank in module_ranks.items() if rank != r}
     meta = adapter.metadata
     return {
