@@ -5,7 +5,6 @@ the LoraConfig of each component in the `lora_adapter_metadata` header, or `.alp
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,22 +12,16 @@ import torch
 
 from ..errors import AdapterFormatError
 from ..tensorfile import TensorInfo
-from ..types import Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values, conv_kind, kernel_size
+from ..types import Adapter, LazyModules, LoraFactors, ModuleInfo, kernel_size
 from ..writing import cast_finite, output_dtype
 from .diffusers_config import METADATA_KEY, config_scaling, header_configs, read_configs, split_component
-from ..lowrank import scale_factors
+from . import peft_keys
 from .family import family_from_metadata, family_from_modules
 from .files import open_file, some, write_file
 from .names import canonical_dotted, cross_attention_dim
 from .peft_config import CONFIG_NAME, read_config
 from .ranks import stored_dtype
 
-_PEFT_PREFIX = "base_model.model."
-_PARTS = {"lora_A.weight": ("A", "linear"), "lora_B.weight": ("B", "linear"), "lora_embedding_A": ("A", "embedding"),
-          "lora_embedding_B": ("B", "embedding"), "alpha": ("alpha", None)}
-_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|alpha)$")
-_DORA = re.compile(r"\.(lora_magnitude_vector|dora_scale)(\.|$)")
-_BIAS = re.compile(r"\.lora_B(\.[^.]+)?\.bias$")
 
 
 def owns(key: str) -> bool:
@@ -38,7 +31,7 @@ def owns(key: str) -> bool:
     """
     if key.split(".", 1)[0].startswith("lora_"):
         return False
-    return bool(_KEY.match(key) or _DORA.search(key) or _BIAS.search(key))
+    return bool(peft_keys.is_key(key) or peft_keys.DORA.search(key) or peft_keys.BIAS.search(key))
 
 
 def read(path: Path, *, lazy: bool = False, **_options: Any) -> Adapter:
@@ -58,19 +51,20 @@ def read(path: Path, *, lazy: bool = False, **_options: Any) -> Adapter:
     infos, header, fetch = open_file(path)
     if not infos:
         raise AdapterFormatError(f"adapter {name!r}: the file holds no tensors")
-    groups, peft_prefixed = _group_keys(infos, name)
+    groups, peft_prefixed = peft_keys.group_keys(infos, name, known=owns, expected=(
+        "diffusers LoRA tensors (<module>.lora_A.weight / .lora_B.weight / .alpha)"))
     configs = read_configs(header, name)
     if not configs and peft_prefixed and (path.parent / CONFIG_NAME).is_file():
         configs = {None: read_config(path.parent)}  # a PEFT folder's weights file named directly
-    module_infos = {module: _check_parts(module, parts, name) for module, parts in groups.items()}
+    module_infos = {module: peft_keys.check_parts(module, parts, name, conv=True) for module, parts in groups.items()}
     scalings = {module: _scaling(module, info.rank, groups[module], configs, fetch, name)
                 for module, info in module_infos.items()}
     renamed = _canonical_names(list(groups), name)
 
     def read_module(module: str) -> LoraFactors:
         source = renamed[module]
-        return _read_factors(groups[source], module_infos[source].kind, scalings[source], fetch,
-                             f"adapter {name!r}, module {source!r}")
+        return peft_keys.read_factors(groups[source], module_infos[source].kind, scalings[source], fetch,
+                                      f"adapter {name!r}, module {source!r}")
 
     infos_out = {module: module_infos[source] for module, source in renamed.items()}
     metadata = {
@@ -86,66 +80,6 @@ def read(path: Path, *, lazy: bool = False, **_options: Any) -> Adapter:
     }
     modules = LazyModules(infos_out, read_module) if lazy else {module: read_module(module) for module in renamed}
     return Adapter(modules, metadata, name=name)
-
-
-def _group_keys(infos: dict[str, TensorInfo], name: str) -> tuple[dict[str, dict[str, Any]], bool]:
-    """Keys -> {module: {"A", "B", "alpha": info, "kind": ...}} and whether PEFT's prefix was stripped;
-    refuses DoRA, lora bias and keys that are not diffusers LoRA tensors."""
-    dora = [key for key in infos if _DORA.search(key)]
-    if dora:
-        raise AdapterFormatError(f"adapter {name!r}: DoRA magnitude vectors are not supported ({some(dora)}); "
-                                 "DoRA needs the base weights, so it is not an additive low-rank update")
-    bias = [key for key in infos if _BIAS.search(key)]
-    if bias:
-        raise AdapterFormatError(f"adapter {name!r}: lora_bias tensors are not supported ({some(bias)})")
-    unknown = [key for key in infos if not owns(key)]
-    if unknown:
-        raise AdapterFormatError(f"adapter {name!r}: tensor keys that are not diffusers LoRA tensors "
-                                 f"(<module>.lora_A.weight / .lora_B.weight / .alpha): {some(unknown)}")
-    groups: dict[str, dict[str, Any]] = {}
-    prefixed = False
-    for key, info in infos.items():
-        match = _KEY.match(key)
-        module = match["module"]
-        if module.startswith(_PEFT_PREFIX):
-            module, prefixed = module[len(_PEFT_PREFIX):], True
-        side, kind = _PARTS[match["part"]]
-        entry = groups.setdefault(module, {})
-        if kind is not None and entry.setdefault("kind", kind) != kind:
-                raise AdapterFormatError(f"adapter {name!r}, module {module!r}: mixes linear and embedding LoRA keys")
-        if side in entry:
-            raise AdapterFormatError(f"adapter {name!r}, module {module!r}: two {match['part']} tensors "
-                                     f"(with and without the {_PEFT_PREFIX!r} prefix)")
-        entry[side] = info
-    return groups, prefixed
-
-
-def _check_parts(module: str, parts: dict[str, Any], name: str) -> ModuleInfo:
-    """One module's entries (dtype and shape only) -> its ModuleInfo, or AdapterFormatError."""
-    where = f"adapter {name!r}, module {module!r}"
-    for side, other in (("A", "B"), ("B", "A")):
-        if side not in parts:
-            has = f"lora_{other}" if other in parts else "an alpha"
-            raise AdapterFormatError(f"{where}: has {has} but no lora_{side}; expected both lora_A and lora_B")
-        if not parts[side].dtype.is_floating_point:
-            raise AdapterFormatError(f"{where}: lora_{side} has dtype {parts[side].dtype}; expected a float tensor")
-    a_shape, b_shape = tuple(parts["A"].shape), tuple(parts["B"].shape)
-    kind = parts["kind"]
-    if len(a_shape) == 4 and len(b_shape) == 4 and kind == "linear":
-        if b_shape[2:] != (1, 1):
-            raise AdapterFormatError(f"{where}: conv lora_B has shape {b_shape}; expected (c_out, r, 1, 1)")
-        kind = conv_kind(a_shape[2:])
-        a_shape, b_shape = (a_shape[0], a_shape[1] * a_shape[2] * a_shape[3]), b_shape[:2]
-    elif len(a_shape) != 2 or len(b_shape) != 2:
-        raise AdapterFormatError(f"{where}: lora_A has shape {a_shape} and lora_B {b_shape}; expected 2-D (r, d_in) "
-                                 "and (d_out, r), or 4-D conv (r, c_in, kh, kw) and (c_out, r, 1, 1)")
-    if a_shape[0] != b_shape[1]:
-        raise AdapterFormatError(f"{where}: lora_A has shape {tuple(parts['A'].shape)} and lora_B "
-                                 f"{tuple(parts['B'].shape)}; expected the same rank r (A rows, B columns)")
-    if min(*a_shape, *b_shape) < 1:
-        raise AdapterFormatError(f"{where}: lora_A has shape {a_shape} and lora_B {b_shape}; "
-                                 "expected r, d_in, d_out >= 1")
-    return ModuleInfo((b_shape[0], a_shape[1]), a_shape[0], kind)
 
 
 def _scaling(module: str, rank: int, parts: dict[str, Any], configs: dict[str | None, dict[str, Any]],
@@ -185,17 +119,6 @@ def _canonical_names(modules: list[str], name: str) -> dict[str, str]:
                                      f"module ({canonical!r}) spelled two ways; expected one")
         renamed[canonical] = module
     return renamed
-
-
-def _read_factors(parts: dict[str, Any], kind: str, scaling: float, fetch: Callable[[TensorInfo], torch.Tensor],
-                  where: str) -> LoraFactors:
-    """One module's factors as float32 (conv ones flattened) with sqrt(|scaling|) folded in; values checked."""
-    A = fetch(parts["A"]).to(torch.float32)
-    B = fetch(parts["B"]).to(torch.float32)
-    A, B = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], B.shape[1])  # conv: (r, c_in*kh*kw), (c_out, r)
-    factors = scale_factors(LoraFactors(A, B, kind), scaling, in_place=True)  # a negative alpha's sign on A
-    check_factor_values(factors, f"{where} (scaling {scaling:g} folded in)")
-    return factors
 
 
 def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = None, overwrite: bool = False) -> Path:
@@ -241,8 +164,7 @@ def _tensor_plan(adapter: Adapter, target: torch.dtype, where: str):
     for module in adapter:
         info = adapter.info(module)
         a_shape, b_shape = _stored_shapes(info)
-        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if info.kind == "embedding" else ("lora_A.weight",
-                                                                                                 "lora_B.weight")
+        a_key, b_key = peft_keys.factor_keys(info.kind)
         for key, side, shape in ((a_key, "A", a_shape), (b_key, "B", b_shape)):
             shapes[f"{module}.{key}"] = (target, shape)
             tensors[f"{module}.{key}"] = (lambda m=module, s=side, sh=shape:
