@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from ..errors import AdapterFormatError, OutputError
+from ..errors import AdapterFormatError, IncompatibleAdaptersError, OutputError
 from ..tensorfile import TensorFileError, read_header
-from ..types import Adapter
+from ..types import Adapter, register_origins
 
 SINGLE_FILE = ".safetensors"
 GGUF_FILE = ".gguf"
@@ -36,6 +36,11 @@ class Format:
     whether a tensor key of a .safetensors file belongs to this format; `naming` is "dotted" (module
     paths) or "kohya" (lora_<component>_<path with "_">); `options` are the extra keyword arguments its
     reader and writer take (e.g. "base_config_path"); `consumers` names the tools that load what it writes.
+
+    Hooks, so that nothing above this package reads a format's metadata keys: `check_compatible(adapters)`
+    raises IncompatibleAdaptersError for adapters that its metadata says no merge can combine (another base
+    model); `carry(adapters)` returns the metadata a merge of adapters keeps for its writer. Every merge runs
+    every registered format's hooks (a merge of diffusers files may be written as kohya).
     """
 
     name: str
@@ -47,6 +52,8 @@ class Format:
     suffix: str | None = None
     options: tuple[str, ...] = ()
     consumers: str = ""
+    check_compatible: Callable[[Sequence[Adapter]], None] | None = None
+    carry: Callable[[Sequence[Adapter]], dict[str, Any]] | None = None
 
     @property
     def single_file(self) -> bool:
@@ -197,6 +204,33 @@ def convert_adapter(adapter: Adapter, format: str) -> Adapter:
     return translate(adapter, target.naming)
 
 
+def check_compatible(adapters: Sequence[Adapter]) -> None:
+    """Refuse adapters that no merge can combine: each format's rule (its `check_compatible` hook: the
+    base-model family, the GGUF architecture), then module names of two namings (`convert_adapter`)."""
+    hooks = [fmt.check_compatible for fmt in _FORMATS.values() if fmt.check_compatible is not None]
+    for hook in dict.fromkeys(hooks):  # each rule once, in registration order
+        hook(adapters)
+    if len({naming(a) for a in adapters}) > 1:
+        shown = ", ".join(f"{a.name!r}: {a.metadata.get('format', 'in memory')}" for a in adapters)
+        raise IncompatibleAdaptersError(f"adapters name their modules differently ({shown}); convert them to one "
+                                        "format first (lora_lego.formats.convert_adapter; the CLI does it itself)")
+
+
+def carry(adapters: Sequence[Adapter]) -> dict[str, Any]:
+    """What a merge of `adapters` keeps for the writers: the first adapter's format (`output_format`) and what
+    each format's `carry` hook asks for."""
+    carried: dict[str, Any] = {"format": adapters[0].metadata.get("format")}
+    for fmt in _FORMATS.values():
+        if fmt.carry is not None:
+            carried.update(fmt.carry(adapters))
+    return carried
+
+
+def base_family(adapter: Adapter) -> str | None:
+    """The base-model family ("sd1", "sdxl", "flux", ...) the adapter's reader found, None for others."""
+    return adapter.metadata.get("family")
+
+
 def harmonise(adapters: Sequence[Adapter]) -> list[Adapter]:
     """The adapters with one naming, that of the first (for merging files of different formats)."""
     if len({naming(a) for a in adapters}) <= 1:
@@ -207,19 +241,24 @@ def harmonise(adapters: Sequence[Adapter]) -> list[Adapter]:
 
 def _register_builtins() -> None:
     from . import diffusers, gguf, gguf_read, kohya, peft
+    from .family import carry_family, check_families
 
     register_format(Format("peft", "PEFT folder (adapter_config.json + adapter_model.safetensors or .bin)",
                            peft.read, peft.write,
                            consumers="PEFT's PeftModel.from_pretrained, vLLM, lora-lego apply"))
     register_format(Format("kohya", "kohya / LyCORIS single file (lora_down / lora_up / alpha; LoCon, Tucker)",
                            kohya.read, kohya.write, naming="kohya", owns=kohya.owns, suffix=SINGLE_FILE,
-                           consumers="sd-scripts, ComfyUI, A1111 / Forge, diffusers' load_lora_weights"))
+                           consumers="sd-scripts, ComfyUI, A1111 / Forge, diffusers' load_lora_weights",
+                           check_compatible=check_families, carry=kohya.carry))
     register_format(Format("diffusers", "diffusers / ai-toolkit / SimpleTuner single file (lora_A / lora_B, "
                            "component prefixes, lora_adapter_metadata)", diffusers.read, diffusers.write,
-                           owns=diffusers.owns, suffix=SINGLE_FILE, consumers="diffusers' load_lora_weights"))
+                           owns=diffusers.owns, suffix=SINGLE_FILE, consumers="diffusers' load_lora_weights",
+                           check_compatible=check_families, carry=carry_family))
     register_format(Format("gguf", "llama.cpp / ollama GGUF LoRA adapter (blk.N.<name>.weight.lora_a / lora_b, "
                            "adapter.lora.alpha; needs the gguf package)", gguf_read.read, gguf.write, suffix=GGUF_FILE,
-                           options=("base_config_path",), consumers="llama.cpp --lora, ollama's ADAPTER"))
+                           options=("base_config_path",), consumers="llama.cpp --lora, ollama's ADAPTER",
+                           check_compatible=gguf_read.check_architectures, carry=gguf_read.carry_base_config))
 
 
 _register_builtins()
+register_origins(check_compatible, carry)  # what merge and provenance ask (types.check_origins, carried_metadata)

@@ -8,7 +8,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -18,7 +18,7 @@ from ..types import Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_
 from ..writing import output_dtype
 from ..lowrank import scale_factors
 from . import kohya_meta, lycoris
-from .family import family_from_metadata, family_from_modules, mixed_families
+from .family import carry_family, family_from_metadata, family_from_modules, mixed_families
 from .files import open_file, some
 from .ranks import stored_dtype
 
@@ -48,6 +48,12 @@ _SD1_PROJ = re.compile(r"_(proj_in|proj_out)$")  # 1x1 convolutions in SD 1.x UN
 def owns(key: str) -> bool:
     """A kohya / LyCORIS key: its part before the first "." is a lora_name (lora_unet_..., lora_te_..., ...)."""
     return key.split(".", 1)[0].startswith("lora_")
+
+
+def carry(adapters: Sequence[Adapter]) -> dict[str, Any]:
+    """What a merge keeps for the kohya writer: the family and the inputs' headers, of which it keeps what still
+    holds (`kohya_meta.output_metadata`). A format hook."""
+    return {**carry_family(adapters), "source_headers": [a.metadata.get("header", {}) for a in adapters]}
 
 
 @dataclass(frozen=True)
