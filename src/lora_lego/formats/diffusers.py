@@ -17,7 +17,7 @@ from ..writing import cast_finite, output_dtype
 from .diffusers_config import METADATA_KEY, config_scaling, header_configs, read_configs, split_component
 from . import peft_keys
 from .family import family_from_metadata, family_from_modules
-from .files import open_file, some, write_file
+from .files import module_producer, open_file, some, write_file
 from .names import canonical_dotted, cross_attention_dim
 from .peft_config import CONFIG_NAME, read_config
 from .ranks import stored_dtype
@@ -151,26 +151,20 @@ def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = Non
 
 def _tensor_plan(adapter: Adapter, target: torch.dtype, where: str):
     """key -> a function making the tensor, and key -> (dtype, shape); each module is read once."""
-    tensors: dict[str, Callable[[], torch.Tensor]] = {}
+    def tensors_of(module: str, factors: LoraFactors) -> dict[str, torch.Tensor]:
+        a_shape, b_shape = _stored_shapes(adapter.info(module))
+        a_key, b_key = peft_keys.factor_keys(factors.kind)
+        return {key: cast_finite(getattr(factors, side).detach(), target, f"{where}, module {module!r}: lora_{side}")
+                .reshape(shape) for key, side, shape in ((a_key, "A", a_shape), (b_key, "B", b_shape))}
+
+    produce = module_producer(adapter, (*peft_keys.factor_keys("linear"), *peft_keys.factor_keys("embedding")),
+                              tensors_of)
     shapes: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-    last: dict[str, LoraFactors] = {}
-
-    def factors_of(module: str) -> LoraFactors:
-        if module not in last:
-            last.clear()  # hold one module at a time: A is written just before B
-            last[module] = adapter[module]
-        return last[module]
-
     for module in adapter:
         info = adapter.info(module)
-        a_shape, b_shape = _stored_shapes(info)
-        a_key, b_key = peft_keys.factor_keys(info.kind)
-        for key, side, shape in ((a_key, "A", a_shape), (b_key, "B", b_shape)):
+        for key, shape in zip(peft_keys.factor_keys(info.kind), _stored_shapes(info)):
             shapes[f"{module}.{key}"] = (target, shape)
-            tensors[f"{module}.{key}"] = (lambda m=module, s=side, sh=shape:
-                                          cast_finite(getattr(factors_of(m), s).detach(), target,
-                                                      f"{where}, module {m!r}: lora_{s}").reshape(sh))
-    return tensors, shapes
+    return {key: (lambda key=key: produce(key)) for key in shapes}, shapes
 
 
 def _stored_shapes(info: ModuleInfo) -> tuple[tuple[int, ...], tuple[int, ...]]:

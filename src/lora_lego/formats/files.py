@@ -4,13 +4,13 @@ writing one atomically with sorted metadata (bitwise-identical files for the sam
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from ..errors import AdapterFormatError, OutputError
 from ..tensorfile import TensorFileError, TensorInfo, TensorWriter, read_header, read_tensor
-from ..types import Adapter
+from ..types import Adapter, LoraFactors
 from ..writing import atomic_output, check_output_path, source_folders
 
 
@@ -54,6 +54,22 @@ def write_file(adapter: Adapter, path: Path, tensors: Mapping[str, Callable[[], 
             for key, tensor in tensors.items():
                 writer.write(key, (tensor() if callable(tensor) else tensor).contiguous())
     return path
+
+
+def module_producer(adapter: Adapter, suffixes: Sequence[str],
+                    tensors_of: Callable[[str, LoraFactors], Mapping[str, torch.Tensor]]) -> Callable[[str], torch.Tensor]:
+    """key "<module>.<suffix>" -> its tensor, from `tensors_of(module, factors)` (suffix -> tensor), holding one
+    module's tensors at a time: a writer asks for a module's keys one after the other."""
+    held: dict[str, Mapping[str, torch.Tensor]] = {}
+
+    def produce(key: str) -> torch.Tensor:
+        suffix = next(suffix for suffix in suffixes if key.endswith("." + suffix))
+        module = key[: -len(suffix) - 1]
+        if module not in held:
+            held.clear()
+            held[module] = tensors_of(module, adapter[module])
+        return held[module][suffix]
+    return produce
 
 
 def some(keys: list[Any], limit: int = 3) -> str:

@@ -14,11 +14,12 @@ import torch
 
 from ..errors import AdapterFormatError, OutputError
 from ..tensorfile import TensorWriter, header_bytes
-from ..types import Adapter, LoraFactors, kernel_size
-from ..writing import atomic_output, cast_finite, check_output_path, source_folders
-from .ranks import alpha_folded, common_rank
+from ..types import Adapter, kernel_size
+from ..writing import atomic_output, check_output_path, source_folders
+from . import updown
+from .ranks import common_rank
 
-Entry = tuple[str, torch.dtype, tuple[int, ...]]  # key, dtype, shape
+Entry = updown.Entry
 
 # recomputed for every file we write
 NETWORK_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args")
@@ -42,28 +43,14 @@ LEGACY_WINDOW = (0x100000, 0x110000)  # the bytes sd-webui-additional-networks' 
 LORA_NAME = re.compile(r"^lora_[A-Za-z0-9]+_[A-Za-z0-9_]+$")
 
 
-def file_entries(adapter: Adapter, target: torch.dtype) -> tuple[list[Entry], dict[str, int], dict[str, str]]:
-    """The file's (key, dtype, shape) sorted by key (safetensors' data order for one dtype), and each module's
-    rank and kind. Raises AdapterFormatError for a name that is not a lora_name, an embedding or a rank-0 module."""
-    entries, ranks, kinds = [], {}, {}
+def file_entries(adapter: Adapter, target: torch.dtype) -> list[Entry]:
+    """The file's (key, dtype, shape) sorted by key (`updown.entries`). Raises AdapterFormatError for a name that is
+    not a lora_name, an embedding or a rank-0 module."""
     for module in adapter:
-        info = adapter.info(module)
-        where = f"adapter {adapter.name!r}, module {module!r}"
         if not LORA_NAME.match(module):
-            raise AdapterFormatError(f"{where}: not a kohya lora_name; expected 'lora_<component>_<path with _>' "
-                                     "(formats.convert_adapter translates dotted names)")
-        if info.kind == "embedding":
-            raise AdapterFormatError(f"{where}: an embedding LoRA; kohya files hold linear and convolution LoRA only")
-        if info.rank < 1:
-            raise AdapterFormatError(f"{where}: rank 0 cannot be saved; expected r >= 1")
-        (d_out, d_in), r, kernel = info.shape, info.rank, kernel_size(info.kind)
-        down = (r, d_in // (kernel[0] * kernel[1]), *kernel) if kernel else (r, d_in)
-        entries += [(f"{module}.alpha", target, ()), (f"{module}.lora_down.weight", target, down),
-                    (f"{module}.lora_up.weight", target, (d_out, r, 1, 1) if kernel else (d_out, r))]
-        ranks[module], kinds[module] = r, info.kind
-    if not entries:
-        raise AdapterFormatError(f"adapter {adapter.name!r}: nothing to save (no modules)")
-    return sorted(entries, key=lambda entry: entry[0]), ranks, kinds
+            raise AdapterFormatError(f"adapter {adapter.name!r}, module {module!r}: not a kohya lora_name; expected "
+                                     "'lora_<component>_<path with _>' (formats.convert_adapter translates dotted names)")
+    return updown.entries(adapter, target, "kohya files")
 
 
 def file_alpha(ranks: Mapping[str, int]) -> int:
@@ -75,32 +62,6 @@ def file_alpha(ranks: Mapping[str, int]) -> int:
     r / alpha in B, so every reader's alpha / r * up @ down is still the delta.
     """
     return common_rank(ranks.values())
-
-
-def producer(adapter: Adapter, target: torch.dtype, alpha: int, where: str = "output") -> Callable[[str], torch.Tensor]:
-    """key -> tensor, holding one module's tensors at a time (a module's keys are consecutive in sorted order)."""
-    cache: dict[str, dict[str, torch.Tensor]] = {}
-
-    def produce(key: str) -> torch.Tensor:
-        module, _, suffix = key.partition(".")
-        if module not in cache:
-            cache.clear()
-            cache[module] = module_tensors(adapter[module], target, alpha, f"{where}, module {module!r}")
-        return cache[module][suffix]
-    return produce
-
-
-def module_tensors(factors: LoraFactors, target: torch.dtype, alpha: int,
-                   what: str = "module") -> dict[str, torch.Tensor]:
-    """`alpha`, lora_down.weight = A, lora_up.weight = B (conv: 4-D) in `target`. B carries r / alpha (as
-    stored in `target`: bf16 is not exact above 256), so that a reader's alpha / r * B A is still the delta."""
-    r, kernel = factors.rank, kernel_size(factors.kind)
-    alpha = torch.tensor(float(alpha), dtype=target)
-    B = alpha_folded(factors.B.detach().float(), r, float(alpha))
-    down = factors.A.detach().reshape(r, -1, *kernel) if kernel else factors.A.detach()
-    up = B.reshape(*B.shape, 1, 1) if kernel else B
-    return {"alpha": alpha, "lora_down.weight": cast_finite(down, target, f"{what}: lora_down").contiguous(),
-            "lora_up.weight": cast_finite(up, target, f"{what}: lora_up").contiguous()}
 
 
 def output_metadata(adapter: Adapter, path: Path, ranks: Mapping[str, int], kinds: Mapping[str, str]) -> dict[str, str]:
