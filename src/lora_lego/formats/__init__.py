@@ -23,6 +23,7 @@ SINGLE_FILE = ".safetensors"
 GGUF_FILE = ".gguf"
 # Endings of weight, archive and text files that no format here writes: an output named so would be a
 # folder in disguise (a PEFT folder called "m.bin").
+TRANSLATED = ("dotted", "kohya")  # the namings names.translate converts between
 NOT_WRITTEN = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".npy", ".npz", ".h5", ".onnx", ".ggml",
                ".safetensor", ".json", ".yaml", ".yml", ".txt", ".zip", ".tar", ".gz")
 
@@ -34,7 +35,8 @@ class Format:
     read(path, *, lazy, expand, expand_rank) -> Adapter; write(adapter, path, *, dtype, overwrite) -> Path.
     `suffix` is the file name ending of a single-file format (None for folders); `owns(key)` says
     whether a tensor key of a .safetensors file belongs to this format; `naming` is "dotted" (module
-    paths) or "kohya" (lora_<component>_<path with "_">); `options` are the extra keyword arguments its
+    paths), "kohya" (lora_<component>_<path with "_">) or a format's own naming (not translated; see
+    `convert_adapter`); `options` are the extra keyword arguments its
     reader and writer take (e.g. "base_config_path"); `consumers` names the tools that load what it writes.
 
     Hooks, so that nothing above this package reads a format's metadata keys: `check_compatible(adapters)`
@@ -84,8 +86,10 @@ def get_format(name: str) -> Format:
 def detect_format(path: str | Path) -> str:
     """The format of an adapter on disk: "peft" for a folder, else from a single file's tensor names.
 
-    Raises AdapterFormatError for a missing path, an unreadable file, a key no format knows, or a
-    file whose keys mix formats (naming both, with an example key of each).
+    The file's format is the first registered one that owns every key (a key may be several formats':
+    the alpha of a dotted module path may belong to more than one). Raises AdapterFormatError for a missing path, an
+    unreadable file, a key no format knows, or a file whose keys mix formats (naming both, with an example
+    key of each).
     """
     path = Path(path)
     if path.suffix == GGUF_FILE and not path.exists():
@@ -102,17 +106,19 @@ def detect_format(path: str | Path) -> str:
         raise AdapterFormatError(f"adapter {str(path)!r}: not a readable safetensors file ({error})") from None
     if not infos:
         raise AdapterFormatError(f"adapter {str(path)!r}: the file holds no tensors")
-    claimed: dict[str, list[str]] = {}
-    for key in infos:
-        owners = [fmt.name for fmt in _FORMATS.values() if fmt.owns is not None and fmt.owns(key)]
-        if not owners:
-            raise AdapterFormatError(f"adapter {str(path)!r}: tensor {key!r} is not a LoRA key of any known format "
-                                     f"({', '.join(n for n, f in _FORMATS.items() if f.single_file)})")
-        claimed.setdefault(owners[0], []).append(key)
-    if len(claimed) > 1:
-        shown = "; ".join(f"{name} ({len(keys)} keys, e.g. {keys[0]!r})" for name, keys in claimed.items())
-        raise AdapterFormatError(f"adapter {str(path)!r}: its keys mix formats: {shown}")
-    return next(iter(claimed))
+    owners = {key: [name for name, fmt in _FORMATS.items() if fmt.owns is not None and fmt.owns(key)] for key in infos}
+    orphan = next((key for key, names in owners.items() if not names), None)
+    if orphan is not None:
+        raise AdapterFormatError(f"adapter {str(path)!r}: tensor {orphan!r} is not a LoRA key of any known format "
+                                 f"({', '.join(n for n, f in _FORMATS.items() if f.single_file)})")
+    common = [name for name in _FORMATS if all(name in names for names in owners.values())]
+    if common:
+        return common[0]
+    claimed: dict[str, list[str]] = {}  # each key under its first owner
+    for key, names in owners.items():
+        claimed.setdefault(names[0], []).append(key)
+    shown = "; ".join(f"{name} ({len(keys)} keys, e.g. {keys[0]!r})" for name, keys in claimed.items())
+    raise AdapterFormatError(f"adapter {str(path)!r}: its keys mix formats: {shown}")
 
 
 def load_adapter(path: str | Path, *, lazy: bool = False, format: str | None = None, expand: bool = False,
@@ -194,11 +200,16 @@ def convert_adapter(adapter: Adapter, format: str) -> Adapter:
 
     Exact: renaming, or splitting a fused qkv LoRA into q / k / v (same A, row blocks of B) and fusing
     them back (rank 3r, block-diagonal B). Raises AdapterFormatError for a name that has no
-    translation.
+    translation, and for a naming other than "dotted" and "kohya" (a format's own naming is not translated).
     """
     target = get_format(format)
-    if naming(adapter) == target.naming:
+    own = naming(adapter)
+    if own == target.naming:
         return adapter
+    if {own, target.naming} - set(TRANSLATED):
+        raise AdapterFormatError(f"adapter {adapter.name!r}: its {own} module names have no translation to "
+                                 f"{target.name}'s ({target.naming}); names are translated between "
+                                 f"{' and '.join(TRANSLATED)} only: merge and write it in its own format")
     from .names import translate
 
     return translate(adapter, target.naming)
