@@ -4,7 +4,7 @@ writing one atomically with sorted metadata (bitwise-identical files for the sam
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -35,24 +35,41 @@ def open_file(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], Callab
     return infos, dict(header), fetch
 
 
+class Hasher(Protocol):
+    """Hashes of a file's data written into its own header (kohya's sshs_* keys): `placeholder()` gives the keys
+    with values of the final length, `update(data)` sees the data bytes in file order, `hashes()` the values."""
+
+    def placeholder(self) -> dict[str, str]: ...
+
+    def update(self, data: memoryview) -> None: ...
+
+    def hashes(self) -> dict[str, str]: ...
+
+
 def write_file(adapter: Adapter, path: Path, tensors: Mapping[str, Callable[[], torch.Tensor] | torch.Tensor],
                metadata: Mapping[str, str], *, shapes: Mapping[str, tuple[torch.dtype, tuple[int, ...]]] | None = None,
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, library: bool = False, hasher: Hasher | None = None) -> Path:
     """Write one .safetensors file atomically, refusing a path that is (or is inside) an input.
 
     `tensors` maps key -> tensor, or key -> a function making it (then `shapes` gives each key's dtype
     and shape, so only one tensor is in memory at a time). Keys are written in the given order,
-    metadata keys sorted, so the same adapter gives the same bytes.
+    metadata keys sorted, so the same adapter gives the same bytes; `library` picks the header layout
+    (`tensorfile.header_bytes`). A `hasher` hashes the data as it streams and its hashes are added to the
+    metadata before the file is put in place.
     """
     if path.is_dir():
         raise OutputError(f"output {str(path)!r} is a folder; expected a .safetensors file path")
     check_output_path(path, source_folders(adapter), overwrite=overwrite)
     if shapes is None:
         shapes = {key: (t.dtype, tuple(t.shape)) for key, t in tensors.items()}  # type: ignore[union-attr]
+    first = {**metadata, **hasher.placeholder()} if hasher is not None else dict(metadata)
     with atomic_output(path, overwrite=overwrite) as temporary:
-        with TensorWriter(temporary, dict(shapes), dict(metadata)) as writer:
+        with TensorWriter(temporary, dict(shapes), first, library=library,
+                          on_data=hasher.update if hasher is not None else None) as writer:
             for key, tensor in tensors.items():
                 writer.write(key, (tensor() if callable(tensor) else tensor).contiguous())
+            if hasher is not None:
+                writer.set_metadata({**metadata, **hasher.hashes()})
     return path
 
 

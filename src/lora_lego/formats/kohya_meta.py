@@ -12,11 +12,11 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from ..errors import AdapterFormatError, OutputError
-from ..tensorfile import TensorWriter, header_bytes
+from ..errors import AdapterFormatError
+from ..tensorfile import header_bytes
 from ..types import Adapter, kernel_size
-from ..writing import atomic_output, check_output_path, source_folders
 from . import updown
+from .files import write_file
 from .ranks import common_rank
 
 Entry = updown.Entry
@@ -145,6 +145,9 @@ class SshsHasher:
             self._legacy.update(data[low - start:high - start])
         self._position = end
 
+    def placeholder(self) -> dict[str, str]:
+        return {"sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8}
+
     def hashes(self) -> dict[str, str]:
         return {"sshs_model_hash": self._model.hexdigest(), "sshs_legacy_hash": self._legacy.hexdigest()[:8]}
 
@@ -154,19 +157,11 @@ def write_hashed(adapter: Adapter, path: Path, entries: Sequence[Entry], produce
     """Write a safetensors file atomically, tensors made one at a time by `produce(key)` in `entries` order, with
     sshs_model_hash / sshs_legacy_hash over its re-serialisation with only the ss_* metadata (as sd-scripts).
 
-    One pass (`tensorfile.TensorWriter` with on_data): the header is written with placeholder hashes of the
-    final length, then rewritten in place before the file is renamed into place. Refuses (OutputError) a
-    folder, an input, or an existing path unless `overwrite`.
+    One pass (`files.write_file` with this hasher): the header is written with placeholder hashes of the final
+    length, then rewritten in place before the file is renamed into place. Refuses (OutputError) a folder, an
+    input, or an existing path unless `overwrite`.
     """
-    if path.is_dir():
-        raise OutputError(f"output {str(path)!r} is a folder; expected a .safetensors file path")
-    check_output_path(path, source_folders(adapter), overwrite=overwrite)
     shapes = {key: (dtype, tuple(shape)) for key, dtype, shape in entries}
     hasher = SshsHasher(header_bytes(shapes, {k: v for k, v in metadata.items() if k.startswith("ss_")}, library=True))
-    placeholder = {**metadata, "sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8}
-    with atomic_output(path, overwrite=overwrite) as temporary:
-        with TensorWriter(temporary, shapes, placeholder, library=True, on_data=hasher.update) as writer:
-            for key in shapes:
-                writer.write(key, produce(key))
-            writer.set_metadata({**metadata, **hasher.hashes()})  # the placeholder's length
-    return path
+    tensors = {key: (lambda key=key: produce(key)) for key in shapes}
+    return write_file(adapter, path, tensors, metadata, shapes=shapes, overwrite=overwrite, library=True, hasher=hasher)
