@@ -17,7 +17,7 @@ from ..writing import cast_finite, output_dtype
 from .diffusers_config import METADATA_KEY, config_scaling, header_configs, read_configs, split_component
 from . import peft_keys
 from .family import family_from_metadata, family_from_modules
-from .files import module_producer, open_file, some, write_file
+from .files import module_producer, open_file, provenance_header, some, write_file
 from .names import canonical_dotted, cross_attention_dim
 from .peft_config import CONFIG_NAME, read_config
 from .ranks import stored_dtype
@@ -143,8 +143,7 @@ def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = Non
                                  "file needs dotted module paths (save_adapter / convert_adapter translates them)")
     target = output_dtype(adapter, dtype)
     metadata = {"format": "pt", METADATA_KEY: json.dumps(header_configs(ranks, adapter.name), indent=2, sort_keys=True)}
-    if "provenance" in adapter.metadata:
-        metadata["lora_lego"] = json.dumps(adapter.metadata["provenance"], sort_keys=True)
+    metadata.update(provenance_header(adapter))
     tensors, shapes = _tensor_plan(adapter, target, f"output {str(path)!r}")
     return write_file(adapter, path, tensors, metadata, shapes=shapes, overwrite=overwrite)
 

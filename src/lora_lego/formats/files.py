@@ -3,6 +3,7 @@ writing one atomically with sorted metadata (bitwise-identical files for the sam
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
@@ -87,6 +88,13 @@ def module_producer(adapter: Adapter, suffixes: Sequence[str],
             held[module] = tensors_of(module, adapter[module])
         return held[module][suffix]
     return produce
+
+
+def provenance_header(adapter: Adapter) -> dict[str, str]:
+    """{"lora_lego": the provenance as sorted JSON} for a file's header, {} for an adapter without one."""
+    if "provenance" not in adapter.metadata:
+        return {}
+    return {"lora_lego": json.dumps(adapter.metadata["provenance"], sort_keys=True)}
 
 
 def some(keys: list[Any], limit: int = 3) -> str:

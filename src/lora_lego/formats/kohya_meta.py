@@ -16,7 +16,7 @@ from ..errors import AdapterFormatError
 from ..tensorfile import header_bytes
 from ..types import Adapter, kernel_size
 from . import updown
-from .files import write_file
+from .files import provenance_header, write_file
 from .ranks import common_rank
 
 Entry = updown.Entry
@@ -87,8 +87,7 @@ def output_metadata(adapter: Adapter, path: Path, ranks: Mapping[str, int], kind
     if merged:
         header["modelspec.merged_from"] = ", ".join(_titles(sources, meta.get("provenance", {}).get("sources", [])))
         header["modelspec.title"] = path.stem
-    if "provenance" in meta:
-        header["lora_lego"] = json.dumps(meta["provenance"], sort_keys=True)
+    header.update(provenance_header(adapter))
     return header
 
 

@@ -17,7 +17,7 @@ from ..types import MAX_ABS, Adapter, LazyModules, LoraFactors, ModuleInfo, chec
 from ..card import write_card
 from ..writing import atomic_folder, cast_finite, check_output_path, output_dtype, source_folders
 from . import peft_keys
-from .files import some
+from .files import provenance_header, some
 from .ranks import common_rank, stored_dtype
 from .peft_config import CONFIG_NAME, module_scaling, pattern_value, read_config  # noqa: F401  (re-exported)
 
@@ -133,9 +133,7 @@ def save_peft(adapter: Adapter, path: str | Path, *, dtype: str | torch.dtype | 
         where = f"output {str(path)!r}, module {module!r}"
         tensors[f"{_PREFIX}{module}.{a_key}"] = cast_finite(factors.A.detach(), target, f"{where}: lora_A").contiguous()
         tensors[f"{_PREFIX}{module}.{b_key}"] = cast_finite(factors.B.detach(), target, f"{where}: lora_B").contiguous()
-    metadata = {"format": "pt"}
-    if "provenance" in adapter.metadata:
-        metadata["lora_lego"] = json.dumps(adapter.metadata["provenance"], sort_keys=True)
+    metadata = {"format": "pt", **provenance_header(adapter)}
     with atomic_folder(path, overwrite=overwrite) as folder:
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         save_file(tensors, folder / WEIGHTS_NAMES[0], metadata=metadata)
