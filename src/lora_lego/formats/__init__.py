@@ -251,7 +251,7 @@ def harmonise(adapters: Sequence[Adapter]) -> list[Adapter]:
 
 
 def _register_builtins() -> None:
-    from . import diffusers, gguf, gguf_read, kohya, peft
+    from . import comfyui, diffusers, gguf, gguf_read, kohya, peft
     from .family import carry_family, check_families
 
     register_format(Format("peft", "PEFT folder (adapter_config.json + adapter_model.safetensors or .bin)",
@@ -269,6 +269,9 @@ def _register_builtins() -> None:
                            "adapter.lora.alpha; needs the gguf package)", gguf_read.read, gguf.write, suffix=GGUF_FILE,
                            options=("base_config_path",), consumers="llama.cpp --lora, ollama's ADAPTER",
                            check_compatible=gguf_read.check_architectures, carry=gguf_read.carry_base_config))
+    register_format(Format("comfyui", "ComfyUI single file (diffusion_model.<module>.lora_down / lora_up, as its "
+                           "LoraSave node writes)", comfyui.read, comfyui.write, naming="comfyui", owns=comfyui.owns,
+                           suffix=SINGLE_FILE, consumers="ComfyUI's LoraLoader"))
 
 
 _register_builtins()
