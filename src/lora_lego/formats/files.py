@@ -23,17 +23,26 @@ def open_file(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], Callab
     name = str(path)
     if not path.is_file():
         raise AdapterFormatError(f"adapter {name!r}: no such file")
-    try:
-        infos, header = read_header(path)
-    except (OSError, TensorFileError) as error:
-        raise AdapterFormatError(f"adapter {name!r}: not a readable safetensors file ({error})") from None
+    infos, header = header_of(path, f"adapter {name!r}: not a readable safetensors file")
+    return infos, dict(header), tensor_reader(path, f"adapter {name!r}: cannot read a tensor")
 
+
+def header_of(path: Path, failure: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """`tensorfile.read_header`, raising AdapterFormatError("<failure> (<why>)") for an unreadable file."""
+    try:
+        return read_header(path)
+    except (OSError, TensorFileError) as error:
+        raise AdapterFormatError(f"{failure} ({error})") from None
+
+
+def tensor_reader(path: Path, failure: str) -> Callable[[TensorInfo], torch.Tensor]:
+    """info -> the tensor read from `path`, raising AdapterFormatError("<failure> (<why>)") when it cannot be."""
     def fetch(info: TensorInfo) -> torch.Tensor:
         try:
             return read_tensor(path, info)
         except (OSError, TensorFileError) as error:
-            raise AdapterFormatError(f"adapter {name!r}: cannot read a tensor ({error})") from None
-    return infos, dict(header), fetch
+            raise AdapterFormatError(f"{failure} ({error})") from None
+    return fetch
 
 
 class Hasher(Protocol):

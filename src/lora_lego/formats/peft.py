@@ -12,12 +12,12 @@ from typing import Any, Callable
 import torch
 
 from ..errors import AdapterFormatError, LoraLegoWarning
-from ..tensorfile import TensorFileError, TensorInfo, read_header, read_tensor, save_file
+from ..tensorfile import save_file
 from ..types import MAX_ABS, Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values  # noqa: F401
 from ..card import write_card
 from ..writing import atomic_folder, cast_finite, check_output_path, output_dtype, source_folders
 from . import peft_keys
-from .files import provenance_header, some
+from .files import header_of, provenance_header, some, tensor_reader
 from .ranks import common_rank, stored_dtype
 from .peft_config import CONFIG_NAME, module_scaling, pattern_value, read_config  # noqa: F401  (re-exported)
 
@@ -70,17 +70,8 @@ def _open_weights(folder: Path, name: str) -> tuple[dict[str, Any], Callable[[An
         if not weights_path.is_file():
             continue
         if weights_name.endswith(".safetensors"):
-            try:
-                infos, _ = read_header(weights_path)
-            except (OSError, TensorFileError) as error:
-                raise AdapterFormatError(f"adapter {name!r}: cannot read {weights_name} ({error})") from None
-
-            def fetch(info: TensorInfo) -> torch.Tensor:
-                try:
-                    return read_tensor(weights_path, info)
-                except (OSError, TensorFileError) as error:
-                    raise AdapterFormatError(f"adapter {name!r}: cannot read {weights_name} ({error})") from None
-            return infos, fetch
+            failure = f"adapter {name!r}: cannot read {weights_name}"
+            return header_of(weights_path, failure)[0], tensor_reader(weights_path, failure)
         try:
             tensors = torch.load(weights_path, map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises many types for damaged files
