@@ -74,8 +74,6 @@ def read(path: Path, *, lazy: bool = False, **_options: Any) -> Adapter:
     sqrt(|scale|) folded into each (the sign on A). Raises AdapterFormatError naming the file and module."""
     name = str(path)
     infos, _, fetch = open_file(path)
-    if not infos:
-        raise AdapterFormatError(f"adapter {name!r}: the file holds no tensors")
     groups = _group(infos, name)
     modules = {module: _module(parts, fetch, f"adapter {name!r}, module {module!r}") for module, parts in groups.items()}
 

@@ -49,8 +49,6 @@ def read(path: Path, *, lazy: bool = False, **_options: Any) -> Adapter:
     """
     name = str(path)
     infos, header, fetch = open_file(path)
-    if not infos:
-        raise AdapterFormatError(f"adapter {name!r}: the file holds no tensors")
     groups, peft_prefixed = peft_keys.group_keys(infos, name, known=owns, expected=(
         "diffusers LoRA tensors (<module>.lora_A.weight / .lora_B.weight / .alpha)"))
     configs = read_configs(header, name)

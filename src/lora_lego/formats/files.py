@@ -18,12 +18,14 @@ from ..writing import atomic_output, check_output_path, source_folders
 def open_file(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], Callable[[TensorInfo], torch.Tensor]]:
     """A single adapter file's tensor infos by key, its string metadata, and how to read one tensor.
 
-    Raises AdapterFormatError naming the file when it is missing or not a readable safetensors file.
+    Raises AdapterFormatError naming the file when it is missing, not a readable safetensors file or empty.
     """
     name = str(path)
     if not path.is_file():
         raise AdapterFormatError(f"adapter {name!r}: no such file")
     infos, header = header_of(path, f"adapter {name!r}: not a readable safetensors file")
+    if not infos:
+        raise AdapterFormatError(f"adapter {name!r}: the file holds no tensors")
     return infos, dict(header), tensor_reader(path, f"adapter {name!r}: cannot read a tensor")
 
 

@@ -113,8 +113,6 @@ def read(path: Path, *, lazy: bool = False, expand: bool = False, expand_rank: i
 
 def _group_keys(infos: dict[str, TensorInfo], name: str) -> dict[str, dict[str, TensorInfo]]:
     """Tensor keys -> {lora_name: {suffix: info}}."""
-    if not infos:
-        raise AdapterFormatError(f"adapter {name!r}: the file holds no tensors")
     groups: dict[str, dict[str, TensorInfo]] = {}
     for key, info in infos.items():
         module, dot, suffix = key.partition(".")
