@@ -34,7 +34,8 @@ def randn(generator: torch.Generator, *shape: int) -> torch.Tensor:
 def in_memory(name: str, modules: dict[str, tuple[int, int, int, str]], seed: int, **metadata) -> Adapter:
     """An adapter of module -> (d_out, d_in, r, kind), factors from a seeded generator."""
     g = torch.Generator().manual_seed(seed)
-    factors = {m: LoraFactors(randn(g, r, d_in), randn(g, d_out, r), kind) for m, (d_out, d_in, r, kind) in modules.items()}
+    factors = {m: LoraFactors(randn(g, r, d_in), randn(g, d_out, r), kind)
+               for m, (d_out, d_in, r, kind) in modules.items()}
     return Adapter(factors, {"dtype": "float32", **metadata}, name=name)
 
 
@@ -108,8 +109,9 @@ def kohya_inputs(root: Path) -> None:
     save_file(tensors, root / "lycoris.safetensors", {"ss_network_module": "lycoris.kohya"})
     g = torch.Generator().manual_seed(5)
     sai = "lora_unet_input_blocks_4_1_transformer_blocks_0_"
-    shapes = {f"{sai}attn1_to_q": (16, 16), f"{sai}attn2_to_k": (16, 2048), "lora_unet_input_blocks_1_0_in_layers_2": None,
-              "lora_te1_text_model_encoder_layers_0_mlp_fc1": (64, 32), "lora_te2_text_model_encoder_layers_0_self_attn_k_proj": (32, 32)}
+    shapes = {f"{sai}attn1_to_q": (16, 16), f"{sai}attn2_to_k": (16, 2048),
+              "lora_unet_input_blocks_1_0_in_layers_2": None, "lora_te1_text_model_encoder_layers_0_mlp_fc1": (64, 32),
+              "lora_te2_text_model_encoder_layers_0_self_attn_k_proj": (32, 32)}
     tensors = {}
     for module, shape in shapes.items():
         down, up = ((2, 4, 3, 3), (4, 2, 1, 1)) if shape is None else ((2, shape[1]), (shape[0], 2))
@@ -128,7 +130,8 @@ def diffusers_inputs(root: Path) -> None:
                   "text_encoder.text_model.encoder.layers.0.self_attn.q_proj": ((3, 32), (32, 3))}
         tensors = {}
         for module, (a, b) in shapes.items():
-            tensors |= {f"{module}.lora_A.weight": randn(g, *a).bfloat16(), f"{module}.lora_B.weight": randn(g, *b).bfloat16()}
+            tensors |= {f"{module}.lora_A.weight": randn(g, *a).bfloat16(),
+                        f"{module}.lora_B.weight": randn(g, *b).bfloat16()}
         config = {"unet.r": 4, "unet.lora_alpha": 8, "unet.rank_pattern": {"attn2.to_k": 2},
                   "unet.alpha_pattern": {"attn2.to_k": 1}, "text_encoder.r": 3, "text_encoder.lora_alpha": 3,
                   "text_encoder.use_rslora": True}
@@ -161,12 +164,13 @@ def llama_adapter(name: str, seed: int, rank: int) -> Adapter:
 
 
 def base_checkpoint(folder: Path) -> None:
-    """A tiny llama checkpoint for `apply` (a non-ASCII header value: how the writer escapes it is part of the bytes)."""
+    """A tiny llama checkpoint for `apply` (a non-ASCII header value: how the writer escapes it is in the bytes)."""
     g = torch.Generator().manual_seed(40)
     shapes = {"model.embed_tokens.weight": (50, 16), "model.norm.weight": (16,)}
     for i in range(2):
-        shapes |= {f"model.layers.{i}.self_attn.q_proj.weight": (16, 16), f"model.layers.{i}.self_attn.k_proj.weight": (8, 16),
-                   f"model.layers.{i}.mlp.down_proj.weight": (16, 16)}
+        layer = f"model.layers.{i}"
+        shapes |= {f"{layer}.self_attn.q_proj.weight": (16, 16), f"{layer}.self_attn.k_proj.weight": (8, 16),
+                   f"{layer}.mlp.down_proj.weight": (16, 16)}
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({**LLAMA_CONFIG, "tie_word_embeddings": False}))
     save_file({k: randn(g, *shape).bfloat16() for k, shape in shapes.items()}, folder / "model.safetensors",

@@ -53,7 +53,8 @@ def test_write_is_the_loraSave_layout_and_round_trips(tmp_path):
     out = ll.save_adapter(adapter, tmp_path / "out.safetensors")  # a .safetensors of a ComfyUI adapter: comfyui
     infos, header = read_header(out)
     assert set(infos) == {f"{m}.{s}" for m in adapter for s in ("lora_down.weight", "lora_up.weight")}  # no alpha
-    assert infos[f"{CONV}.lora_down.weight"].shape == (2, 8, 3, 3) and infos[f"{ATTN}.lora_up.weight"].dtype == torch.float16
+    assert infos[f"{CONV}.lora_down.weight"].shape == (2, 8, 3, 3)
+    assert infos[f"{ATTN}.lora_up.weight"].dtype == torch.float16  # LoraSave's fp16, kept from the input
     assert header == {}
     with safe_open(out, "pt") as handle:  # the safetensors library reads it
         assert handle.get_tensor(f"{OUT}.lora_up.weight").shape == (4, 3, 1, 1)

@@ -219,7 +219,8 @@ def save_file(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: M
     with the metadata keys sorted, so that the same tensors give the same bytes. Raises OSError."""
     keys = sorted(tensors)
     if len({tensor.dtype for tensor in tensors.values()}) > 1:  # the library puts wider dtypes first
-        raise ValueError(f"save_file writes tensors of one dtype; got {sorted({str(t.dtype) for t in tensors.values()})}")
+        dtypes = sorted({str(tensor.dtype) for tensor in tensors.values()})
+        raise ValueError(f"save_file writes tensors of one dtype; got {dtypes}")
     entries = {key: (tensors[key].dtype, tuple(tensors[key].shape)) for key in keys}
     with TensorWriter(path, entries, metadata, library=True) as writer:
         for key in keys:

@@ -75,7 +75,8 @@ def read(path: Path, *, lazy: bool = False, **_options: Any) -> Adapter:
     name = str(path)
     infos, _, fetch = open_file(path)
     groups = _group(infos, name)
-    modules = {module: _module(parts, fetch, f"adapter {name!r}, module {module!r}") for module, parts in groups.items()}
+    modules = {module: _module(parts, fetch, f"adapter {name!r}, module {module!r}")
+               for module, parts in groups.items()}
 
     def read_module(module: str) -> LoraFactors:
         tensors = {suffix: fetch(info).to(torch.float32) for suffix, info in groups[module].items()

@@ -85,8 +85,8 @@ def write_file(adapter: Adapter, path: Path, tensors: Mapping[str, Callable[[], 
     return path
 
 
-def module_producer(adapter: Adapter, suffixes: Sequence[str],
-                    tensors_of: Callable[[str, LoraFactors], Mapping[str, torch.Tensor]]) -> Callable[[str], torch.Tensor]:
+def module_producer(adapter: Adapter, suffixes: Sequence[str], tensors_of: Callable[[str, LoraFactors],
+                    Mapping[str, torch.Tensor]]) -> Callable[[str], torch.Tensor]:
     """key "<module>.<suffix>" -> its tensor, from `tensors_of(module, factors)` (suffix -> tensor), holding one
     module's tensors at a time: a writer asks for a module's keys one after the other."""
     held: dict[str, Mapping[str, torch.Tensor]] = {}

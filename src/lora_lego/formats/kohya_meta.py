@@ -48,8 +48,9 @@ def file_entries(adapter: Adapter, target: torch.dtype) -> list[Entry]:
     not a lora_name, an embedding or a rank-0 module."""
     for module in adapter:
         if not LORA_NAME.match(module):
-            raise AdapterFormatError(f"adapter {adapter.name!r}, module {module!r}: not a kohya lora_name; expected "
-                                     "'lora_<component>_<path with _>' (formats.convert_adapter translates dotted names)")
+            raise AdapterFormatError(f"adapter {adapter.name!r}, module {module!r}: not a kohya lora_name; "
+                                     "expected 'lora_<component>_<path with _>' (formats.convert_adapter "
+                                     "translates dotted names)")
     return updown.entries(adapter, target, "kohya files")
 
 

@@ -100,7 +100,8 @@ def _group_keys(tensors: dict[str, Any], name: str) -> dict[str, dict[str, Any]]
     if base_layers and not any(peft_keys.DORA.search(k) or peft_keys.BIAS.search(k) for k in tensors):
         # PEFT's save_embedding_layers: copies of base weights, not part of the LoRA update
         warnings.warn(f"adapter {name!r}: ignoring {len(base_layers)} saved base-layer weight(s) "
-                      f"(copies of the base model, not LoRA factors): {some(base_layers)}", LoraLegoWarning, stacklevel=4)
+                      f"(copies of the base model, not LoRA factors): {some(base_layers)}", LoraLegoWarning,
+                      stacklevel=4)
     return peft_keys.group_keys(tensors, name, known=lambda key: peft_keys.is_key(key, alpha=False),
                                 expected="LoRA factors", ignore=frozenset(base_layers))[0]
 

@@ -100,8 +100,8 @@ def check_parts(module: str, parts: dict[str, Any], name: str, *, conv: bool) ->
         raise AdapterFormatError(f"{where}: lora_A has shape {a_shape} and lora_B {b_shape}; expected {allowed}")
     if a_shape[0] != b_shape[1]:
         raise AdapterFormatError(f"{where}: lora_A has shape {tuple(parts['A'].shape)} and lora_B "
-                                 f"{tuple(parts['B'].shape)}; expected the same rank r (A rows, B columns; expected (r, d_in) "
-                                 "and (d_out, r))")
+                                 f"{tuple(parts['B'].shape)}; expected the same rank r (A rows, B columns; "
+                                 "expected (r, d_in) and (d_out, r))")
     if a_shape[0] == 0:
         raise AdapterFormatError(f"{where}: rank 0 (lora_A has shape {a_shape}); expected r >= 1")
     if min(a_shape[1], b_shape[0]) < 1:

@@ -87,7 +87,8 @@ def entries(adapter: Adapter, target: torch.dtype, what: str, *, alpha: bool = T
         (d_out, d_in), r, kernel = info.shape, info.rank, kernel_size(info.kind)
         down = (r, d_in // (kernel[0] * kernel[1]), *kernel) if kernel else (r, d_in)
         found += [(f"{module}.{ALPHA}", target, ())] if alpha else []
-        found += [(f"{module}.{DOWN}", target, down), (f"{module}.{UP}", target, (d_out, r, 1, 1) if kernel else (d_out, r))]
+        up = (d_out, r, 1, 1) if kernel else (d_out, r)
+        found += [(f"{module}.{DOWN}", target, down), (f"{module}.{UP}", target, up)]
     if not found:
         raise AdapterFormatError(f"adapter {adapter.name!r}: nothing to save (no modules)")
     return sorted(found, key=lambda entry: entry[0])
