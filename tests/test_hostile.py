@@ -109,9 +109,9 @@ def test_ctrl_c_while_torch_is_imported_is_one_line_exit_130():
 # a merge that, once its output is written in the temporary folder, prints "ready" and waits for a file
 WAITING_WRITER = """
 import pathlib, sys, time
-import safetensors.torch
+import lora_lego.formats.peft
 
-real_save_file = safetensors.torch.save_file
+real_save_file = lora_lego.formats.peft.save_file
 
 def save_then_wait(tensors, filename, metadata=None):
     real_save_file(tensors, filename, metadata=metadata)
@@ -119,7 +119,7 @@ def save_then_wait(tensors, filename, metadata=None):
     while not pathlib.Path(sys.argv[1]).exists():
         time.sleep(0.01)
 
-safetensors.torch.save_file = save_then_wait  # before lora_lego imports it
+lora_lego.formats.peft.save_file = save_then_wait  # the PEFT writer's tensorfile.save_file
 from lora_lego.cli import main
 sys.exit(main(sys.argv[2:]))
 """

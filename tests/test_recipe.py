@@ -57,7 +57,7 @@ GOOD = {"inputs": ["a", {"path": "b", "weight": 0.5}], "output": "out", "method"
     ({"params": {"bogus": 1}}, "r.yaml: merges[0].params: method 'ties' has no parameter 'bogus'"),
     ({"params": {"density": "lots"}}, "r.yaml: merges[0].params: method 'ties' parameter 'density' must be"),
     ({"params": [1, 2]}, "r.yaml: merges[0].params: expected a mapping of parameter names to values"),
-    ({"format": "onnx"}, "r.yaml: merges[0].format: expected one of peft, kohya, diffusers, gguf; got 'onnx'"),
+    ({"format": "onnx"}, "r.yaml: merges[0].format: expected one of peft, kohya, diffusers, gguf, comfyui; got 'onnx'"),
     ({"dtype": "fp8"}, "r.yaml: merges[0].dtype: expected one of bf16, fp16, fp32; got 'fp8'"),
     ({"target": "vllm", "output": "out.safetensors"}, "r.yaml: merges[0].target: vllm loads peft adapters"),
     ({"device": "tpu"}, "r.yaml: merges[0].device: device must be 'cpu', 'cuda' or 'cuda:N'; got 'tpu'"),

@@ -339,9 +339,9 @@ def test_no_module_in_common_is_a_warning_and_a_union(tmp_path, peft_adapter, ca
 
 KILLED_WRITER = """
 import sys, time
-import safetensors.torch
+import lora_lego.formats.peft
 
-real_save_file = safetensors.torch.save_file
+real_save_file = lora_lego.formats.peft.save_file
 
 def half_then_hang(tensors, filename, metadata=None):  # a half-written file, then the process hangs
     real_save_file(tensors, filename, metadata=metadata)
@@ -350,7 +350,7 @@ def half_then_hang(tensors, filename, metadata=None):  # a half-written file, th
     print("writing", flush=True)
     time.sleep(600)
 
-safetensors.torch.save_file = half_then_hang  # before lora_lego imports it
+lora_lego.formats.peft.save_file = half_then_hang  # the PEFT writer's tensorfile.save_file
 from lora_lego.cli import main
 main(sys.argv[1:])
 """

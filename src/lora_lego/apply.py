@@ -16,6 +16,7 @@ import torch
 from ._version import version
 from .checkpoint import (Checkpoint, check_space, copy_other_files, read_checkpoint, write_config,
                          write_index)
+from .formats import base_family, naming
 from .formats.files import some
 from .errors import AdapterFormatError, BaseModelError, IncompatibleAdaptersError, LoraLegoWarning, OutputError
 from .tensorfile import TensorFileError, TensorInfo, TensorWriter, read_tensor
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 
 INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")  # tied to the head
 OUTPUT_EMBEDDINGS = ("lm_head", "embed_out")
-DOTTED_FORMATS = (None, "peft", "diffusers", "gguf")
 
 
 @dataclass
@@ -87,11 +87,12 @@ def apply_adapter(adapter: Adapter | str | Path, base: str | Path, output: str |
 
 
 def check_dotted(adapter: Adapter) -> None:
-    """Refuse adapters whose module names are not the base model's dotted paths (kohya files)."""
-    fmt = adapter.metadata.get("format")
-    if fmt not in DOTTED_FORMATS:
-        raise AdapterFormatError(f"adapter {adapter.name!r} has {fmt} module names (lora_unet_..., lora_te_...), "
-                                 "not a transformers model's dotted paths; apply diffusion LoRAs in their UI "
+    """Refuse adapters whose module names are not the base model's dotted paths (e.g. kohya files)."""
+    names = naming(adapter)
+    if names != "dotted":
+        raise AdapterFormatError(f"adapter {adapter.name!r} has {names} module names (e.g. "
+                                 f"{next(iter(adapter), '')!r}), not a transformers model's dotted paths; apply "
+                                 "diffusion LoRAs in their UI "
                                  "(or convert it with `lora-lego convert`); expected a PEFT adapter")
 
 
@@ -113,7 +114,8 @@ def plan_apply(adapter: Adapter, checkpoint: Checkpoint, *, untie: bool) -> Plan
     keyed = {module: rename(module) + ".weight" for module in adapter}
     missing = [module for module, key in keyed.items() if key not in keys]
     if missing:
-        hint = f" (a {adapter.metadata['family']} diffusion LoRA; apply it in its UI)" if adapter.metadata.get("family") else ""
+        family = base_family(adapter)
+        hint = f" (a {family} diffusion LoRA; apply it in its UI)" if family else ""
         raise IncompatibleAdaptersError(
             f"adapter {adapter.name!r}: {len(missing)} of {len(adapter)} module(s) have no weight in base "
             f"{str(checkpoint.folder)!r}{hint}: {some([keyed[m] for m in missing])}; expected the base it was trained on")

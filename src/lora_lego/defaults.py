@@ -14,4 +14,4 @@ POSITIONS = ("last", "all")
 
 # formats: the built-in formats' names, in the order `formats` registers them (a test checks that they agree;
 # the formats package itself imports torch)
-FORMATS = ("peft", "kohya", "diffusers", "gguf")
+FORMATS = ("peft", "kohya", "diffusers", "gguf", "comfyui")

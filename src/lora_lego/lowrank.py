@@ -10,12 +10,19 @@ import torch
 from .types import LoraFactors
 
 
-def scale_factors(factors: LoraFactors, weight: float) -> LoraFactors:
-    """Factors whose delta is `weight * B @ A`: sqrt(|weight|) on both sides, the sign on A (the same factors for 1)."""
+def scale_factors(factors: LoraFactors, weight: float, *, in_place: bool = False) -> LoraFactors:
+    """Factors whose delta is `weight * B @ A`: sqrt(|weight|) on both sides, the sign on A (the same factors for 1).
+
+    The one scale fold: methods weight adapters with it, readers fold a module's scale (alpha / r, ...) in
+    with `in_place=True` (scaling the fresh tensors they read, not copies of them)."""
     if weight == 1:
         return factors
     root = abs(weight) ** 0.5
     sign = -1.0 if weight < 0 else 1.0
+    if in_place:
+        factors.A.mul_(sign * root)
+        factors.B.mul_(root)
+        return factors
     return LoraFactors(factors.A * (sign * root), factors.B * root, factors.kind)
 
 

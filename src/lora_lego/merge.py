@@ -20,7 +20,7 @@ from .errors import IncompatibleAdaptersError, LoraLegoError, LoraLegoWarning, M
 from .provenance import merged_metadata, module_report
 from .progress import progress as progress_of
 from .registry import DEFAULT_METHOD, PRUNE_METHOD, get_method
-from .types import Adapter, LoraFactors, check_factor_values
+from .types import Adapter, LoraFactors, check_factor_values, check_origins
 
 MAX_WEIGHT = 1e6  # largest |weight| of an adapter: task weights are O(1), larger ones overflow float32
 
@@ -89,28 +89,6 @@ def align_modules(adapters: Sequence[Adapter]) -> dict[str, list[int]]:
                     stacklevel=3,
                 )
     return owners
-
-
-def check_origins(adapters: Sequence[Adapter]) -> None:
-    """Refuse adapters of different base-model families (e.g. SD 1.x and SDXL) or module namings.
-
-    A family ("sd1", "sdxl", "flux", ...) is known for diffusion-model files; a naming differs between
-    kohya files and the others (`formats.convert_adapter` translates it; the CLI does so itself).
-    """
-    families = {a.metadata.get("family") for a in adapters} - {None}
-    if len(families) > 1:
-        shown = ", ".join(f"{a.name!r}: {a.metadata.get('family')}" for a in adapters if a.metadata.get("family"))
-        raise IncompatibleAdaptersError(f"adapters are for different base-model families ({shown}); "
-                                        "merge adapters of one base model")
-    archs = {a.metadata.get("gguf_architecture") for a in adapters} - {None}
-    if len(archs) > 1:
-        shown = ", ".join(f"{a.name!r}: {a.metadata['gguf_architecture']}" for a in adapters if a.metadata.get("gguf_architecture"))
-        raise IncompatibleAdaptersError(f"GGUF adapters are for different architectures ({shown}); merge adapters of one base model")
-    kohya = {a.metadata.get("format") == "kohya" for a in adapters}
-    if len(kohya) > 1:
-        shown = ", ".join(f"{a.name!r}: {a.metadata.get('format', 'in memory')}" for a in adapters)
-        raise IncompatibleAdaptersError(f"adapters name their modules differently ({shown}); convert them to one "
-                                        "format first (lora_lego.formats.convert_adapter; the CLI does it itself)")
 
 
 def scale_rule(params: dict[str, Any]) -> tuple[bool, dict[str, Any]]:

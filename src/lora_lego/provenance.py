@@ -10,7 +10,7 @@ from typing import Any, Sequence
 from ._version import version
 from .errors import IncompatibleAdaptersError, LoraLegoWarning
 from .lowrank import concat_factors, factor_grams, relative_error_from_grams
-from .types import LoraFactors
+from .types import LoraFactors, carried_metadata
 from .writing import source_folders
 
 
@@ -60,11 +60,8 @@ def merged_metadata(adapters, method, params, weights, seed, report) -> dict[str
     if len(bases) > 1:
         warnings.warn(f"adapters name different base models: {sorted(bases)}", LoraLegoWarning, stacklevel=3)
     return {
-        "format": first.get("format"),  # the inputs' format and family: writers keep what still holds of them
-        "family": first.get("family"),
-        "source_headers": [a.metadata.get("header", {}) for a in adapters],
+        **carried_metadata(adapters),  # what the formats keep for their writers (the first's format, ...)
         "base_model_name_or_path": next(iter(_firsts(adapters, "base_model_name_or_path")), None),
-        "gguf_base_config": next(iter(_firsts(adapters, "gguf_base_config")), None),  # what a GGUF writer needs
         "task_type": first.get("task_type"),
         "fan_in_fan_out": first.get("fan_in_fan_out", False),
         "dtype": first.get("dtype", "float32"),

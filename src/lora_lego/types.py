@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -189,3 +189,30 @@ def check_factor_values(factors: LoraFactors, where: str) -> None:
             raise AdapterFormatError(f"{where}: lora_{side} contains NaN or Inf")
         raise AdapterFormatError(f"{where}: lora_{side} has entries up to {peak:.3g}; expected |values| <= "
                                  f"{MAX_ABS:g} (larger ones make float32 products overflow)")
+
+
+# Where adapters come from is the format layer's knowledge: `formats` registers, on import, how to refuse
+# adapters that no merge can combine (another base model, another module naming) and what a merge of them
+# keeps for the writers (the first's format, kohya headers, a GGUF base config...). merge and provenance
+# ask through these two functions and read no format's metadata keys themselves.
+_ORIGINS: list[tuple[Callable[[Sequence["Adapter"]], None], Callable[[Sequence["Adapter"]], dict[str, Any]]]] = []
+
+
+def register_origins(check: Callable[[Sequence[Adapter]], None],
+                     carry: Callable[[Sequence[Adapter]], dict[str, Any]]) -> None:
+    """Add `check(adapters)` (raises IncompatibleAdaptersError) and `carry(adapters)` (metadata to keep)."""
+    _ORIGINS.append((check, carry))
+
+
+def check_origins(adapters: Sequence[Adapter]) -> None:
+    """Refuse adapters that cannot be merged, by the rules the format layer registered."""
+    for check, _ in _ORIGINS:
+        check(adapters)
+
+
+def carried_metadata(adapters: Sequence[Adapter]) -> dict[str, Any]:
+    """The metadata a merge of `adapters` keeps for the writers, as the format layer registered it."""
+    carried: dict[str, Any] = {}
+    for _, carry in _ORIGINS:
+        carried.update(carry(adapters))
+    return carried

@@ -128,32 +128,58 @@ def source_folders(adapter: Adapter) -> list[str]:
 
 
 @contextlib.contextmanager
-def atomic_folder(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; on success it replaces `path`, on failure it is removed.
+def atomic_output(path: str | Path, *, overwrite: bool = False, folder: bool = False) -> Iterator[Path]:
+    """Yield a temporary file (or, with `folder`, a temporary folder) beside `path`; on success it replaces
+    `path`, on failure it is removed. The one atomic writer of every output (adapters, files, checkpoints).
 
     A run killed mid-write leaves only ".<name>.tmp-<pid>-*", which the next write to `path` deletes.
     """
-    final = Path(path)
-    parent = final.parent
-    check_output_name(path, f"output {str(path)!r}")
+    final, what = Path(path), f"output {str(path)!r}"
+    check_output_name(path, what)
     if final.exists() and not overwrite:
-        raise OutputError(f"output {str(path)!r} already exists (pass --overwrite / overwrite=True to replace it)")
+        raise OutputError(f"{what} already exists (pass --overwrite / overwrite=True to replace it)")
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        remove_stale(parent, final.name)
-        temporary = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=parent))
-        os.chmod(temporary, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide the output from other users
+        temporary = _temporary(final, folder)
     except OSError as error:
-        raise OutputError(f"cannot write output {str(path)!r}: {reason(error)}") from None
+        raise OutputError(f"cannot write {what}: {reason(error)}") from None
     try:
         yield temporary
-        commit(temporary, final, overwrite=overwrite, what=f"output {str(path)!r}")
+        commit(temporary, final, overwrite=overwrite, what=what)
     except BaseException as error:
-        shutil.rmtree(temporary, ignore_errors=True)
-        translated = output_error(f"output {str(path)!r}", error)  # full disk, ulimit -f, ...: one typed error
+        _discard(temporary)
+        translated = output_error(what, error)  # full disk, ulimit -f, ...: one typed error
         if translated is not None:
             raise translated from None
         raise
+
+
+def atomic_folder(path: str | Path, *, overwrite: bool = False) -> contextlib.AbstractContextManager[Path]:
+    """`atomic_output` of a folder: yields the temporary folder to fill."""
+    return atomic_output(path, overwrite=overwrite, folder=True)
+
+
+def _temporary(final: Path, folder: bool) -> Path:
+    """A new empty temporary file or folder beside `final`, readable as the umask allows (mkstemp / mkdtemp
+    would make it private to this user), after removing the stale ones of dead runs. Raises OSError."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(final.parent, final.name)
+    prefix = f".{final.name}.tmp-{os.getpid()}-"
+    if folder:
+        name = tempfile.mkdtemp(prefix=prefix, dir=final.parent)
+        os.chmod(name, 0o777 & ~current_umask())
+    else:
+        handle, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
+        os.close(handle)
+        os.chmod(name, 0o666 & ~current_umask())
+    return Path(name)
+
+
+def _discard(temporary: Path) -> None:
+    if temporary.is_dir() and not temporary.is_symlink():
+        shutil.rmtree(temporary, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
 
 
 def current_umask() -> int:
@@ -223,18 +249,14 @@ def write_json_atomic(path: str | Path, data: object, *, overwrite: bool = True)
     if final.is_symlink():
         raise OutputError(f"cannot write {str(path)!r}: a symbolic link; refusing to write through it")
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale(final.parent, final.name)
-        handle, temporary = tempfile.mkstemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent)
-        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the report from other users
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        temporary = _temporary(final, folder=False)
+        with open(temporary, "w", encoding="utf-8") as stream:
             json.dump(data, stream, indent=2, sort_keys=True)
             stream.write("\n")
-        commit(Path(temporary), final, overwrite=overwrite, what=repr(str(path)))
+        commit(temporary, final, overwrite=overwrite, what=repr(str(path)))
     except BaseException as error:
         if temporary is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
+            _discard(temporary)
         translated = output_error(repr(str(path)), error)
         if translated is not None:
             raise translated from None

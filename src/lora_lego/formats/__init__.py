@@ -11,18 +11,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from ..errors import AdapterFormatError, OutputError
+from ..errors import AdapterFormatError, IncompatibleAdaptersError, OutputError
 from ..tensorfile import TensorFileError, read_header
-from ..types import Adapter
+from ..types import Adapter, register_origins
 
 SINGLE_FILE = ".safetensors"
 GGUF_FILE = ".gguf"
 # Endings of weight, archive and text files that no format here writes: an output named so would be a
 # folder in disguise (a PEFT folder called "m.bin").
+TRANSLATED = ("dotted", "kohya")  # the namings names.translate converts between
 NOT_WRITTEN = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".npy", ".npz", ".h5", ".onnx", ".ggml",
                ".safetensor", ".json", ".yaml", ".yml", ".txt", ".zip", ".tar", ".gz")
 
@@ -34,8 +35,14 @@ class Format:
     read(path, *, lazy, expand, expand_rank) -> Adapter; write(adapter, path, *, dtype, overwrite) -> Path.
     `suffix` is the file name ending of a single-file format (None for folders); `owns(key)` says
     whether a tensor key of a .safetensors file belongs to this format; `naming` is "dotted" (module
-    paths) or "kohya" (lora_<component>_<path with "_">); `options` are the extra keyword arguments its
+    paths), "kohya" (lora_<component>_<path with "_">) or a format's own naming (not translated; see
+    `convert_adapter`); `options` are the extra keyword arguments its
     reader and writer take (e.g. "base_config_path"); `consumers` names the tools that load what it writes.
+
+    Hooks, so that nothing above this package reads a format's metadata keys: `check_compatible(adapters)`
+    raises IncompatibleAdaptersError for adapters that its metadata says no merge can combine (another base
+    model); `carry(adapters)` returns the metadata a merge of adapters keeps for its writer. Every merge runs
+    every registered format's hooks (a merge of diffusers files may be written as kohya).
     """
 
     name: str
@@ -47,6 +54,8 @@ class Format:
     suffix: str | None = None
     options: tuple[str, ...] = ()
     consumers: str = ""
+    check_compatible: Callable[[Sequence[Adapter]], None] | None = None
+    carry: Callable[[Sequence[Adapter]], dict[str, Any]] | None = None
 
     @property
     def single_file(self) -> bool:
@@ -77,8 +86,10 @@ def get_format(name: str) -> Format:
 def detect_format(path: str | Path) -> str:
     """The format of an adapter on disk: "peft" for a folder, else from a single file's tensor names.
 
-    Raises AdapterFormatError for a missing path, an unreadable file, a key no format knows, or a
-    file whose keys mix formats (naming both, with an example key of each).
+    The file's format is the first registered one that owns every key (a key may be several formats':
+    the alpha of a dotted module path may belong to more than one). Raises AdapterFormatError for a missing path, an
+    unreadable file, a key no format knows, or a file whose keys mix formats (naming both, with an example
+    key of each).
     """
     path = Path(path)
     if path.suffix == GGUF_FILE and not path.exists():
@@ -95,17 +106,19 @@ def detect_format(path: str | Path) -> str:
         raise AdapterFormatError(f"adapter {str(path)!r}: not a readable safetensors file ({error})") from None
     if not infos:
         raise AdapterFormatError(f"adapter {str(path)!r}: the file holds no tensors")
-    claimed: dict[str, list[str]] = {}
-    for key in infos:
-        owners = [fmt.name for fmt in _FORMATS.values() if fmt.owns is not None and fmt.owns(key)]
-        if not owners:
-            raise AdapterFormatError(f"adapter {str(path)!r}: tensor {key!r} is not a LoRA key of any known format "
-                                     f"({', '.join(n for n, f in _FORMATS.items() if f.single_file)})")
-        claimed.setdefault(owners[0], []).append(key)
-    if len(claimed) > 1:
-        shown = "; ".join(f"{name} ({len(keys)} keys, e.g. {keys[0]!r})" for name, keys in claimed.items())
-        raise AdapterFormatError(f"adapter {str(path)!r}: its keys mix formats: {shown}")
-    return next(iter(claimed))
+    owners = {key: [name for name, fmt in _FORMATS.items() if fmt.owns is not None and fmt.owns(key)] for key in infos}
+    orphan = next((key for key, names in owners.items() if not names), None)
+    if orphan is not None:
+        raise AdapterFormatError(f"adapter {str(path)!r}: tensor {orphan!r} is not a LoRA key of any known format "
+                                 f"({', '.join(n for n, f in _FORMATS.items() if f.single_file)})")
+    common = [name for name in _FORMATS if all(name in names for names in owners.values())]
+    if common:
+        return common[0]
+    claimed: dict[str, list[str]] = {}  # each key under its first owner
+    for key, names in owners.items():
+        claimed.setdefault(names[0], []).append(key)
+    shown = "; ".join(f"{name} ({len(keys)} keys, e.g. {keys[0]!r})" for name, keys in claimed.items())
+    raise AdapterFormatError(f"adapter {str(path)!r}: its keys mix formats: {shown}")
 
 
 def load_adapter(path: str | Path, *, lazy: bool = False, format: str | None = None, expand: bool = False,
@@ -196,14 +209,46 @@ def convert_adapter(adapter: Adapter, format: str) -> Adapter:
 
     Exact: renaming, or splitting a fused qkv LoRA into q / k / v (same A, row blocks of B) and fusing
     them back (rank 3r, block-diagonal B). Raises AdapterFormatError for a name that has no
-    translation.
+    translation, and for a naming other than "dotted" and "kohya" (a format's own naming is not translated).
     """
     target = get_format(format)
-    if naming(adapter) == target.naming:
+    own = naming(adapter)
+    if own == target.naming:
         return adapter
+    if {own, target.naming} - set(TRANSLATED):
+        raise AdapterFormatError(f"adapter {adapter.name!r}: its {own} module names have no translation to "
+                                 f"{target.name}'s ({target.naming}); names are translated between "
+                                 f"{' and '.join(TRANSLATED)} only: merge and write it in its own format")
     from .names import translate
 
     return translate(adapter, target.naming)
+
+
+def check_compatible(adapters: Sequence[Adapter]) -> None:
+    """Refuse adapters that no merge can combine: each format's rule (its `check_compatible` hook: the
+    base-model family, the GGUF architecture), then module names of two namings (`convert_adapter`)."""
+    hooks = [fmt.check_compatible for fmt in _FORMATS.values() if fmt.check_compatible is not None]
+    for hook in dict.fromkeys(hooks):  # each rule once, in registration order
+        hook(adapters)
+    if len({naming(a) for a in adapters}) > 1:
+        shown = ", ".join(f"{a.name!r}: {a.metadata.get('format', 'in memory')}" for a in adapters)
+        raise IncompatibleAdaptersError(f"adapters name their modules differently ({shown}); convert them to one "
+                                        "format first (lora_lego.formats.convert_adapter; the CLI does it itself)")
+
+
+def carry(adapters: Sequence[Adapter]) -> dict[str, Any]:
+    """What a merge of `adapters` keeps for the writers: the first adapter's format (`output_format`) and what
+    each format's `carry` hook asks for."""
+    carried: dict[str, Any] = {"format": adapters[0].metadata.get("format")}
+    for fmt in _FORMATS.values():
+        if fmt.carry is not None:
+            carried.update(fmt.carry(adapters))
+    return carried
+
+
+def base_family(adapter: Adapter) -> str | None:
+    """The base-model family ("sd1", "sdxl", "flux", ...) the adapter's reader found, None for others."""
+    return adapter.metadata.get("family")
 
 
 def harmonise(adapters: Sequence[Adapter]) -> list[Adapter]:
@@ -215,20 +260,28 @@ def harmonise(adapters: Sequence[Adapter]) -> list[Adapter]:
 
 
 def _register_builtins() -> None:
-    from . import diffusers, gguf, gguf_read, kohya, peft
+    from . import comfyui, diffusers, gguf, gguf_read, kohya, peft
+    from .family import carry_family, check_families
 
     register_format(Format("peft", "PEFT folder (adapter_config.json + adapter_model.safetensors or .bin)",
                            peft.read, peft.write,
                            consumers="PEFT's PeftModel.from_pretrained, vLLM, lora-lego apply"))
     register_format(Format("kohya", "kohya / LyCORIS single file (lora_down / lora_up / alpha; LoCon, Tucker)",
                            kohya.read, kohya.write, naming="kohya", owns=kohya.owns, suffix=SINGLE_FILE,
-                           consumers="sd-scripts, ComfyUI, A1111 / Forge, diffusers' load_lora_weights"))
+                           consumers="sd-scripts, ComfyUI, A1111 / Forge, diffusers' load_lora_weights",
+                           check_compatible=check_families, carry=kohya.carry))
     register_format(Format("diffusers", "diffusers / ai-toolkit / SimpleTuner single file (lora_A / lora_B, "
                            "component prefixes, lora_adapter_metadata)", diffusers.read, diffusers.write,
-                           owns=diffusers.owns, suffix=SINGLE_FILE, consumers="diffusers' load_lora_weights"))
+                           owns=diffusers.owns, suffix=SINGLE_FILE, consumers="diffusers' load_lora_weights",
+                           check_compatible=check_families, carry=carry_family))
     register_format(Format("gguf", "llama.cpp / ollama GGUF LoRA adapter (blk.N.<name>.weight.lora_a / lora_b, "
                            "adapter.lora.alpha; needs the gguf package)", gguf_read.read, gguf.write, suffix=GGUF_FILE,
-                           options=("base_config_path",), consumers="llama.cpp --lora, ollama's ADAPTER"))
+                           options=("base_config_path",), consumers="llama.cpp --lora, ollama's ADAPTER",
+                           check_compatible=gguf_read.check_architectures, carry=gguf_read.carry_base_config))
+    register_format(Format("comfyui", "ComfyUI single file (diffusion_model.<module>.lora_down / lora_up, as its "
+                           "LoraSave node writes)", comfyui.read, comfyui.write, naming="comfyui", owns=comfyui.owns,
+                           suffix=SINGLE_FILE, consumers="ComfyUI's LoraLoader"))
 
 
 _register_builtins()
+register_origins(check_compatible, carry)  # what merge and provenance ask (types.check_origins, carried_metadata)

@@ -5,7 +5,6 @@ the LoraConfig of each component in the `lora_adapter_metadata` header, or `.alp
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,21 +12,17 @@ import torch
 
 from ..errors import AdapterFormatError
 from ..tensorfile import TensorInfo
-from ..types import Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values, conv_kind, kernel_size
+from ..types import Adapter, LazyModules, LoraFactors, ModuleInfo, kernel_size
 from ..writing import cast_finite, output_dtype
 from .diffusers_config import METADATA_KEY, config_scaling, header_configs, read_configs, split_component
+from . import peft_keys
 from .family import family_from_metadata, family_from_modules
-from .files import open_file, some, write_file
+from .files import module_producer, open_file, provenance_header, some, write_file
 from .names import canonical_dotted, cross_attention_dim
 from .peft_config import CONFIG_NAME, read_config
-from .record import apply_recorded, record
+from .ranks import stored_dtype
+from .record import apply_recorded
 
-_PEFT_PREFIX = "base_model.model."
-_PARTS = {"lora_A.weight": ("A", "linear"), "lora_B.weight": ("B", "linear"), "lora_embedding_A": ("A", "embedding"),
-          "lora_embedding_B": ("B", "embedding"), "alpha": ("alpha", None)}
-_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|alpha)$")
-_DORA = re.compile(r"\.(lora_magnitude_vector|dora_scale)(\.|$)")
-_BIAS = re.compile(r"\.lora_B(\.[^.]+)?\.bias$")
 
 
 def owns(key: str) -> bool:
@@ -37,7 +32,7 @@ def owns(key: str) -> bool:
     """
     if key.split(".", 1)[0].startswith("lora_"):
         return False
-    return bool(_KEY.match(key) or _DORA.search(key) or _BIAS.search(key))
+    return bool(peft_keys.is_key(key) or peft_keys.DORA.search(key) or peft_keys.BIAS.search(key))
 
 
 def read(path: Path, *, lazy: bool = False, **_options: Any) -> Adapter:
@@ -55,28 +50,27 @@ def read(path: Path, *, lazy: bool = False, **_options: Any) -> Adapter:
     """
     name = str(path)
     infos, header, fetch = open_file(path)
-    if not infos:
-        raise AdapterFormatError(f"adapter {name!r}: the file holds no tensors")
-    groups, peft_prefixed = _group_keys(infos, name)
+    groups, peft_prefixed = peft_keys.group_keys(infos, name, known=owns, expected=(
+        "diffusers LoRA tensors (<module>.lora_A.weight / .lora_B.weight / .alpha)"))
     configs = read_configs(header, name)
     if not configs and peft_prefixed and (path.parent / CONFIG_NAME).is_file():
         configs = {None: read_config(path.parent)}  # a PEFT folder's weights file named directly
-    module_infos = {module: _check_parts(module, parts, name) for module, parts in groups.items()}
+    module_infos = {module: peft_keys.check_parts(module, parts, name, conv=True) for module, parts in groups.items()}
     scalings = {module: _scaling(module, info.rank, groups[module], configs, fetch, name)
                 for module, info in module_infos.items()}
     renamed = _canonical_names(list(groups), name)
 
     def read_module(module: str) -> LoraFactors:
         source = renamed[module]
-        return _read_factors(groups[source], module_infos[source].kind, scalings[source], fetch,
-                             f"adapter {name!r}, module {source!r}")
+        return peft_keys.read_factors(groups[source], module_infos[source].kind, scalings[source], fetch,
+                                      f"adapter {name!r}, module {source!r}")
 
     infos_out = {module: module_infos[source] for module, source in renamed.items()}
     metadata = {
         "format": "diffusers",
         "family": family_from_metadata(header) or family_from_modules(renamed, cross_attention_dim(infos_out)),
         "header": dict(header),
-        "dtype": _stored_dtype(groups),
+        "dtype": stored_dtype(parts[side].dtype for parts in groups.values() for side in ("A", "B")),
         "scaling": {module: scalings[source] for module, source in renamed.items()},
         "folder": str(path.resolve()),  # what writes must never overwrite (see writing.source_folders)
         "base_model_name_or_path": None,
@@ -86,66 +80,6 @@ def read(path: Path, *, lazy: bool = False, **_options: Any) -> Adapter:
     apply_recorded(metadata, header, name)
     modules = LazyModules(infos_out, read_module) if lazy else {module: read_module(module) for module in renamed}
     return Adapter(modules, metadata, name=name)
-
-
-def _group_keys(infos: dict[str, TensorInfo], name: str) -> tuple[dict[str, dict[str, Any]], bool]:
-    """Keys -> {module: {"A", "B", "alpha": info, "kind": ...}} and whether PEFT's prefix was stripped;
-    refuses DoRA, lora bias and keys that are not diffusers LoRA tensors."""
-    dora = [key for key in infos if _DORA.search(key)]
-    if dora:
-        raise AdapterFormatError(f"adapter {name!r}: DoRA magnitude vectors are not supported ({some(dora)}); "
-                                 "DoRA needs the base weights, so it is not an additive low-rank update")
-    bias = [key for key in infos if _BIAS.search(key)]
-    if bias:
-        raise AdapterFormatError(f"adapter {name!r}: lora_bias tensors are not supported ({some(bias)})")
-    unknown = [key for key in infos if not owns(key)]
-    if unknown:
-        raise AdapterFormatError(f"adapter {name!r}: tensor keys that are not diffusers LoRA tensors "
-                                 f"(<module>.lora_A.weight / .lora_B.weight / .alpha): {some(unknown)}")
-    groups: dict[str, dict[str, Any]] = {}
-    prefixed = False
-    for key, info in infos.items():
-        match = _KEY.match(key)
-        module = match["module"]
-        if module.startswith(_PEFT_PREFIX):
-            module, prefixed = module[len(_PEFT_PREFIX):], True
-        side, kind = _PARTS[match["part"]]
-        entry = groups.setdefault(module, {})
-        if kind is not None and entry.setdefault("kind", kind) != kind:
-                raise AdapterFormatError(f"adapter {name!r}, module {module!r}: mixes linear and embedding LoRA keys")
-        if side in entry:
-            raise AdapterFormatError(f"adapter {name!r}, module {module!r}: two {match['part']} tensors "
-                                     f"(with and without the {_PEFT_PREFIX!r} prefix)")
-        entry[side] = info
-    return groups, prefixed
-
-
-def _check_parts(module: str, parts: dict[str, Any], name: str) -> ModuleInfo:
-    """One module's entries (dtype and shape only) -> its ModuleInfo, or AdapterFormatError."""
-    where = f"adapter {name!r}, module {module!r}"
-    for side, other in (("A", "B"), ("B", "A")):
-        if side not in parts:
-            has = f"lora_{other}" if other in parts else "an alpha"
-            raise AdapterFormatError(f"{where}: has {has} but no lora_{side}; expected both lora_A and lora_B")
-        if not parts[side].dtype.is_floating_point:
-            raise AdapterFormatError(f"{where}: lora_{side} has dtype {parts[side].dtype}; expected a float tensor")
-    a_shape, b_shape = tuple(parts["A"].shape), tuple(parts["B"].shape)
-    kind = parts["kind"]
-    if len(a_shape) == 4 and len(b_shape) == 4 and kind == "linear":
-        if b_shape[2:] != (1, 1):
-            raise AdapterFormatError(f"{where}: conv lora_B has shape {b_shape}; expected (c_out, r, 1, 1)")
-        kind = conv_kind(a_shape[2:])
-        a_shape, b_shape = (a_shape[0], a_shape[1] * a_shape[2] * a_shape[3]), b_shape[:2]
-    elif len(a_shape) != 2 or len(b_shape) != 2:
-        raise AdapterFormatError(f"{where}: lora_A has shape {a_shape} and lora_B {b_shape}; expected 2-D (r, d_in) "
-                                 "and (d_out, r), or 4-D conv (r, c_in, kh, kw) and (c_out, r, 1, 1)")
-    if a_shape[0] != b_shape[1]:
-        raise AdapterFormatError(f"{where}: lora_A has shape {tuple(parts['A'].shape)} and lora_B "
-                                 f"{tuple(parts['B'].shape)}; expected the same rank r (A rows, B columns)")
-    if min(*a_shape, *b_shape) < 1:
-        raise AdapterFormatError(f"{where}: lora_A has shape {a_shape} and lora_B {b_shape}; "
-                                 "expected r, d_in, d_out >= 1")
-    return ModuleInfo((b_shape[0], a_shape[1]), a_shape[0], kind)
 
 
 def _scaling(module: str, rank: int, parts: dict[str, Any], configs: dict[str | None, dict[str, Any]],
@@ -187,25 +121,6 @@ def _canonical_names(modules: list[str], name: str) -> dict[str, str]:
     return renamed
 
 
-def _read_factors(parts: dict[str, Any], kind: str, scaling: float, fetch: Callable[[TensorInfo], torch.Tensor],
-                  where: str) -> LoraFactors:
-    """One module's factors as float32 (conv ones flattened) with sqrt(|scaling|) folded in; values checked."""
-    A = fetch(parts["A"]).to(torch.float32)
-    B = fetch(parts["B"]).to(torch.float32)
-    A, B = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], B.shape[1])  # conv: (r, c_in*kh*kw), (c_out, r)
-    root = abs(scaling) ** 0.5  # as lowrank.scale_factors: the sign (a negative alpha) goes on A
-    factors = LoraFactors(A.mul_(root if scaling >= 0 else -root), B.mul_(root), kind)
-    check_factor_values(factors, f"{where} (scaling {scaling:g} folded in)")
-    return factors
-
-
-def _stored_dtype(groups: dict[str, dict[str, Any]]) -> str:
-    """The dtype the factors were stored in; ties go to the widest, deterministically."""
-    dtypes = [parts[side].dtype for parts in groups.values() for side in ("A", "B")]
-    stored = max(sorted(set(dtypes), key=str), key=lambda d: (dtypes.count(d), d.itemsize))
-    return str(stored).removeprefix("torch.")
-
-
 def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = None, overwrite: bool = False) -> Path:
     """Write `adapter` (dotted module paths, e.g. "unet.down_blocks.0...") as a diffusers single file.
 
@@ -228,34 +143,27 @@ def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = Non
                                  "file needs dotted module paths (save_adapter / convert_adapter translates them)")
     target = output_dtype(adapter, dtype)
     metadata = {"format": "pt", METADATA_KEY: json.dumps(header_configs(ranks, adapter.name), indent=2, sort_keys=True)}
-    metadata.update(record(adapter.metadata))  # provenance, base model, task type
+    metadata.update(provenance_header(adapter))
     tensors, shapes = _tensor_plan(adapter, target, f"output {str(path)!r}")
     return write_file(adapter, path, tensors, metadata, shapes=shapes, overwrite=overwrite)
 
 
 def _tensor_plan(adapter: Adapter, target: torch.dtype, where: str):
     """key -> a function making the tensor, and key -> (dtype, shape); each module is read once."""
-    tensors: dict[str, Callable[[], torch.Tensor]] = {}
+    def tensors_of(module: str, factors: LoraFactors) -> dict[str, torch.Tensor]:
+        a_shape, b_shape = _stored_shapes(adapter.info(module))
+        a_key, b_key = peft_keys.factor_keys(factors.kind)
+        return {key: cast_finite(getattr(factors, side).detach(), target, f"{where}, module {module!r}: lora_{side}")
+                .reshape(shape) for key, side, shape in ((a_key, "A", a_shape), (b_key, "B", b_shape))}
+
+    produce = module_producer(adapter, (*peft_keys.factor_keys("linear"), *peft_keys.factor_keys("embedding")),
+                              tensors_of)
     shapes: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-    last: dict[str, LoraFactors] = {}
-
-    def factors_of(module: str) -> LoraFactors:
-        if module not in last:
-            last.clear()  # hold one module at a time: A is written just before B
-            last[module] = adapter[module]
-        return last[module]
-
     for module in adapter:
         info = adapter.info(module)
-        a_shape, b_shape = _stored_shapes(info)
-        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if info.kind == "embedding" else ("lora_A.weight",
-                                                                                                 "lora_B.weight")
-        for key, side, shape in ((a_key, "A", a_shape), (b_key, "B", b_shape)):
+        for key, shape in zip(peft_keys.factor_keys(info.kind), _stored_shapes(info)):
             shapes[f"{module}.{key}"] = (target, shape)
-            tensors[f"{module}.{key}"] = (lambda m=module, s=side, sh=shape:
-                                          cast_finite(getattr(factors_of(m), s).detach(), target,
-                                                      f"{where}, module {m!r}: lora_{s}").reshape(sh))
-    return tensors, shapes
+    return {key: (lambda key=key: produce(key)) for key in shapes}, shapes
 
 
 def _stored_shapes(info: ModuleInfo) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections import Counter
 from typing import Any, Mapping
 
 from ..errors import AdapterFormatError
 from .peft_config import check_patterns, is_number, pattern_value
+from .ranks import common_rank
 
 METADATA_KEY = "lora_adapter_metadata"
 # pipeline attributes that hold a LoRA-able model; a file's module names start with one of them
@@ -94,8 +94,7 @@ def component_config(ranks: Mapping[str, int]) -> dict[str, Any]:
     of a module path; a key that is a suffix of another module's path here (Flux's "proj_out" and
     "single_transformer_blocks.0.proj_out") is anchored with "^".
     """
-    counts = Counter(ranks.values())
-    r = max(counts, key=lambda rank: (counts[rank], rank))
+    r = common_rank(ranks.values())
     short = {module: module.removeprefix("text_model.") for module in ranks}
     pattern = {}
     for module, rank in ranks.items():

@@ -4,7 +4,10 @@ metadata when it says so, else from its module names; None for other adapters (e
 from __future__ import annotations
 
 import json
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
+
+from ..errors import IncompatibleAdaptersError
+from ..types import Adapter
 
 FAMILIES = ("sd1", "sd2", "sdxl", "flux")
 # ss_base_model_version (sd-scripts) and modelspec.architecture (SAI model spec) prefixes -> family
@@ -77,6 +80,21 @@ def mixed_families(modules: Iterable[str]) -> tuple[tuple[str, str], tuple[str, 
         del found["sd1/sd2"]  # SDXL's diffusers-named UNet (down_blocks ...) is SDXL's too
     pairs = sorted(found.items())
     return (pairs[0], pairs[1]) if len(pairs) > 1 else None
+
+
+def check_families(adapters: Sequence[Adapter]) -> None:
+    """Refuse diffusion-model adapters of different families (e.g. SD 1.x and SDXL): a format hook."""
+    families = {a.metadata.get("family") for a in adapters} - {None}
+    if len(families) > 1:
+        shown = ", ".join(f"{a.name!r}: {a.metadata.get('family')}" for a in adapters if a.metadata.get("family"))
+        raise IncompatibleAdaptersError(f"adapters are for different base-model families ({shown}); "
+                                        "merge adapters of one base model")
+
+
+def carry_family(adapters: Sequence[Adapter]) -> dict[str, Any]:
+    """The family a merge keeps (the first adapter's): the kohya writer's header and the names' translation
+    need it. A format hook."""
+    return {"family": adapters[0].metadata.get("family")}
 
 
 def header_json(header: Mapping[str, str], key: str) -> dict:

@@ -3,88 +3,113 @@ writing one atomically with sorted metadata (bitwise-identical files for the sam
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 
 from ..errors import AdapterFormatError, OutputError
-from ..oserrors import output_error, reason
 from ..tensorfile import TensorFileError, TensorInfo, TensorWriter, read_header, read_tensor
-from ..types import Adapter
-from ..writing import check_output_name, check_output_path, commit, current_umask, remove_stale, source_folders
+from ..types import Adapter, LoraFactors
+from ..writing import atomic_output, check_output_path, source_folders
 
 
 def open_file(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], Callable[[TensorInfo], torch.Tensor]]:
     """A single adapter file's tensor infos by key, its string metadata, and how to read one tensor.
 
-    Raises AdapterFormatError naming the file when it is missing or not a readable safetensors file.
+    Raises AdapterFormatError naming the file when it is missing, not a readable safetensors file or empty.
     """
     name = str(path)
     if not path.is_file():
         raise AdapterFormatError(f"adapter {name!r}: no such file")
-    try:
-        infos, header = read_header(path)
-    except (OSError, TensorFileError) as error:
-        raise AdapterFormatError(f"adapter {name!r}: not a readable safetensors file ({error})") from None
+    infos, header = header_of(path, f"adapter {name!r}: not a readable safetensors file")
+    if not infos:
+        raise AdapterFormatError(f"adapter {name!r}: the file holds no tensors")
+    return infos, dict(header), tensor_reader(path, f"adapter {name!r}: cannot read a tensor")
 
+
+def header_of(path: Path, failure: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """`tensorfile.read_header`, raising AdapterFormatError("<failure> (<why>)") for an unreadable file."""
+    try:
+        return read_header(path)
+    except (OSError, TensorFileError) as error:
+        raise AdapterFormatError(f"{failure} ({error})") from None
+
+
+def tensor_reader(path: Path, failure: str) -> Callable[[TensorInfo], torch.Tensor]:
+    """info -> the tensor read from `path`, raising AdapterFormatError("<failure> (<why>)") when it cannot be."""
     def fetch(info: TensorInfo) -> torch.Tensor:
         try:
             return read_tensor(path, info)
         except (OSError, TensorFileError) as error:
-            raise AdapterFormatError(f"adapter {name!r}: cannot read a tensor ({error})") from None
-    return infos, dict(header), fetch
+            raise AdapterFormatError(f"{failure} ({error})") from None
+    return fetch
 
 
-@contextlib.contextmanager
-def atomic_file(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary file path beside `path`; on success it replaces `path`, on failure it is removed."""
-    final = Path(path)
-    check_output_name(path, f"output {str(path)!r}")
-    if final.exists() and not overwrite:
-        raise OutputError(f"output {str(path)!r} already exists (pass --overwrite / overwrite=True to replace it)")
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale(final.parent, final.name)
-        handle, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent)
-        os.close(handle)
-        os.chmod(name, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the output from other users
-    except OSError as error:
-        raise OutputError(f"cannot write output {str(path)!r}: {reason(error)}") from None
-    temporary = Path(name)
-    try:
-        yield temporary
-        commit(temporary, final, overwrite=overwrite, what=f"output {str(path)!r}")
-    except BaseException as error:
-        temporary.unlink(missing_ok=True)
-        translated = output_error(f"output {str(path)!r}", error)  # full disk, ulimit -f, ...: one typed error
-        if translated is not None:
-            raise translated from None
-        raise
+class Hasher(Protocol):
+    """Hashes of a file's data written into its own header (kohya's sshs_* keys): `placeholder()` gives the keys
+    with values of the final length, `update(data)` sees the data bytes in file order, `hashes()` the values."""
+
+    def placeholder(self) -> dict[str, str]: ...
+
+    def update(self, data: memoryview) -> None: ...
+
+    def hashes(self) -> dict[str, str]: ...
 
 
 def write_file(adapter: Adapter, path: Path, tensors: Mapping[str, Callable[[], torch.Tensor] | torch.Tensor],
                metadata: Mapping[str, str], *, shapes: Mapping[str, tuple[torch.dtype, tuple[int, ...]]] | None = None,
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, library: bool = False, hasher: Hasher | None = None) -> Path:
     """Write one .safetensors file atomically, refusing a path that is (or is inside) an input.
 
     `tensors` maps key -> tensor, or key -> a function making it (then `shapes` gives each key's dtype
     and shape, so only one tensor is in memory at a time). Keys are written in the given order,
-    metadata keys sorted, so the same adapter gives the same bytes.
+    metadata keys sorted, so the same adapter gives the same bytes; `library` picks the header layout
+    (`tensorfile.header_bytes`). A `hasher` hashes the data as it streams and its hashes are added to the
+    metadata before the file is put in place.
     """
     if path.is_dir():
         raise OutputError(f"output {str(path)!r} is a folder; expected a .safetensors file path")
     check_output_path(path, source_folders(adapter), overwrite=overwrite)
     if shapes is None:
         shapes = {key: (t.dtype, tuple(t.shape)) for key, t in tensors.items()}  # type: ignore[union-attr]
-    with atomic_file(path, overwrite=overwrite) as temporary:
-        with TensorWriter(temporary, dict(shapes), dict(metadata)) as writer:
+    first = {**metadata, **hasher.placeholder()} if hasher is not None else dict(metadata)
+    with atomic_output(path, overwrite=overwrite) as temporary:
+        with TensorWriter(temporary, dict(shapes), first, library=library,
+                          on_data=hasher.update if hasher is not None else None) as writer:
             for key, tensor in tensors.items():
                 writer.write(key, (tensor() if callable(tensor) else tensor).contiguous())
+            if hasher is not None:
+                writer.set_metadata({**metadata, **hasher.hashes()})
     return path
+
+
+def module_producer(adapter: Adapter, suffixes: Sequence[str], tensors_of: Callable[[str, LoraFactors],
+                    Mapping[str, torch.Tensor]]) -> Callable[[str], torch.Tensor]:
+    """key "<module>.<suffix>" -> its tensor, from `tensors_of(module, factors)` (suffix -> tensor), holding one
+    module's tensors at a time: a writer asks for a module's keys one after the other."""
+    held: dict[str, Mapping[str, torch.Tensor]] = {}
+
+    def produce(key: str) -> torch.Tensor:
+        suffix = next(suffix for suffix in suffixes if key.endswith("." + suffix))
+        module = key[: -len(suffix) - 1]
+        if module not in held:
+            held.clear()
+            held[module] = tensors_of(module, adapter[module])
+        return held[module][suffix]
+    return produce
+
+
+def provenance_header(adapter: Adapter, *, config_holds_the_rest: bool = False) -> dict[str, str]:
+    """What a file's header records of the adapter (`record.record`): the provenance as sorted JSON, the base
+    model and the task type, each only when the adapter has it (only the provenance when a config file beside
+    it already holds the base model and task type, as PEFT's does)."""
+    from .record import PROVENANCE, record
+
+    entries = record(adapter.metadata)
+    if config_holds_the_rest:
+        return {key: value for key, value in entries.items() if key == PROVENANCE}
+    return entries
 
 
 def some(keys: list[Any], limit: int = 3) -> str:

@@ -20,8 +20,9 @@ import torch
 from ..errors import AdapterFormatError
 from ..hub import resolve
 from ..types import Adapter, LoraFactors
-from ..writing import cast_finite, check_output_path, output_dtype, source_folders
-from .files import atomic_file, some
+from ..writing import atomic_output, cast_finite, check_output_path, output_dtype, source_folders
+from .files import some
+from .ranks import alpha_folded
 from .record import record
 
 SUFFIX = ".gguf"
@@ -173,7 +174,7 @@ def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = Non
     raw = getattr(gguf.GGMLQuantizationType, _WRITE_TYPES[torch_dtype])
     alpha = Counter(adapter.ranks.values()).most_common(1)[0][0] if len(adapter) else 1
     check_output_path(path, source_folders(adapter), overwrite=overwrite)
-    with atomic_file(path, overwrite=overwrite) as temporary:
+    with atomic_output(path, overwrite=overwrite) as temporary:
         writer = gguf.GGUFWriter(temporary, arch)
         writer.add_type("adapter")
         writer.add_string("adapter.type", "lora")
@@ -202,7 +203,7 @@ def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = Non
 
 def _gguf_factors(factors: LoraFactors, alpha: int, heads: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(lora_a, lora_b) as llama.cpp reads them for scale alpha / r: B times r / alpha, q/k rows permuted."""
-    B = factors.B * (factors.rank / alpha)
+    B = alpha_folded(factors.B, factors.rank, alpha)
     if heads is not None:
         B = permute_rows(B, heads)
     A = factors.A.T if factors.kind == "embedding" else factors.A

@@ -8,11 +8,12 @@ import math
 import struct
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from ..errors import AdapterFormatError
+from ..errors import AdapterFormatError, IncompatibleAdaptersError
+from ..lowrank import scale_factors
 from ..types import Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values
 from .files import some
 from .gguf import (CONFIG_KEY, HF_MODULES, PERMUTED, PROVENANCE_KEY, _name_map, _permuted_heads, architecture,
@@ -86,8 +87,8 @@ def read(path: Path, *, lazy: bool = False, expand: bool = False, expand_rank: i
         heads = _permuted_heads(base, arch, shape)
         if heads is not None:
             B = permute_rows(B, heads, inverse=True)
-        scale = (alpha / A.shape[0] if alpha else 1.0) ** 0.5
-        factors = LoraFactors(A * scale, B * scale, infos[module].kind)
+        factors = scale_factors(LoraFactors(A, B, infos[module].kind), alpha / A.shape[0] if alpha else 1.0,
+                                in_place=True)
         check_factor_values(factors, f"adapter {name!r}, module {module!r}")
         return factors
 
@@ -101,6 +102,22 @@ def read(path: Path, *, lazy: bool = False, expand: bool = False, expand_rank: i
     apply_recorded(metadata, fields, name, PROVENANCE_KEY)  # what our writer records: provenance, base model, task
     modules = LazyModules(infos, read_module) if lazy else {module: read_module(module) for module in infos}
     return Adapter(modules, metadata, name=name)
+
+
+def check_architectures(adapters: Sequence[Adapter]) -> None:
+    """Refuse GGUF adapters of different llama.cpp architectures: a format hook."""
+    archs = {a.metadata.get("gguf_architecture") for a in adapters} - {None}
+    if len(archs) > 1:
+        shown = ", ".join(f"{a.name!r}: {a.metadata['gguf_architecture']}" for a in adapters
+                          if a.metadata.get("gguf_architecture"))
+        raise IncompatibleAdaptersError(f"GGUF adapters are for different architectures ({shown}); merge adapters "
+                                        "of one base model")
+
+
+def carry_base_config(adapters: Sequence[Adapter]) -> dict[str, Any]:
+    """The first recorded base config, which the GGUF writer needs (architecture, head counts): a format hook."""
+    return {"gguf_base_config": next((a.metadata["gguf_base_config"] for a in adapters
+                                      if a.metadata.get("gguf_base_config") is not None), None)}
 
 
 def check_counts(path: Path, name: str) -> None:

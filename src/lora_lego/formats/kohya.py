@@ -8,7 +8,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -16,13 +16,15 @@ from ..errors import AdapterFormatError
 from ..tensorfile import TensorInfo
 from ..types import Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values, conv_kind
 from ..writing import output_dtype
-from . import kohya_meta, lycoris
-from .family import family_from_metadata, family_from_modules, mixed_families
-from .files import open_file, some
+from ..lowrank import scale_factors
+from . import kohya_meta, lycoris, updown
+from .family import carry_family, family_from_metadata, family_from_modules, mixed_families
+from .files import module_producer, open_file, some
+from .ranks import stored_dtype
 from .record import apply_recorded
 
 ALGOS = {  # the suffixes of each readable algorithm, and its name in messages
-    "lora": ("LoRA", ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha")),
+    "lora": ("LoRA", updown.SUFFIXES),
     "loha": ("LoHa", ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha")),
     "lokr": ("LoKr", ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2",
                       "alpha")),
@@ -47,6 +49,12 @@ _SD1_PROJ = re.compile(r"_(proj_in|proj_out)$")  # 1x1 convolutions in SD 1.x UN
 def owns(key: str) -> bool:
     """A kohya / LyCORIS key: its part before the first "." is a lora_name (lora_unet_..., lora_te_..., ...)."""
     return key.split(".", 1)[0].startswith("lora_")
+
+
+def carry(adapters: Sequence[Adapter]) -> dict[str, Any]:
+    """What a merge keeps for the kohya writer: the family and the inputs' headers, of which it keeps what still
+    holds (`kohya_meta.output_metadata`). A format hook."""
+    return {**carry_family(adapters), "source_headers": [a.metadata.get("header", {}) for a in adapters]}
 
 
 @dataclass(frozen=True)
@@ -90,11 +98,10 @@ def read(path: Path, *, lazy: bool = False, expand: bool = False, expand_rank: i
     def read_module(module: str) -> LoraFactors:
         return _read_factors(modules[module], expand_rank, fetch, f"adapter {name!r}, module {module!r}")
 
-    stored = Counter(info.dtype for m in modules.values() for key, info in m.parts.items() if key != "alpha")
     expanded = Counter(ALGOS[m.algo][0] for m in modules.values() if m.algo != "lora")
     metadata = {
         "format": "kohya", "family": family, "header": header,
-        "dtype": str(max(sorted(stored, key=str), key=lambda d: (stored[d], d.itemsize))).removeprefix("torch."),
+        "dtype": stored_dtype(info.dtype for m in modules.values() for key, info in m.parts.items() if key != "alpha"),
         "scaling": {module: m.scale for module, m in modules.items()},
         "folder": str(path.resolve()),  # what writes must never overwrite (writing.source_folders)
         "base_model_name_or_path": None, "task_type": None, "fan_in_fan_out": False,
@@ -108,8 +115,6 @@ def read(path: Path, *, lazy: bool = False, expand: bool = False, expand_rank: i
 
 def _group_keys(infos: dict[str, TensorInfo], name: str) -> dict[str, dict[str, TensorInfo]]:
     """Tensor keys -> {lora_name: {suffix: info}}."""
-    if not infos:
-        raise AdapterFormatError(f"adapter {name!r}: the file holds no tensors")
     groups: dict[str, dict[str, TensorInfo]] = {}
     for key, info in infos.items():
         module, dot, suffix = key.partition(".")
@@ -164,36 +169,12 @@ def _layout(algo: str, parts: dict[str, TensorInfo], where: str) -> lycoris.Layo
     """What a module's shapes say (delta shape, kernel, exact rank, the rank alpha divides by); checks them."""
     shapes = {suffix: info.shape for suffix, info in parts.items()}
     try:
-        layout = {"lora": _lora_layout, "loha": lycoris.loha_layout, "lokr": lycoris.lokr_layout}[algo](shapes)
+        layout = {"lora": updown.layout, "loha": lycoris.loha_layout, "lokr": lycoris.lokr_layout}[algo](shapes)
     except ValueError as error:
         raise AdapterFormatError(f"{where}: {error}") from None
     if min(layout.shape) < 1 or layout.rank < 1:
         raise AdapterFormatError(f"{where}: empty factors ({ALGOS[algo][0]} shapes {shapes}); expected sizes >= 1")
     return layout
-
-
-def _lora_layout(shapes: dict[str, tuple[int, ...]]) -> lycoris.Layout:
-    """A LoRA / LoCon module: linear down (r, in), up (out, r); conv down (r, c_in, kh, kw), up (c_out, r, 1, 1);
-    Tucker down (r', c_in, 1, 1), mid (r, r', kh, kw), up (c_out, r, 1, 1). Raises ValueError."""
-    for side, other in (("lora_down.weight", "lora_up.weight"), ("lora_up.weight", "lora_down.weight")):
-        if side not in shapes:
-            raise ValueError(f"has {other} but no {side}; expected both")
-    down, up, mid = shapes["lora_down.weight"], shapes["lora_up.weight"], shapes.get("lora_mid.weight")
-    expected = ("expected (r, d_in) and (d_out, r) (linear), (r, c_in, kh, kw) and (c_out, r, 1, 1) (conv) "
-                "or, with lora_mid (r, r', kh, kw), (r', c_in, 1, 1) and (c_out, r, 1, 1) (Tucker)")
-    if mid is not None:
-        if len(mid) != 4 or len(down) != 4 or len(up) != 4 or down[2:] != (1, 1) or up[2:] != (1, 1) \
-                or mid[1] != down[0] or mid[0] != up[1]:
-            raise ValueError(f"lora_down.weight has shape {down}, lora_mid.weight {mid} and lora_up.weight {up}; "
-                             f"{expected}")
-        return lycoris.Layout((up[0], down[1] * mid[2] * mid[3]), (mid[2], mid[3]), mid[0], down[0])
-    linear = len(down) == 2 and len(up) == 2
-    conv = len(down) == 4 and len(up) == 4 and up[2:] == (1, 1)
-    if not (linear or conv) or down[0] != up[1] or 0 in down or 0 in up:
-        problem = "rank mismatch: " if (linear or conv) and down[0] != up[1] else ""
-        raise ValueError(f"{problem}lora_down.weight has shape {down} and lora_up.weight {up}; {expected}, same r >= 1")
-    kernel = (down[2], down[3]) if conv else None
-    return lycoris.Layout((up[0], down[1] * (down[2] * down[3] if conv else 1)), kernel, down[0], down[0])
 
 
 def _module(module: str, algo: str, parts: dict[str, TensorInfo], layout: lycoris.Layout, family: str | None,
@@ -204,8 +185,7 @@ def _module(module: str, algo: str, parts: dict[str, TensorInfo], layout: lycori
         kernel = _flat_kernel(module, shape[1], family)
     kind = conv_kind(kernel) if kernel is not None else "linear"
     where = f"adapter {name!r}, module {module!r}"
-    alpha = _alpha(parts.get("alpha"), fetch, where)
-    scale = 1.0 if alpha is None or alpha == 0 or dim is None else alpha / dim  # sd-scripts / LyCORIS: alpha 0 -> dim
+    scale = updown.scale(updown.read_alpha(parts.get("alpha"), fetch, where), dim)
     if algo != "lora":
         rank = lycoris.plain_rank(rank, shape, expand_rank)
     return _Module(algo, parts, ModuleInfo(shape, rank, kind), scale)
@@ -222,19 +202,6 @@ def _flat_kernel(module: str, d_in: int, family: str | None) -> tuple[int, int] 
     return kernel if kernel is not None and d_in % (kernel[0] * kernel[1]) == 0 else None
 
 
-def _alpha(info: TensorInfo | None, fetch: Callable[[TensorInfo], torch.Tensor], where: str) -> float | None:
-    if info is None:
-        return None
-    if info.shape != ():
-        raise AdapterFormatError(f"{where}: alpha has shape {tuple(info.shape)}; expected a 0-d tensor")
-    if info.dtype == torch.bool or info.dtype.is_complex:
-        raise AdapterFormatError(f"{where}: alpha has dtype {info.dtype}; expected a real number")
-    alpha = float(fetch(info))
-    if alpha != alpha or alpha in (float("inf"), float("-inf")):
-        raise AdapterFormatError(f"{where}: alpha is {alpha}; expected a finite number")
-    return alpha
-
-
 def _read_factors(module: _Module, expand_rank: int | None, fetch: Callable[[TensorInfo], torch.Tensor],
                   where: str) -> LoraFactors:
     """Read one module's tensors as float32, make its plain factors with the scale folded in, check them."""
@@ -244,17 +211,10 @@ def _read_factors(module: _Module, expand_rank: int | None, fetch: Callable[[Ten
             tensors[suffix] = fetch(info).to(torch.float32)
             if not torch.isfinite(tensors[suffix]).all():
                 raise AdapterFormatError(f"{where}: {suffix} contains NaN or Inf")
-    if module.algo == "lora":
-        down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
-        mid = tensors.get("lora_mid.weight")
-        A = lycoris.fold_tucker(mid, down.flatten(1)) if mid is not None else down.flatten(1)
-        B = up.flatten(1)
-    else:
-        A, B = (lycoris.loha_factors if module.algo == "loha" else lycoris.lokr_factors)(tensors)
-    root = abs(module.scale) ** 0.5  # the sign (a negative alpha) goes on A, as peft.py
-    A, B = A * (root if module.scale >= 0 else -root), B * root
-    factors = (LoraFactors(A.contiguous(), B.contiguous(), module.info.kind) if module.algo == "lora"
-               else lycoris.to_plain(A, B, module.info.kind, expand_rank))
+    plain = {"lora": updown.plain_factors, "loha": lycoris.loha_factors, "lokr": lycoris.lokr_factors}[module.algo]
+    A, B = plain(tensors)
+    scaled = scale_factors(LoraFactors(A.contiguous(), B.contiguous(), module.info.kind), module.scale, in_place=True)
+    factors = scaled if module.algo == "lora" else lycoris.to_plain(scaled.A, scaled.B, module.info.kind, expand_rank)
     check_factor_values(factors, f"{where} (scale {module.scale:g} folded in)")
     return factors
 
@@ -270,8 +230,10 @@ def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = Non
     """
     path = Path(path)
     target = output_dtype(adapter, dtype)
-    entries, ranks, kinds = kohya_meta.file_entries(adapter, target)
+    entries = kohya_meta.file_entries(adapter, target)
+    ranks, kinds = dict(adapter.ranks), {module: adapter.info(module).kind for module in adapter}
+    alpha = kohya_meta.file_alpha(ranks)
+    produce = module_producer(adapter, updown.SUFFIXES, lambda module, factors: updown.module_tensors(
+        factors, target, alpha, f"output {str(path)!r}, module {module!r}"))
     metadata = kohya_meta.output_metadata(adapter, path, ranks, kinds)
-    producer = kohya_meta.producer(adapter, target, kohya_meta.file_alpha(ranks), f"output {str(path)!r}")
-    return kohya_meta.write_hashed(adapter, path, entries, producer, metadata,
-                                   overwrite=overwrite)
+    return kohya_meta.write_hashed(adapter, path, entries, produce, metadata, overwrite=overwrite)

@@ -5,24 +5,21 @@ streamed with sd-scripts' sshs hashes."""
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 import json
-import math
-import os
 import re
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
 
-from ..errors import AdapterFormatError, OutputError
-from ..tensorfile import NAMES
-from ..types import Adapter, LoraFactors, kernel_size
-from ..writing import cast_finite, check_output_path, source_folders
-from .files import atomic_file
-from .record import record
+from ..errors import AdapterFormatError
+from ..tensorfile import header_bytes
+from ..types import Adapter, kernel_size
+from . import updown
+from .files import provenance_header, write_file
+from .ranks import common_rank
 
-Entry = tuple[str, torch.dtype, tuple[int, ...]]  # key, dtype, shape
+Entry = updown.Entry
 
 # recomputed for every file we write
 NETWORK_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args")
@@ -46,68 +43,26 @@ LEGACY_WINDOW = (0x100000, 0x110000)  # the bytes sd-webui-additional-networks' 
 LORA_NAME = re.compile(r"^lora_[A-Za-z0-9]+_[A-Za-z0-9_]+$")
 
 
-def file_entries(adapter: Adapter, target: torch.dtype) -> tuple[list[Entry], dict[str, int], dict[str, str]]:
-    """The file's (key, dtype, shape) sorted by key (safetensors' data order for one dtype), and each module's
-    rank and kind. Raises AdapterFormatError for a name that is not a lora_name, an embedding or a rank-0 module."""
-    entries, ranks, kinds = [], {}, {}
+def file_entries(adapter: Adapter, target: torch.dtype) -> list[Entry]:
+    """The file's (key, dtype, shape) sorted by key (`updown.entries`). Raises AdapterFormatError for a name that is
+    not a lora_name, an embedding or a rank-0 module."""
     for module in adapter:
-        info = adapter.info(module)
-        where = f"adapter {adapter.name!r}, module {module!r}"
         if not LORA_NAME.match(module):
-            raise AdapterFormatError(f"{where}: not a kohya lora_name; expected 'lora_<component>_<path with _>' "
-                                     "(formats.convert_adapter translates dotted names)")
-        if info.kind == "embedding":
-            raise AdapterFormatError(f"{where}: an embedding LoRA; kohya files hold linear and convolution LoRA only")
-        if info.rank < 1:
-            raise AdapterFormatError(f"{where}: rank 0 cannot be saved; expected r >= 1")
-        (d_out, d_in), r, kernel = info.shape, info.rank, kernel_size(info.kind)
-        down = (r, d_in // (kernel[0] * kernel[1]), *kernel) if kernel else (r, d_in)
-        entries += [(f"{module}.alpha", target, ()), (f"{module}.lora_down.weight", target, down),
-                    (f"{module}.lora_up.weight", target, (d_out, r, 1, 1) if kernel else (d_out, r))]
-        ranks[module], kinds[module] = r, info.kind
-    if not entries:
-        raise AdapterFormatError(f"adapter {adapter.name!r}: nothing to save (no modules)")
-    return sorted(entries, key=lambda entry: entry[0]), ranks, kinds
+            raise AdapterFormatError(f"adapter {adapter.name!r}, module {module!r}: not a kohya lora_name; "
+                                     "expected 'lora_<component>_<path with _>' (formats.convert_adapter "
+                                     "translates dotted names)")
+    return updown.entries(adapter, target, "kohya files")
 
 
 def file_alpha(ranks: Mapping[str, int]) -> int:
-    """The one alpha every module of the file gets: the most common rank (ties: the larger).
+    """The one alpha every module of the file gets: the most common rank (`ranks.common_rank`).
 
     One alpha for all modules, not alpha = r per module: diffusers' kohya loader turns per-module alphas into
     PEFT alpha_pattern keys that miss its attention modules, which then get the most common alpha instead
     (measured: a rank-2 to_k at half strength in a mixed-rank file). A module of another rank carries
     r / alpha in B, so every reader's alpha / r * up @ down is still the delta.
     """
-    counts = Counter(ranks.values())
-    return max(counts, key=lambda rank: (counts[rank], rank))
-
-
-def producer(adapter: Adapter, target: torch.dtype, alpha: int, where: str = "output") -> Callable[[str], torch.Tensor]:
-    """key -> tensor, holding one module's tensors at a time (a module's keys are consecutive in sorted order)."""
-    cache: dict[str, dict[str, torch.Tensor]] = {}
-
-    def produce(key: str) -> torch.Tensor:
-        module, _, suffix = key.partition(".")
-        if module not in cache:
-            cache.clear()
-            cache[module] = module_tensors(adapter[module], target, alpha, f"{where}, module {module!r}")
-        return cache[module][suffix]
-    return produce
-
-
-def module_tensors(factors: LoraFactors, target: torch.dtype, alpha: int,
-                   what: str = "module") -> dict[str, torch.Tensor]:
-    """`alpha`, lora_down.weight = A, lora_up.weight = B (conv: 4-D) in `target`. B carries r / alpha (as
-    stored in `target`: bf16 is not exact above 256), so that a reader's alpha / r * B A is still the delta."""
-    r, kernel = factors.rank, kernel_size(factors.kind)
-    alpha = torch.tensor(float(alpha), dtype=target)
-    B = factors.B.detach().float()
-    if float(alpha) != r:
-        B = B * (r / float(alpha))
-    down = factors.A.detach().reshape(r, -1, *kernel) if kernel else factors.A.detach()
-    up = B.reshape(*B.shape, 1, 1) if kernel else B
-    return {"alpha": alpha, "lora_down.weight": cast_finite(down, target, f"{what}: lora_down").contiguous(),
-            "lora_up.weight": cast_finite(up, target, f"{what}: lora_up").contiguous()}
+    return common_rank(ranks.values())
 
 
 def output_metadata(adapter: Adapter, path: Path, ranks: Mapping[str, int], kinds: Mapping[str, str]) -> dict[str, str]:
@@ -133,7 +88,7 @@ def output_metadata(adapter: Adapter, path: Path, ranks: Mapping[str, int], kind
     if merged:
         header["modelspec.merged_from"] = ", ".join(_titles(sources, meta.get("provenance", {}).get("sources", [])))
         header["modelspec.title"] = path.stem
-    header.update(record(meta))  # provenance, base model, task type
+    header.update(provenance_header(adapter))
     return header
 
 
@@ -167,23 +122,6 @@ def network_metadata(ranks: Mapping[str, int], kinds: Mapping[str, str], family:
     return metadata
 
 
-def safetensors_header(entries: Sequence[Entry], metadata: Mapping[str, str]) -> bytes:
-    """The 8-byte length and JSON header of a safetensors file of `entries` (in this data order) and `metadata`.
-
-    As the safetensors library writes it (compact JSON, UTF-8 unescaped, padded with spaces to a multiple of 8
-    bytes), except that metadata keys are sorted where it uses hash-map order.
-    """
-    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
-    offset = 0
-    for key, dtype, shape in entries:
-        size = math.prod(shape) * dtype.itemsize
-        header[key] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text
-
-
 class SshsHasher:
     """sd-scripts' `precalculate_safetensors_hashes`, streamed: fed the header, then the data bytes in order.
 
@@ -207,13 +145,11 @@ class SshsHasher:
             self._legacy.update(data[low - start:high - start])
         self._position = end
 
+    def placeholder(self) -> dict[str, str]:
+        return {"sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8}
+
     def hashes(self) -> dict[str, str]:
         return {"sshs_model_hash": self._model.hexdigest(), "sshs_legacy_hash": self._legacy.hexdigest()[:8]}
-
-
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a tensor (0-d included), as safetensors stores them."""
-    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def write_hashed(adapter: Adapter, path: Path, entries: Sequence[Entry], produce: Callable[[str], torch.Tensor],
@@ -221,27 +157,11 @@ def write_hashed(adapter: Adapter, path: Path, entries: Sequence[Entry], produce
     """Write a safetensors file atomically, tensors made one at a time by `produce(key)` in `entries` order, with
     sshs_model_hash / sshs_legacy_hash over its re-serialisation with only the ss_* metadata (as sd-scripts).
 
-    One pass: the header is written with placeholder hashes of the final length, then rewritten in place
-    before the file is renamed into place. Refuses (OutputError) a folder, an input, or an existing path
-    unless `overwrite`.
+    One pass (`files.write_file` with this hasher): the header is written with placeholder hashes of the final
+    length, then rewritten in place before the file is renamed into place. Refuses (OutputError) a folder, an
+    input, or an existing path unless `overwrite`.
     """
-    if path.is_dir():
-        raise OutputError(f"output {str(path)!r} is a folder; expected a .safetensors file path")
-    check_output_path(path, source_folders(adapter), overwrite=overwrite)
-    hasher = SshsHasher(safetensors_header(entries, {k: v for k, v in metadata.items() if k.startswith("ss_")}))
-    placeholder = {**metadata, "sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8}
-    with atomic_file(path, overwrite=overwrite) as temporary, open(temporary, "wb") as stream:
-        stream.write(safetensors_header(entries, placeholder))
-        for key, dtype, shape in entries:
-            tensor = produce(key)
-            if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):  # a bug of the caller, not user input
-                raise RuntimeError(f"tensor {key!r}: expected {dtype} {list(shape)}, "
-                                   f"got {tensor.dtype} {list(tensor.shape)}")
-            data = tensor_bytes(tensor)
-            hasher.update(data)
-            stream.write(data)
-        stream.seek(0)
-        stream.write(safetensors_header(entries, {**metadata, **hasher.hashes()}))  # same length as the placeholder
-        stream.flush()
-        os.fsync(stream.fileno())
-    return path
+    shapes = {key: (dtype, tuple(shape)) for key, dtype, shape in entries}
+    hasher = SshsHasher(header_bytes(shapes, {k: v for k, v in metadata.items() if k.startswith("ss_")}, library=True))
+    tensors = {key: (lambda key=key: produce(key)) for key in shapes}
+    return write_file(adapter, path, tensors, metadata, shapes=shapes, overwrite=overwrite, library=True, hasher=hasher)

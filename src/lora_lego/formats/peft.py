@@ -10,21 +10,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import save_file
 
 from ..errors import AdapterFormatError, LoraLegoWarning
-from ..tensorfile import TensorFileError, TensorInfo, read_header, read_tensor
+from ..tensorfile import save_file
 from ..types import MAX_ABS, Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values  # noqa: F401
 from ..card import write_card
 from ..writing import atomic_folder, cast_finite, check_output_path, output_dtype, source_folders
+from . import peft_keys
+from .files import header_of, provenance_header, some, tensor_reader
+from .ranks import common_rank, stored_dtype
 from .peft_config import CONFIG_NAME, module_scaling, pattern_value, read_config  # noqa: F401  (re-exported)
 from .record import PROVENANCE, apply_recorded
 
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
-_PREFIX = "base_model.model."
-_PARTS = {"lora_A.weight": ("A", "linear"), "lora_B.weight": ("B", "linear"),
-          "lora_embedding_A": ("A", "embedding"), "lora_embedding_B": ("B", "embedding")}
-_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
+_PREFIX = peft_keys.PREFIX
 
 
 def load_peft(path: str | Path, *, lazy: bool = False) -> Adapter:
@@ -42,22 +41,20 @@ def load_peft(path: str | Path, *, lazy: bool = False) -> Adapter:
     config = read_config(folder)
     entries, fetch, header = _open_weights(folder, name)
     pairs = _group_keys(entries, name)
-    infos = {module: _check_parts(module, parts, name) for module, parts in pairs.items()}
+    infos = {module: peft_keys.check_parts(module, parts, name, conv=False) for module, parts in pairs.items()}
     if not infos:
         raise AdapterFormatError(f"adapter {name!r}: no LoRA tensors in its weights file")
     scalings = {module: module_scaling(config, module, info.rank, name) for module, info in infos.items()}
 
     def read(module: str) -> LoraFactors:
-        return _read_factors(pairs[module], scalings[module], fetch, f"adapter {name!r}, module {module!r}")
+        return peft_keys.read_factors(pairs[module], infos[module].kind, scalings[module], fetch,
+                                      f"adapter {name!r}, module {module!r}")
 
-    # the dtype the LoRA factors were stored in (base-layer copies left out); ties go to the widest, deterministically
-    factor_dtypes = [parts[side].dtype for parts in pairs.values() for side in ("A", "B")]
-    stored = max(sorted(set(factor_dtypes), key=str), key=lambda d: (factor_dtypes.count(d), d.itemsize))
     metadata = {
         "base_model_name_or_path": config.get("base_model_name_or_path"),
         "task_type": config.get("task_type"),
         "fan_in_fan_out": bool(config.get("fan_in_fan_out", False)),
-        "dtype": str(stored).removeprefix("torch."),
+        "dtype": stored_dtype(parts[side].dtype for parts in pairs.values() for side in ("A", "B")),  # not base layers
         "scaling": scalings,
         "peft_config": config,
         "folder": str(folder.resolve()),  # what save_adapter must never write into (see writing.source_folders)
@@ -76,17 +73,9 @@ def _open_weights(folder: Path, name: str) -> tuple[dict[str, Any], Callable[[An
         if not weights_path.is_file():
             continue
         if weights_name.endswith(".safetensors"):
-            try:
-                infos, header = read_header(weights_path)
-            except (OSError, TensorFileError) as error:
-                raise AdapterFormatError(f"adapter {name!r}: cannot read {weights_name} ({error})") from None
-
-            def fetch(info: TensorInfo) -> torch.Tensor:
-                try:
-                    return read_tensor(weights_path, info)
-                except (OSError, TensorFileError) as error:
-                    raise AdapterFormatError(f"adapter {name!r}: cannot read {weights_name} ({error})") from None
-            return infos, fetch, dict(header)
+            failure = f"adapter {name!r}: cannot read {weights_name}"
+            infos, header = header_of(weights_path, failure)
+            return infos, tensor_reader(weights_path, failure), dict(header)
         try:
             tensors = torch.load(weights_path, map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises many types for damaged files
@@ -110,74 +99,15 @@ def _load_reason(error: Exception) -> str:
 
 
 def _group_keys(tensors: dict[str, Any], name: str) -> dict[str, dict[str, Any]]:
-    """Tensor keys -> {module: {"A"/"B": entry, "kind": ...}}; refuses keys that are not plain LoRA."""
-    pairs: dict[str, dict[str, Any]] = {}
-    dora = [k for k in tensors if "lora_magnitude_vector" in k]
-    if dora:
-        raise AdapterFormatError(f"adapter {name!r}: DoRA magnitude vectors are not supported ({_some(dora)})")
-    bias = [k for k in tensors if re.search(r"lora_B(\.[^.]+)?\.bias$", k)]
-    if bias:
-        raise AdapterFormatError(f"adapter {name!r}: lora_bias tensors are not supported ({_some(bias)})")
+    """Tensor keys -> {module: {"A"/"B": entry, "kind": ...}} (`peft_keys`); saved base-layer weights are skipped."""
     base_layers = [k for k in tensors if k.endswith(".base_layer.weight")]
-    if base_layers:  # PEFT's save_embedding_layers: copies of base weights, not part of the LoRA update
+    if base_layers and not any(peft_keys.DORA.search(k) or peft_keys.BIAS.search(k) for k in tensors):
+        # PEFT's save_embedding_layers: copies of base weights, not part of the LoRA update
         warnings.warn(f"adapter {name!r}: ignoring {len(base_layers)} saved base-layer weight(s) "
-                      f"(copies of the base model, not LoRA factors): {_some(base_layers)}", LoraLegoWarning, stacklevel=4)
-    unknown = [k for k in tensors if not _KEY.match(k) and k not in base_layers]
-    if unknown:
-        raise AdapterFormatError(f"adapter {name!r}: tensor keys that are not LoRA factors: {_some(unknown)}")
-    for key, tensor in tensors.items():
-        match = _KEY.match(key)
-        if match is None:
-            continue
-        module = match["module"].removeprefix(_PREFIX)
-        side, kind = _PARTS[match["part"]]
-        entry = pairs.setdefault(module, {"kind": kind})
-        if entry["kind"] != kind:
-            raise AdapterFormatError(f"adapter {name!r}, module {module!r}: mixes linear and embedding LoRA keys")
-        entry[side] = tensor
-    return pairs
-
-
-def _check_parts(module: str, parts: dict[str, Any], name: str) -> ModuleInfo:
-    """Check one module's two entries (tensors or header infos: dtype and shape) and return its info."""
-    where = f"adapter {name!r}, module {module!r}"
-    for side in ("A", "B"):
-        if side not in parts:
-            raise AdapterFormatError(f"{where}: has lora_{'B' if side == 'A' else 'A'} but no lora_{side}")
-        entry = parts[side]
-        if not entry.dtype.is_floating_point:
-            raise AdapterFormatError(f"{where}: lora_{side} has dtype {entry.dtype}; expected a float tensor")
-        if len(entry.shape) != 2:
-            raise AdapterFormatError(
-                f"{where}: lora_{side} has shape {tuple(entry.shape)}; a PEFT folder holds only 2-D (linear or "
-                "embedding) LoRA here (convolution LoRA is read from kohya / LyCORIS files)"
-            )
-    a_shape, b_shape = tuple(parts["A"].shape), tuple(parts["B"].shape)
-    if a_shape[0] != b_shape[1]:
-        raise AdapterFormatError(
-            f"{where}: lora_A has shape {a_shape} and lora_B {b_shape}; expected (r, d_in) and (d_out, r)"
-        )
-    if a_shape[0] == 0:
-        raise AdapterFormatError(f"{where}: rank 0 (lora_A has shape {a_shape}); expected r >= 1")
-    if a_shape[1] == 0 or b_shape[0] == 0:
-        raise AdapterFormatError(f"{where}: lora_A has shape {a_shape} and lora_B {b_shape}; "
-                                 "expected d_in >= 1 and d_out >= 1")
-    return ModuleInfo((b_shape[0], a_shape[1]), a_shape[0], parts["kind"])
-
-
-def _read_factors(parts: dict[str, Any], scaling: float, fetch: Callable[[Any], torch.Tensor], where: str) -> LoraFactors:
-    """Read one module's factors as float32 with sqrt(scaling) folded into each, and check their values."""
-    root = abs(scaling) ** 0.5  # as lowrank.scale_factors: the sign (a negative alpha) goes on A
-    A = fetch(parts["A"]).to(torch.float32).mul_(root if scaling >= 0 else -root)
-    B = fetch(parts["B"]).to(torch.float32).mul_(root)
-    factors = LoraFactors(A, B, parts["kind"])
-    check_factor_values(factors, f"{where} (scaling {scaling:g} folded in)")
-    return factors
-
-
-def _some(keys: list[str], limit: int = 3) -> str:
-    shown = ", ".join(repr(k) for k in keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+                      f"(copies of the base model, not LoRA factors): {some(base_layers)}", LoraLegoWarning,
+                      stacklevel=4)
+    return peft_keys.group_keys(tensors, name, known=lambda key: peft_keys.is_key(key, alpha=False),
+                                expected="LoRA factors", ignore=frozenset(base_layers))[0]
 
 
 def save_peft(adapter: Adapter, path: str | Path, *, dtype: str | torch.dtype | None = None,
@@ -195,36 +125,16 @@ def save_peft(adapter: Adapter, path: str | Path, *, dtype: str | torch.dtype | 
     config = peft_config(adapter)
     tensors: dict[str, torch.Tensor] = {}
     for module, factors in adapter.items():
-        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if factors.kind == "embedding" else (
-            "lora_A.weight", "lora_B.weight")
+        a_key, b_key = peft_keys.factor_keys(factors.kind)
         where = f"output {str(path)!r}, module {module!r}"
         tensors[f"{_PREFIX}{module}.{a_key}"] = cast_finite(factors.A.detach(), target, f"{where}: lora_A").contiguous()
         tensors[f"{_PREFIX}{module}.{b_key}"] = cast_finite(factors.B.detach(), target, f"{where}: lora_B").contiguous()
-    metadata = {"format": "pt"}
-    if "provenance" in adapter.metadata:
-        metadata["lora_lego"] = json.dumps(adapter.metadata["provenance"], sort_keys=True)
+    metadata = {"format": "pt", **provenance_header(adapter, config_holds_the_rest=True)}
     with atomic_folder(path, overwrite=overwrite) as folder:
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         save_file(tensors, folder / WEIGHTS_NAMES[0], metadata=metadata)
-        _sort_header_metadata(folder / WEIGHTS_NAMES[0])
         write_card(adapter.metadata, folder)
     return Path(path)
-
-
-def _sort_header_metadata(path: Path) -> None:
-    """Rewrite the safetensors header with its metadata keys sorted, in place (same length).
-
-    safetensors writes "__metadata__" in hash-map order, which varies from call to call, so the
-    same adapter would not give bitwise-identical files.
-    """
-    with open(path, "r+b") as stream:
-        size = int.from_bytes(stream.read(8), "little")
-        header = json.loads(stream.read(size))
-        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
-        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        if len(text) <= size:  # always in practice: the same content in another order
-            stream.seek(8)
-            stream.write(text.ljust(size, b" "))
 
 
 def peft_config(adapter: Adapter) -> dict[str, Any]:
@@ -235,9 +145,8 @@ def peft_config(adapter: Adapter) -> dict[str, Any]:
         raise AdapterFormatError(f"adapter {adapter.name!r}: nothing to save (no modules)")
     if min(ranks) < 1:
         empty = [m for m, rank in module_ranks.items() if rank < 1]
-        raise AdapterFormatError(f"adapter {adapter.name!r}: modules of rank 0 cannot be saved ({_some(empty)})")
-    counts = {r: ranks.count(r) for r in set(ranks)}
-    r = max(counts, key=lambda rank: (counts[rank], rank))
+        raise AdapterFormatError(f"adapter {adapter.name!r}: modules of rank 0 cannot be saved ({some(empty)})")
+    r = common_rank(ranks)
     pattern = {module: rank for module, rank in module_ranks.items() if rank != r}
     meta = adapter.metadata
     return {
