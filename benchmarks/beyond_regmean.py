@@ -110,7 +110,7 @@ def main() -> None:
     result = {"rows": rows, "seconds": seconds, "splits": split_tasks(TASKS)}
     (out / "beyond.json").write_text(json.dumps(result, indent=1))
     print(report(bench, rows, split_tasks(TASKS), tasks))
-    print("seconds:", json.dumps({k: round(v, 1) for k, v in seconds.items()}))
+    print("seconds:", json.dumps({k: round(v, 1) for k, v in seconds.items() if v is not None}))
 
 
 def evaluate(bench, key, build, tasks, seconds, label) -> dict:
