@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=100)
     parser.add_argument("--rank", type=int, default=6)
     parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--only", choices=["regmean", "layers", "rounds"], help="run one (its own peak memory)")
     args = parser.parse_args()
     root = cache_dir(args.cache)
     model, tokenizer = load_model(base_model_dir(root))
@@ -67,6 +68,9 @@ def main() -> None:
             "regmean_pp rounds=1": lambda: merge_regmean_pp(adapters, model=model, tokenizer=tokenizer,
                                                             prompts=prompts, rank=args.rank, rounds=1,
                                                             max_length=args.max_length)}
+    if args.only:
+        runs = {label: run for label, run in runs.items() if {"regmean": "regmean (", "layers": "layer",
+                                                              "rounds": "rounds"}[args.only] in label}
     first = None
     for label, run in runs.items():
         started = time.perf_counter()
