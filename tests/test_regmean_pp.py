@@ -155,3 +155,12 @@ def test_cli_equals_the_api_and_refuses_saved_calibrations(setup, tmp_path, caps
     code = main(["merge", *map(str, folders), "--method", "regmean_pp", "-p", "within=merged", "--model", str(model),
                  "--prompts", *map(str, prompts), "-o", str(tmp_path / "no")])
     assert code == 2 and "within" in capsys.readouterr().err and not (tmp_path / "no").exists()
+
+
+def test_adapters_on_different_modules_merge_as_a_union_without_chunk_warnings(setup, recwarn):
+    model, tokenizer, prompts = setup["model"], setup["tokenizer"], setup["prompts"]
+    q, v = (Adapter({m: f for m, f in setup["adapters"][0].items() if m.endswith(s)}, {}, s) for s in ("q_proj", "v_proj"))
+    result = merge_regmean_pp([q, v], model=model, tokenizer=tokenizer, prompts=prompts)
+    assert set(result) == set(q) | set(v)
+    assert_same(result, Adapter({**dict(q.items()), **dict(v.items())}, {}, "union"))
+    assert not [w for w in recwarn if "no module in common" in str(w.message)]

@@ -20,6 +20,7 @@ With one block, the exact form is `regmean` (within="base"); with identical adap
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -27,7 +28,7 @@ import torch
 
 from .calibrate import GRAM_MEMORY, _targets, calibrate, load_model, model_fingerprint, token_batches
 from .calibration import Calibration
-from .errors import CalibrationError, MethodError
+from .errors import CalibrationError, LoraLegoWarning, MethodError
 from .gram_passes import AppliedAdapter, _forward, _Stop, accumulate, chunks_for, trace
 from .merge import check_weights, merge
 from .progress import progress as progress_of
@@ -165,9 +166,11 @@ def _merge_part(adapters, calibrations, modules, fingerprint, common, params) ->
     keep = [i for i, a in enumerate(adapters) if any(m in a for m in modules)]
     for c in calibrations:
         c.metadata["model_fingerprint"] = fingerprint
-    return merge([_subset(adapters[i], modules) for i in keep], "regmean",
-                 calibration=[calibrations[i] for i in keep],
-                 **{**common, "weights": [common["weights"][i] for i in keep]}, **params)
+    with warnings.catch_warnings():  # the union of modules was the caller's choice; one chunk says nothing of it
+        warnings.filterwarnings("ignore", message=".*no module in common", category=LoraLegoWarning)
+        return merge([_subset(adapters[i], modules) for i in keep], "regmean",
+                     calibration=[calibrations[i] for i in keep],
+                     **{**common, "weights": [common["weights"][i] for i in keep]}, **params)
 
 
 def _subset(adapter: Adapter, modules: Sequence[str]) -> Adapter:
