@@ -11,6 +11,7 @@ Every row states its rank and parameter count; rows above rank r = 4 are the "ra
 """
 
 import argparse
+from dataclasses import replace
 import json
 import statistics
 import time
@@ -42,11 +43,13 @@ def main() -> None:
     parser.add_argument("--cache")
     parser.add_argument("--out", required=True)
     parser.add_argument("--only", nargs="*", help="build only the rows whose label contains one of these words")
+    parser.add_argument("--seed", type=int, default=0, help="training seed of the task LoRAs (1: a second set, "
+                        "trained on first use)")
     args = parser.parse_args()
     warnings.simplefilter("ignore", LoraLegoWarning)
     root, out = cache_dir(args.cache), Path(args.out)
     tasks = [get_task(name) for name in TASKS]
-    bench = Bench(root, base_model_dir(root), tasks, out, config=CONFIG, n_test=200)
+    bench = Bench(root, base_model_dir(root), tasks, out, config=replace(CONFIG, seed=args.seed), n_test=200)
     adapters = [bench.adapter(t) for t in tasks]
     model, tokenizer = bench.model()
     prompts = [[t.prompt(text) for text, _ in task_split(bench.cache, t, bench.n_test)[0][:N]] for t in tasks]
@@ -101,7 +104,7 @@ def main() -> None:
             adapters, **pp)),
     ]
     for label, key, build in rows_spec:
-        if args.only and build is not None and not any(word in label for word in args.only):
+        if args.only and (build is None or not any(word in label for word in args.only)):
             continue
         rows[label] = evaluate(bench, key, build, tasks, seconds, label)
     rows["own LoRA (upper reference)"] = {"key": None, "accuracy": {
