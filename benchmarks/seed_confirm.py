@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 
 import torch
+
 from lora_lego.bench.assets import base_model_dir
 from lora_lego.bench.calibrated import split_tasks
 from lora_lego.bench.experiments import Bench
 from lora_lego.bench.lm import TrainConfig, resolve_precision
 from lora_lego.bench.protocol import variants
-from lora_lego.bench.stats import paired_difference, describe
+from lora_lego.bench.stats import describe, paired_difference
 from lora_lego.bench.tasks import DEFAULT_TASKS, get_task
 
 cache = Path(sys.argv[1])

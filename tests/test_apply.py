@@ -9,14 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GPT2, build_peft_model, edit_tensors, file_checksums, save_peft_model, tiny_gpt2
 from safetensors.torch import load_file, save_file
 
-from lora_lego import cli
-from lora_lego import load_adapter, save_adapter
+from conftest import GPT2, build_peft_model, edit_tensors, file_checksums, save_peft_model, tiny_gpt2
+from lora_lego import cli, load_adapter, save_adapter
 from lora_lego.apply import apply_adapter
-from lora_lego.errors import BaseModelError
-from lora_lego.errors import AdapterFormatError, IncompatibleAdaptersError, LoraLegoWarning, OutputError
+from lora_lego.errors import AdapterFormatError, BaseModelError, IncompatibleAdaptersError, LoraLegoWarning, OutputError
 from lora_lego.types import Adapter, LoraFactors
 
 LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -148,7 +146,7 @@ def test_gpt2_conv1d_fan_in_fan_out(tmp_path):
 
 
 def test_adapter_of_the_bare_model_matches_the_causal_lm_checkpoint(tmp_path):
-    """PEFT on LlamaModel names modules "layers.0...."; the LlamaForCausalLM checkpoint has "model.layers.0....".""" 
+    """PEFT on LlamaModel names modules "layers.0...."; the LlamaForCausalLM checkpoint has "model.layers.0...."."""
     from transformers import LlamaConfig, LlamaModel
 
     def bare():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+import lora_lego as ll  # noqa: E402
 from conftest import (  # noqa: E402
     LLAMA,
     assert_matches_peft,
@@ -21,8 +22,6 @@ from conftest import (  # noqa: E402
     tiny_llama_folder,
     write_prompts,
 )
-
-import lora_lego as ll  # noqa: E402
 from lora_lego.cli import main  # noqa: E402
 from lora_lego.tensorfile import read_header  # noqa: E402
 

@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from sd_models import tiny_flux_transformer, tiny_sd_pipeline, weights
 
 from lora_lego.errors import AdapterFormatError, OutputError
 from lora_lego.formats import diffusers as dfmt
 from lora_lego.formats.names import canonical_dotted, translate
 from lora_lego.types import Adapter, LazyModules, LoraFactors
+from sd_models import tiny_flux_transformer, tiny_sd_pipeline, weights
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -10,9 +10,8 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from conftest import load_peft, make_peft_adapter, peft_deltas, tiny_llama_folder, write_prompts  # noqa: E402
-
 import lora_lego as ll  # noqa: E402
+from conftest import load_peft, make_peft_adapter, peft_deltas, tiny_llama_folder, write_prompts  # noqa: E402
 from lora_lego.calibrate import load_model  # noqa: E402
 from lora_lego.cli import main  # noqa: E402
 from lora_lego.generate import generate_prompts  # noqa: E402

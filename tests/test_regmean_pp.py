@@ -10,9 +10,8 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from conftest import LLAMA, make_peft_adapter, tiny_gpt2, tiny_llama_folder, write_prompts  # noqa: E402
-
 import lora_lego as ll  # noqa: E402
+from conftest import LLAMA, make_peft_adapter, tiny_gpt2, tiny_llama_folder, write_prompts  # noqa: E402
 from lora_lego.calibrate import load_model, read_prompts  # noqa: E402
 from lora_lego.errors import MethodError  # noqa: E402
 from lora_lego.regmean_pp import find_blocks, merge_regmean_pp  # noqa: E402

@@ -11,7 +11,7 @@ from lora_lego.cli import main
 from lora_lego.core import core_space, pico_calibrate
 from lora_lego.errors import MethodError
 from lora_lego.registry import get_method
-from lora_lego.types import Adapter, LoraFactors
+from lora_lego.types import LoraFactors
 from synthetic import random_adapter
 
 SHAPES = ((30, 20, 3), (30, 20, 5), (30, 20, 2))  # (d_out, d_in, rank): R = 10 < d

@@ -1,10 +1,10 @@
 """Lazy (module-by-module) loading: the same factors and the same merge as eager loading, read on access."""
 
 import torch
+from safetensors.torch import load_file, save_file
 
 import lora_lego as ll
 from lora_lego.tensorfile import read_header, read_tensor
-from safetensors.torch import load_file, save_file
 
 
 def test_tensorfile_reads_what_safetensors_wrote(tmp_path):

@@ -14,13 +14,12 @@ from pathlib import Path
 import torch
 
 from ._version import version
-from .checkpoint import (Checkpoint, check_space, copy_other_files, read_checkpoint, write_config,
-                         write_index)
+from .checkpoint import Checkpoint, check_space, copy_other_files, read_checkpoint, write_config, write_index
+from .errors import AdapterFormatError, BaseModelError, IncompatibleAdaptersError, LoraLegoWarning, OutputError
 from .formats import base_family, naming
 from .formats.files import some
-from .errors import AdapterFormatError, BaseModelError, IncompatibleAdaptersError, LoraLegoWarning, OutputError
-from .tensorfile import TensorFileError, TensorInfo, TensorWriter, read_tensor
 from .progress import progress as progress_of
+from .tensorfile import TensorFileError, TensorInfo, TensorWriter, read_tensor
 from .types import Adapter, ModuleInfo, kernel_size
 from .writing import atomic_folder, cast_finite, check_output_path, dtype_from_name, source_folders
 

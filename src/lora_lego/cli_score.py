@@ -10,10 +10,19 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cli_calibration import (_calibration_options, add_calibration_options, calibrations_for_merge,
-                              check_calibration_args)
-from .cli_generate import (add_generation_options, check_generation_args, generated_prompt_sets, generating,
-                           generation_record)
+from .cli_calibration import (
+    _calibration_options,
+    add_calibration_options,
+    calibrations_for_merge,
+    check_calibration_args,
+)
+from .cli_generate import (
+    add_generation_options,
+    check_generation_args,
+    generated_prompt_sets,
+    generating,
+    generation_record,
+)
 from .defaults import POSITIONS
 from .errors import MethodError, OutputError
 

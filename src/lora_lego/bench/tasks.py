@@ -159,7 +159,7 @@ def task_rows(task: Task, cache: Path) -> Rows:
                 rows.append((text.strip(), label))
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
-        partial.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in rows))
+        partial.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows))
         partial.rename(path)
     return [(item["text"], item["label"]) for item in map(json.loads, path.read_text().splitlines())]
 

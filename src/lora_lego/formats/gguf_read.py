@@ -16,8 +16,18 @@ from ..errors import AdapterFormatError, IncompatibleAdaptersError
 from ..lowrank import scale_factors
 from ..types import Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values
 from .files import some
-from .gguf import (CONFIG_KEY, HF_MODULES, PERMUTED, PROVENANCE_KEY, _name_map, _permuted_heads, architecture,
-                   base_config, gguf_module, permute_rows)
+from .gguf import (
+    CONFIG_KEY,
+    HF_MODULES,
+    PERMUTED,
+    PROVENANCE_KEY,
+    _name_map,
+    _permuted_heads,
+    architecture,
+    base_config,
+    gguf_module,
+    permute_rows,
+)
 from .record import BASE_MODEL, TASK_TYPE, apply_recorded
 
 _FLOAT_TYPES = ("F32", "F16", "BF16")

@@ -13,10 +13,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..errors import AdapterFormatError
+from ..lowrank import scale_factors
 from ..tensorfile import TensorInfo
 from ..types import Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values, conv_kind
 from ..writing import output_dtype
-from ..lowrank import scale_factors
 from . import kohya_meta, lycoris, updown
 from .family import carry_family, family_from_metadata, family_from_modules, mixed_families
 from .files import module_producer, open_file, some
