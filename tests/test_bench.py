@@ -99,7 +99,8 @@ def test_paired_difference_by_hand():
     difference, low, high = paired_difference(first, second, ["a", "b"])
     assert difference == pytest.approx(0.25)
     assert (low, high) == pytest.approx((0.25 - 1.96 * 0.25, 0.25 + 1.96 * 0.25))
-    assert "beats" in describe("x", "y", (0.1, 0.05, 0.15), "dev") and "includes 0" in describe("x", "y", (0.1, -0.1, 0.3), "dev")
+    assert "beats" in describe("x", "y", (0.1, 0.05, 0.15), "dev")
+    assert "includes 0" in describe("x", "y", (0.1, -0.1, 0.3), "dev")
 
 
 def test_protocol_notes_give_each_training_seed_its_own_interval():

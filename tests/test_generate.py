@@ -101,8 +101,8 @@ def test_starts_from_seed_words_and_from_a_chat_turn(setup, monkeypatch):
     assert len(chat) == 3 and all(0 < len(t.split()) <= 6 for t in chat)  # the template's words are not kept
 
 
-@pytest.mark.parametrize("kwargs, match", [({"n": 0}, "n must"), ({"n": 2.5}, "n must"), ({"max_length": 0}, "max_length"),
-                                           ({"temperature": 0}, "temperature"),
+@pytest.mark.parametrize("kwargs, match", [({"n": 0}, "n must"), ({"n": 2.5}, "n must"),
+                                           ({"max_length": 0}, "max_length"), ({"temperature": 0}, "temperature"),
                                            ({"temperature": float("nan")}, "temperature"), ({"top_p": 0}, "top_p"),
                                            ({"top_p": 1.5}, "top_p"), ({"batch_size": 0}, "batch_size"),
                                            ({"start": "eos"}, "start must")])

@@ -152,7 +152,8 @@ def test_tsv_on_orthogonal_subspaces_is_task_arithmetic():
 def test_core_ties_is_dense_ties_when_the_factors_span_the_space():
     factors = random_factors(5, shapes=((6, 5, 3), (6, 5, 3), (6, 5, 2)))  # R = 8 >= d
     space = core_space(factors)
-    assert torch.allclose(space.U, torch.eye(6, dtype=torch.float64)) and torch.allclose(space.V, torch.eye(5, dtype=torch.float64))
+    assert torch.allclose(space.U, torch.eye(6, dtype=torch.float64))
+    assert torch.allclose(space.V, torch.eye(5, dtype=torch.float64))
     core = run("ties", factors, [1.0] * 3, rank=5, density=0.4, space="core")
     dense = run("ties", factors, [1.0] * 3, rank=5, density=0.4, space="full", exact_svd=True)
     close(core, dense)

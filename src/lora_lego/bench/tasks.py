@@ -95,8 +95,9 @@ BUILTIN: dict[str, Task] = {task.name: task for task in [
          _bigbench("multiemo/all_sentence_en"), "sentiment (4 classes, mixed domains)"),
     Task("sports_understanding", "Is this sentence about sports plausible or implausible?",
          {"plausible": "plausible", "implausible": "implausible"},
-         _bigbench("sports_understanding", lambda t: t.removeprefix("Determine whether the following statement or "
-                                                                     "statements are plausible or implausible:").strip()),
+         _bigbench("sports_understanding",
+                   lambda t: t.removeprefix("Determine whether the following statement or "
+                                            "statements are plausible or implausible:").strip()),
          "commonsense plausibility"),
     Task("strategyqa", "Answer the question with yes or no.", {"Yes": "yes", "No": "no"},
          _bigbench("strategyqa"), "multi-step commonsense QA"),
@@ -132,7 +133,8 @@ def jsonl_task(path: str | Path) -> Task:
                     item = json.loads(line)
                     rows.append((str(item["text"]), str(item["label"])))
                 except (ValueError, KeyError, TypeError):
-                    raise LoraLegoError(f"task file {path}: line {number} is not a JSON object with text and label") from None
+                    raise LoraLegoError(
+                        f"task file {path}: line {number} is not a JSON object with text and label") from None
         return rows
 
     labels = sorted({label for _, label in load(path)})

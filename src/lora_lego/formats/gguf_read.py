@@ -224,7 +224,8 @@ def _file_shape(recorded: str | None, base: str | Path | None, arch: str, pairs:
     if base is not None:
         file_arch, shape = architecture(base_config(None, base, f"adapter {name!r}"), f"adapter {name!r}")
         if file_arch != arch:
-            raise AdapterFormatError(f"adapter {name!r}: the GGUF file is for {arch!r}, the base config for {file_arch!r}")
+            raise AdapterFormatError(
+                f"adapter {name!r}: the GGUF file is for {arch!r}, the base config for {file_arch!r}")
         return shape
     touched = any(base.endswith((".attn_q", ".attn_k")) for base in pairs)
     if PERMUTED[arch] and touched:
