@@ -8,10 +8,10 @@ import random
 import pytest
 
 pytest.importorskip("matplotlib")
-from lora_lego.bench import EXPERIMENTS, run  # noqa: E402
-from lora_lego.bench.stats import describe, paired_difference  # noqa: E402
-from lora_lego.bench.tasks import get_task  # noqa: E402
-from lora_lego.cli import main  # noqa: E402
+from lora_lego.bench import EXPERIMENTS, run
+from lora_lego.bench.stats import describe, paired_difference
+from lora_lego.bench.tasks import get_task
+from lora_lego.cli import main
 
 WORDS = "the a sky grass sun snow is looks very bright blue green red white dog cat runs sleeps".split()
 TASKS = {

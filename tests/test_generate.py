@@ -7,11 +7,11 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-import lora_lego as ll  # noqa: E402
-from conftest import make_peft_adapter, tiny_llama_folder  # noqa: E402
-from lora_lego.calibrate import load_model  # noqa: E402
-from lora_lego.errors import CalibrationError  # noqa: E402
-from lora_lego.generate import generate_prompts, next_tokens  # noqa: E402
+import lora_lego as ll
+from conftest import make_peft_adapter, tiny_llama_folder
+from lora_lego.calibrate import load_model
+from lora_lego.errors import CalibrationError
+from lora_lego.generate import generate_prompts, next_tokens
 
 TOKEN = "w42"  # the token the hand-made adapter pushes up (id 45: after <pad>, <unk>, <eos>)
 
