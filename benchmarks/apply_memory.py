@@ -36,9 +36,9 @@ from lora_lego.types import Adapter, LoraFactors
 from lora_lego.writing import dtype_from_name
 
 HIDDEN, MLP, VOCAB = 4096, 11008, 32000
-SHAPES = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN), "self_attn.v_proj": (HIDDEN, HIDDEN),
-          "self_attn.o_proj": (HIDDEN, HIDDEN), "mlp.gate_proj": (MLP, HIDDEN), "mlp.up_proj": (MLP, HIDDEN),
-          "mlp.down_proj": (HIDDEN, MLP)}
+SHAPES = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN),
+          "self_attn.v_proj": (HIDDEN, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
+          "mlp.gate_proj": (MLP, HIDDEN), "mlp.up_proj": (MLP, HIDDEN), "mlp.down_proj": (HIDDEN, MLP)}
 GB = 2**30  # figures are printed in GiB
 
 
@@ -68,7 +68,8 @@ def write_checkpoint(folder: Path, layers: int, dtype: torch.dtype, shard_bytes:
     weight_map, sizes = {}, []
     for number, group in enumerate(groups, 1):
         name = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
-        with TensorWriter(folder / name, {key: (dtype, shape) for key, shape in group.items()}, {"format": "pt"}) as writer:
+        layout = {key: (dtype, shape) for key, shape in group.items()}
+        with TensorWriter(folder / name, layout, {"format": "pt"}) as writer:
             for key, shape in group.items():
                 writer.write(key, torch.empty(shape, dtype=dtype).normal_(0, 0.02, generator=generator))
                 weight_map[key] = name

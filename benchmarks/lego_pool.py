@@ -74,7 +74,8 @@ def main() -> None:
             ratio.append(result.inertia / reference.inertia_)
         scale = modules / len(names)
         print(f"K-means only, {len(names)} modules: ours {ours:.2f} s, scikit-learn {theirs:.2f} s "
-              f"(x{theirs / ours:.0f}); extrapolated to {modules} modules: {ours * scale:.1f} s vs {theirs * scale:.0f} s; "
+              f"(x{theirs / ours:.0f}); extrapolated to {modules} modules: "
+              f"{ours * scale:.1f} s vs {theirs * scale:.0f} s; "
               f"inertia ours/sklearn mean {statistics.mean(ratio):.4f}, max {max(ratio):.4f}")
 
 

@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 
 import torch
+
 from lora_lego.bench.assets import base_model_dir
 from lora_lego.bench.calibrated import split_tasks
 from lora_lego.bench.experiments import Bench
 from lora_lego.bench.lm import TrainConfig, resolve_precision
 from lora_lego.bench.protocol import variants
-from lora_lego.bench.stats import paired_difference, describe
+from lora_lego.bench.stats import describe, paired_difference
 from lora_lego.bench.tasks import DEFAULT_TASKS, get_task
 
 cache = Path(sys.argv[1])
@@ -35,7 +36,8 @@ order = ["tsv (rank 48)", "ties k=6", "iso_cts (rank 48)", "lego k=6 (paper)", "
          "pico + task_arithmetic (rank 48)", "knots_ties k=6", "star (rank 48)", "task_arithmetic k=6, scale=norm"]
 by_label = {v.label: v for v in variants(6, 48)}
 results = {"zero-shot": bench.evaluate("base", lambda: None, confirm),
-           "own LoRA": {t.name: bench.evaluate(f"own {t.name}", lambda t=t: bench.adapter(t), [t])[t.name] for t in confirm}}
+           "own LoRA": {t.name: bench.evaluate(f"own {t.name}", lambda t=t: bench.adapter(t), [t])[t.name]
+                        for t in confirm}}
 print(json.dumps(results), flush=True)
 for label in order:
     v = by_label[label]

@@ -8,10 +8,9 @@ gate/up/down of 32 layers (224 modules); `many` 64 such adapters; `mixed` 8 adap
 4..32 and alphas 8..64. Each measurement runs in a fresh process (imports not timed, page cache warm
 after the first read) and reports the median of --reps wall times (the floor: the fastest, as it is a
 lower bound) and the process's peak resident memory. Rows: the I/O floor (read every input tensor into
-float32, write one rank-16 adapter),
-`lora-lego merge` with lego / task_arithmetic / ties -p space=core / tsv / iso_c / ctm (the CLI end to end), ties (dense per module, timed
-on layer 0 and extrapolated to 32 layers) and PEFT's add_weighted_adapter (benchmarks/speed_peft.py,
-timed on one module of each shape and extrapolated).
+float32, write one rank-16 adapter), `lora-lego merge` with lego / task_arithmetic / ties -p space=core / tsv /
+iso_c / ctm (the CLI end to end), ties (dense per module, timed on layer 0 and extrapolated to 32 layers) and
+PEFT's add_weighted_adapter (benchmarks/speed_peft.py, timed on one module of each shape and extrapolated).
 """
 
 from __future__ import annotations
@@ -57,7 +56,8 @@ def write_adapter(folder: Path, index: int, rank: int, alpha: int) -> None:
             tensors[f"{key}.lora_A.weight"] = A.to(torch.bfloat16)
             tensors[f"{key}.lora_B.weight"] = B.to(torch.bfloat16)
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": sorted(k.split(".")[-1] for k in SHAPES),
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha,
+              "target_modules": sorted(k.split(".")[-1] for k in SHAPES),
               "task_type": "CAUSAL_LM", "base_model_name_or_path": "synthetic/llama-2-7b-shapes", "bias": "none",
               "fan_in_fan_out": False, "lora_dropout": 0.0, "use_rslora": False}
     save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
@@ -178,7 +178,8 @@ def table(rows: list[dict]) -> str:
         ratio = f"{r['seconds'] / floor:.2f}" if floor else "-"
         rss = f"{r['peak_rss'] / 1e9:.2f}" if r.get("peak_rss") else "-"
         per_input = f"{r['peak_rss'] / r['input_bytes']:.2f}" if r.get("peak_rss") else "-"
-        lines.append(f"| {r['workload']} | {r['row']} | {r['seconds']:.2f} | {ratio} | {rss} | {per_input} | {r['note']} |")
+        lines.append(f"| {r['workload']} | {r['row']} | {r['seconds']:.2f} | {ratio} | {rss} | {per_input} "
+                     f"| {r['note']} |")
     return "\n".join(lines)
 
 

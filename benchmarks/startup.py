@@ -93,17 +93,19 @@ def table(times: dict[tuple[str, str], list[float]], trees: dict[str, Path]) -> 
         elif baseline:
             ratio = " |"
         target = TARGETS.get(case)
-        verdict = "" if target is None or label != "this" else f"< {target:g} s: {'met' if median < target else 'NOT met'}"
+        met = "met" if target is not None and median < target else "NOT met"
+        verdict = "" if target is None or label != "this" else f"< {target:g} s: {met}"
         shown = label if case in TARGETS or case.startswith("merge") else "-"
-        lines.append(f"| {case} | {shown} | {median:.2f} | {min(values):.2f} | {median / floor:.2f} |{ratio} {verdict} |")
+        lines.append(f"| {case} | {shown} | {median:.2f} | {min(values):.2f} | {median / floor:.2f} "
+                     f"|{ratio} {verdict} |")
     return "\n".join(lines)
 
 
 def machine() -> str:
     torch_version = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"],
                                    capture_output=True, text=True, check=False).stdout.strip()
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"torch {torch_version}")
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"Python {platform.python_version()}, torch {torch_version}")
 
 
 def main() -> None:

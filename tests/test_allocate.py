@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_matches_peft, load_peft, make_peft_adapter, peft_deltas, tiny_llama_folder, write_prompts
 
 import lora_lego as ll
+from conftest import assert_matches_peft, load_peft, make_peft_adapter, peft_deltas, tiny_llama_folder, write_prompts
 from lora_lego.allocate import greedy_ranks
 from lora_lego.errors import MethodError
 from lora_lego.targets import check_loads, get_target

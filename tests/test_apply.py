@@ -9,14 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GPT2, build_peft_model, edit_tensors, file_checksums, save_peft_model, tiny_gpt2
 from safetensors.torch import load_file, save_file
 
-from lora_lego import cli
-from lora_lego import load_adapter, save_adapter
+from conftest import GPT2, build_peft_model, edit_tensors, file_checksums, save_peft_model, tiny_gpt2
+from lora_lego import cli, load_adapter, save_adapter
 from lora_lego.apply import apply_adapter
-from lora_lego.errors import BaseModelError
-from lora_lego.errors import AdapterFormatError, IncompatibleAdaptersError, LoraLegoWarning, OutputError
+from lora_lego.errors import AdapterFormatError, BaseModelError, IncompatibleAdaptersError, LoraLegoWarning, OutputError
 from lora_lego.types import Adapter, LoraFactors
 
 LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -100,7 +98,8 @@ def test_sharded_llama_equals_peft_merge_and_unload(tmp_path):
     expected, original = merged_state(peft_model), load_state(base)
     actual = load_state(output)
     assert max_difference(actual, expected) < 1e-6
-    assert len(changed(actual, original)) == 3 * 2 and all(k.split(".")[-2] in TARGETS for k in changed(actual, original))
+    assert len(changed(actual, original)) == 3 * 2
+    assert all(k.split(".")[-2] in TARGETS for k in changed(actual, original))
     index = json.loads((output / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
     assert file_checksums(base) == before  # the base is read only
@@ -143,12 +142,13 @@ def test_gpt2_conv1d_fan_in_fan_out(tmp_path):
     adapter = save_peft_model(peft_model, tmp_path / "g")
     base = save_base(tiny_gpt2(), tmp_path / "base")  # tied wte / lm_head, no lm_head.weight saved: untouched here
     actual = load_state(apply_adapter(adapter, base, tmp_path / "out"), GPT2LMHeadModel)
-    assert GPT2["n_embd"] == 32 and len(changed(actual, load_state(base, GPT2LMHeadModel))) == 2 * 4  # square c_proj too
+    assert GPT2["n_embd"] == 32
+    assert len(changed(actual, load_state(base, GPT2LMHeadModel))) == 2 * 4  # square c_proj too
     assert max_difference(actual, merged_state(peft_model)) < 1e-6
 
 
 def test_adapter_of_the_bare_model_matches_the_causal_lm_checkpoint(tmp_path):
-    """PEFT on LlamaModel names modules "layers.0...."; the LlamaForCausalLM checkpoint has "model.layers.0....".""" 
+    """PEFT on LlamaModel names modules "layers.0...."; the LlamaForCausalLM checkpoint has "model.layers.0...."."""
     from transformers import LlamaConfig, LlamaModel
 
     def bare():
@@ -213,12 +213,14 @@ def test_conv_kind_is_reshaped_onto_a_4d_weight(tmp_path):
     base.mkdir()
     (base / "config.json").write_text("{}")
     generator = torch.Generator().manual_seed(0)
-    weights = {"conv.weight": torch.randn(6, 4, 3, 3, generator=generator), "conv.bias": torch.randn(6, generator=generator)}
+    weights = {"conv.weight": torch.randn(6, 4, 3, 3, generator=generator),
+               "conv.bias": torch.randn(6, generator=generator)}
     save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
     factors = LoraFactors(torch.randn(2, 4 * 9, generator=generator), torch.randn(6, 2, generator=generator), "conv3x3")
     output = apply_adapter(Adapter({"conv": factors}, {"format": "peft"}), base, tmp_path / "out", scale=2.0)
     result = load_file(output / "model.safetensors")
-    assert torch.allclose(result["conv.weight"], weights["conv.weight"] + 2 * factors.delta().reshape(6, 4, 3, 3), atol=1e-6)
+    expected = weights["conv.weight"] + 2 * factors.delta().reshape(6, 4, 3, 3)
+    assert torch.allclose(result["conv.weight"], expected, atol=1e-6)
     assert torch.equal(result["conv.bias"], weights["conv.bias"])
 
 
@@ -241,7 +243,8 @@ def test_untie_writes_a_separate_head_that_reproduces_the_unmerged_peft_model(tm
     from transformers import LlamaForCausalLM
 
     tied = factory(tie_word_embeddings=True)
-    peft_model, adapter, base = adapter_and_base(tmp_path, base=tied, target_modules=["embed_tokens", "lm_head", "q_proj"])
+    peft_model, adapter, base = adapter_and_base(tmp_path, base=tied,
+                                                 target_modules=["embed_tokens", "lm_head", "q_proj"])
     with pytest.warns(LoraLegoWarning, match="tie_word_embeddings false"):
         output = apply_adapter(adapter, base, tmp_path / "out", untie=True)
     assert json.loads((output / "config.json").read_text())["tie_word_embeddings"] is False
@@ -336,7 +339,8 @@ def test_stray_pickled_weights_beside_safetensors_are_not_copied(tmp_path):
 
 
 def test_kohya_adapter_is_refused():
-    kohya = Adapter({"lora_unet_x": LoraFactors(torch.ones(1, 2), torch.ones(2, 1))}, {"format": "kohya"}, name="k.safetensors")
+    kohya = Adapter({"lora_unet_x": LoraFactors(torch.ones(1, 2), torch.ones(2, 1))}, {"format": "kohya"},
+                    name="k.safetensors")
     with pytest.raises(AdapterFormatError, match="apply diffusion LoRAs in their UI"):
         apply_adapter(kohya, "unused", "unused-out")
 

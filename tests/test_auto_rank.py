@@ -9,7 +9,7 @@ import torch
 from sklearn.cluster import KMeans
 
 import lora_lego as ll
-from conftest import assert_matches_peft, lora_layers, load_peft, peft_deltas
+from conftest import assert_matches_peft, load_peft, lora_layers, peft_deltas
 from lora_lego.errors import MethodError
 from lora_lego.lowrank import from_units, to_units
 from lora_lego.methods.arithmetic import task_arithmetic

@@ -8,10 +8,10 @@ import random
 import pytest
 
 pytest.importorskip("matplotlib")
-from lora_lego.bench import EXPERIMENTS, run  # noqa: E402
-from lora_lego.bench.stats import describe, paired_difference  # noqa: E402
-from lora_lego.bench.tasks import get_task  # noqa: E402
-from lora_lego.cli import main  # noqa: E402
+from lora_lego.bench import EXPERIMENTS, run
+from lora_lego.bench.stats import describe, paired_difference
+from lora_lego.bench.tasks import get_task
+from lora_lego.cli import main
 
 WORDS = "the a sky grass sun snow is looks very bright blue green red white dog cat runs sleeps".split()
 TASKS = {
@@ -99,7 +99,8 @@ def test_paired_difference_by_hand():
     difference, low, high = paired_difference(first, second, ["a", "b"])
     assert difference == pytest.approx(0.25)
     assert (low, high) == pytest.approx((0.25 - 1.96 * 0.25, 0.25 + 1.96 * 0.25))
-    assert "beats" in describe("x", "y", (0.1, 0.05, 0.15), "dev") and "includes 0" in describe("x", "y", (0.1, -0.1, 0.3), "dev")
+    assert "beats" in describe("x", "y", (0.1, 0.05, 0.15), "dev")
+    assert "includes 0" in describe("x", "y", (0.1, -0.1, 0.3), "dev")
 
 
 def test_protocol_notes_give_each_training_seed_its_own_interval():

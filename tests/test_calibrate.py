@@ -11,10 +11,9 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from conftest import make_peft_adapter, tiny_llama, tiny_llama_folder, write_prompts  # noqa: E402
-
-import lora_lego as ll  # noqa: E402
-from lora_lego.calibrate import load_model, model_fingerprint, read_prompts  # noqa: E402
+import lora_lego as ll
+from conftest import make_peft_adapter, tiny_llama, tiny_llama_folder, write_prompts
+from lora_lego.calibrate import load_model, model_fingerprint, read_prompts
 
 
 @pytest.fixture(scope="module")

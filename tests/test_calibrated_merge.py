@@ -10,7 +10,8 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from conftest import (  # noqa: E402
+import lora_lego as ll
+from conftest import (
     LLAMA,
     assert_matches_peft,
     file_checksums,
@@ -21,10 +22,8 @@ from conftest import (  # noqa: E402
     tiny_llama_folder,
     write_prompts,
 )
-
-import lora_lego as ll  # noqa: E402
-from lora_lego.cli import main  # noqa: E402
-from lora_lego.tensorfile import read_header  # noqa: E402
+from lora_lego.cli import main
+from lora_lego.tensorfile import read_header
 
 SPECS = {"sst": dict(r=4, lora_alpha=8), "nli": dict(r=2, lora_alpha=5, use_rslora=True,
                                                       target_modules=["q_proj", "v_proj", "down_proj"])}

@@ -31,7 +31,8 @@ def test_cores_reconstruct_every_delta_and_drop_null_directions():
     space = core_space(twice)
     assert space.U.shape == (40, 10) and space.V.shape == (30, 10)
     for t, f in enumerate(twice):
-        torch.testing.assert_close(space.U @ space.cores[t] @ space.V.T, f.B.double() @ f.A.double(), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(space.U @ space.cores[t] @ space.V.T, f.B.double() @ f.A.double(),
+                                   rtol=1e-10, atol=1e-10)
     assert torch.allclose(space.U.T @ space.U, torch.eye(10, dtype=torch.float64), atol=1e-12)
 
 

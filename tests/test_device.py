@@ -106,8 +106,9 @@ def test_cuda_benchmark_trains_and_evaluates_like_the_cpu(tmp_path):
     pytest.importorskip("matplotlib")
     import json
 
-    from lora_lego.bench import run
     from test_bench import make_model, make_tasks
+
+    from lora_lego.bench import run
 
     tasks, model = make_tasks(tmp_path), make_model(tmp_path / "model")
     results, trained = {}, {}

@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from sd_models import tiny_flux_transformer, tiny_sd_pipeline, weights
 
 from lora_lego.errors import AdapterFormatError, OutputError
 from lora_lego.formats import diffusers as dfmt
 from lora_lego.formats.names import canonical_dotted, translate
 from lora_lego.types import Adapter, LazyModules, LoraFactors
+from sd_models import tiny_flux_transformer, tiny_sd_pipeline, weights
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -198,7 +198,8 @@ def test_bare_peft_weights_file_takes_its_folder_config(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 6}))
     adapter = dfmt.read(tmp_path / "adapter_model.safetensors")
     # sqrt(3) on each factor: products round differently from 3 * B @ A, so near-zero entries need an atol
-    assert list(adapter) == ["layers.0.q"] and torch.allclose(adapter["layers.0.q"].delta(), 3 * B @ A, rtol=1e-6, atol=1e-6)
+    assert list(adapter) == ["layers.0.q"]
+    assert torch.allclose(adapter["layers.0.q"].delta(), 3 * B @ A, rtol=1e-6, atol=1e-6)
 
 
 def test_transformers5_clip_names_read_in_text_model_spelling(tmp_path):

@@ -86,8 +86,10 @@ def test_file_has_llama_cpp_names_shapes_and_scale(tmp_path, base):
     assert tensors["token_embd.weight.lora_a"].shape == (100, 4)  # transposed: llama.cpp gathers its rows
     deltas = peft_deltas(peft_model)
     for layer in range(2):
-        for gguf_name, hf_name, heads in (("attn_q", "self_attn.q_proj", HEADS), ("attn_k", "self_attn.k_proj", KV_HEADS),
-                                          ("attn_v", "self_attn.v_proj", None), ("attn_output", "self_attn.o_proj", None),
+        for gguf_name, hf_name, heads in (("attn_q", "self_attn.q_proj", HEADS),
+                                          ("attn_k", "self_attn.k_proj", KV_HEADS),
+                                          ("attn_v", "self_attn.v_proj", None),
+                                          ("attn_output", "self_attn.o_proj", None),
                                           ("ffn_down", "mlp.down_proj", None)):
             a, b = (tensors[f"blk.{layer}.{gguf_name}.weight.lora_{s}"] for s in "ab")
             llama_cpp = alpha / b.shape[1] * (b @ a)  # rank = lora_b ne[0]

@@ -49,10 +49,11 @@ def test_detection_by_tensor_names(tmp_path):
     assert detect_format(tmp_path / "named.bin") == "kohya"
     assert detect_format(tmp_path / "d.safetensors") == "diffusers"
     assert detect_format(EXAMPLES / "rt_polarity") == "peft"
-    with pytest.raises(ll.AdapterFormatError, match=r"mix formats: kohya \(1 keys, e.g. 'lora_unet_x.lora_down.weight'\); "
-                                                    r"diffusers \(1 keys"):
+    with pytest.raises(ll.AdapterFormatError,
+                       match=r"mix formats: kohya \(1 keys, e.g. 'lora_unet_x.lora_down.weight'\); diffusers \(1 keys"):
         detect_format(tmp_path / "mixed.safetensors")
-    with pytest.raises(ll.AdapterFormatError, match=r"plain.safetensors.*'model.embed_tokens.weight' is not a LoRA key"):
+    with pytest.raises(ll.AdapterFormatError,
+                       match=r"plain.safetensors.*'model.embed_tokens.weight' is not a LoRA key"):
         detect_format(tmp_path / "plain.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ll.AdapterFormatError, match="junk.safetensors.*not a readable safetensors file"):
@@ -82,7 +83,8 @@ def test_save_and_load_each_file_format(tmp_path, target):
 
 
 def test_merge_refuses_mixed_families_and_namings():
-    with pytest.raises(ll.IncompatibleAdaptersError, match=r"different base-model families \('sd0': sd1, 'sd1': sdxl\)"):
+    with pytest.raises(ll.IncompatibleAdaptersError,
+                       match=r"different base-model families \('sd0': sd1, 'sd1': sdxl\)"):
         ll.merge([_sd_adapter(0), _sd_adapter(1, "sdxl")], "concat")
     with pytest.raises(ll.IncompatibleAdaptersError, match="name their modules differently"):
         ll.merge([_sd_adapter(0), convert_adapter(_sd_adapter(1), "kohya")], "concat")
@@ -119,7 +121,8 @@ def test_cli_one_line_errors(tmp_path, capsys):
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "mix formats" in error and "mixed.safetensors" in error
     assert not (tmp_path / "out").exists()
-    assert main(["convert", str(EXAMPLES / "rt_polarity"), "-o", str(tmp_path / "x.safetensors"), "--format", "nope"]) == 2
+    args = ["convert", str(EXAMPLES / "rt_polarity"), "-o", str(tmp_path / "x.safetensors"), "--format", "nope"]
+    assert main(args) == 2
     assert "invalid choice: 'nope'" in capsys.readouterr().err
     ll.save_adapter(_sd_adapter(0), tmp_path / "sd1.safetensors", format="kohya")
     ll.save_adapter(_sd_adapter(1, "sdxl"), tmp_path / "sdxl.safetensors", format="kohya")
@@ -190,7 +193,8 @@ def test_every_data_free_method_merges_kohya_files(tmp_path, method):
     for seed in (4, 5):
         ll.save_adapter(_sd_adapter(seed), tmp_path / f"{seed}.safetensors", format="kohya")
     out = tmp_path / "merged.safetensors"
-    args = ["merge", str(tmp_path / "4.safetensors"), str(tmp_path / "5.safetensors"), "--method", method, "-o", str(out), "-q"]
+    args = ["merge", str(tmp_path / "4.safetensors"), str(tmp_path / "5.safetensors"), "--method", method,
+            "-o", str(out), "-q"]
     assert main(args) == 0
     merged = ll.load_adapter(out)
     assert merged.metadata["format"] == "kohya" and merged.metadata["family"] == "sd1"

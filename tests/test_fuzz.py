@@ -135,7 +135,8 @@ def merge_or_error(adapters: list[Adapter], method: str, weights: list[float], r
     assert set(again) == set(merged)  # (safetensors stores keys sorted)
     for module, factors in merged.items():
         delta = factors.delta()  # entries that cancel get float32 rounding of the largest ones
-        torch.testing.assert_close(again[module].delta(), delta, rtol=1e-4, atol=1e-6 * max(1.0, float(delta.abs().max())))
+        torch.testing.assert_close(again[module].delta(), delta, rtol=1e-4,
+                                   atol=1e-6 * max(1.0, float(delta.abs().max())))
     return merged
 
 

@@ -7,12 +7,11 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from conftest import make_peft_adapter, tiny_llama_folder  # noqa: E402
-
-import lora_lego as ll  # noqa: E402
-from lora_lego.calibrate import load_model  # noqa: E402
-from lora_lego.errors import CalibrationError  # noqa: E402
-from lora_lego.generate import generate_prompts, next_tokens  # noqa: E402
+import lora_lego as ll
+from conftest import make_peft_adapter, tiny_llama_folder
+from lora_lego.calibrate import load_model
+from lora_lego.errors import CalibrationError
+from lora_lego.generate import generate_prompts, next_tokens
 
 TOKEN = "w42"  # the token the hand-made adapter pushes up (id 45: after <pad>, <unk>, <eos>)
 
@@ -102,8 +101,8 @@ def test_starts_from_seed_words_and_from_a_chat_turn(setup, monkeypatch):
     assert len(chat) == 3 and all(0 < len(t.split()) <= 6 for t in chat)  # the template's words are not kept
 
 
-@pytest.mark.parametrize("kwargs, match", [({"n": 0}, "n must"), ({"n": 2.5}, "n must"), ({"max_length": 0}, "max_length"),
-                                           ({"temperature": 0}, "temperature"),
+@pytest.mark.parametrize("kwargs, match", [({"n": 0}, "n must"), ({"n": 2.5}, "n must"),
+                                           ({"max_length": 0}, "max_length"), ({"temperature": 0}, "temperature"),
                                            ({"temperature": float("nan")}, "temperature"), ({"top_p": 0}, "top_p"),
                                            ({"top_p": 1.5}, "top_p"), ({"batch_size": 0}, "batch_size"),
                                            ({"start": "eos"}, "start must")])

@@ -10,12 +10,11 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from conftest import load_peft, make_peft_adapter, peft_deltas, tiny_llama_folder, write_prompts  # noqa: E402
-
-import lora_lego as ll  # noqa: E402
-from lora_lego.calibrate import load_model  # noqa: E402
-from lora_lego.cli import main  # noqa: E402
-from lora_lego.generate import generate_prompts  # noqa: E402
+import lora_lego as ll
+from conftest import load_peft, make_peft_adapter, peft_deltas, tiny_llama_folder, write_prompts
+from lora_lego.calibrate import load_model
+from lora_lego.cli import main
+from lora_lego.generate import generate_prompts
 
 RECORD = {"n": 4, "seed": 7, "start": "bos", "temperature": 0.8, "top_p": 0.9, "max_length": 6}
 OPTIONS = ["--generate-prompts", "4", "--generate-seed", "7", "--generate-start", "bos", "--temperature", "0.8",

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import file_checksums
 from safetensors import SafetensorError, safe_open
 
+from conftest import file_checksums
 from lora_lego.cli import main
 from lora_lego.oserrors import os_errno
 

@@ -62,7 +62,8 @@ def test_hand_computed_two_clusters():
     # with L2: member norms are mean(|(1,1)|, |(1.2,0.8)|) and mean(|(-3,2)|, |(-3.2,2.2)|)
     l2 = ll.merge([one_module("a", LoraFactors(A, B))], "lego", rank=2, param_norm="l2", output_reweight=False)
     got = sorted_units(l2[MODULE]).norm(dim=1)
-    expected = torch.tensor([(math.hypot(3, 2) + math.hypot(3.2, 2.2)) / 2, (math.hypot(1, 1) + math.hypot(1.2, 0.8)) / 2])
+    expected = torch.tensor([(math.hypot(3, 2) + math.hypot(3.2, 2.2)) / 2,
+                             (math.hypot(1, 1) + math.hypot(1.2, 0.8)) / 2])
     torch.testing.assert_close(got, expected)
 
 

@@ -2,8 +2,17 @@ import pytest
 import torch
 
 from lora_lego.lowrank import (
-    concat_factors, cosine_similarity, factor_grams, frobenius_norm, from_units, inner, relative_error,
-    relative_error_from_grams, scale_factors, to_units, truncated_svd,
+    concat_factors,
+    cosine_similarity,
+    factor_grams,
+    frobenius_norm,
+    from_units,
+    inner,
+    relative_error,
+    relative_error_from_grams,
+    scale_factors,
+    to_units,
+    truncated_svd,
 )
 from lora_lego.types import LoraFactors
 from synthetic import random_factors

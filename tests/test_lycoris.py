@@ -9,9 +9,9 @@ import torch
 from lora_lego.formats import lycoris
 
 pytest.importorskip("lycoris.functional", reason="needs the test extra (lycoris-lora)")
-from lycoris.functional import locon as ly_locon  # noqa: E402
-from lycoris.functional import loha as ly_loha  # noqa: E402
-from lycoris.functional import lokr as ly_lokr  # noqa: E402
+from lycoris.functional import locon as ly_locon
+from lycoris.functional import loha as ly_loha
+from lycoris.functional import lokr as ly_lokr
 
 
 def draw(generator, *shape):

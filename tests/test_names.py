@@ -9,13 +9,13 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import save_file
-from sd_models import tiny_flux_transformer
 from test_format_diffusers import assert_fused, fuse_into_flux, fused_sd_weights, make_flux_lora, make_sd_lora
 
 from lora_lego.errors import AdapterFormatError
 from lora_lego.formats import diffusers as dfmt
 from lora_lego.formats.names import canonical_dotted, dotted_name, kohya_name, translate
 from lora_lego.types import Adapter, LazyModules, LoraFactors, conv_kind
+from sd_models import tiny_flux_transformer
 
 diffusers = pytest.importorskip("diffusers")
 SDXL = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),

@@ -8,8 +8,10 @@ from conftest import assert_matches_peft, load_peft, lora_layers, peft_deltas, t
 from lora_lego.cli import main
 
 # same targets, different ranks and alphas; the first without rslora (PEFT copies its config to the result)
-MIXED = {"one": dict(r=4, lora_alpha=8), "two": dict(r=2, lora_alpha=5, use_rslora=True), "three": dict(r=6, lora_alpha=3)}
-EQUAL = {"one": dict(r=4, lora_alpha=8), "two": dict(r=4, lora_alpha=2, use_rslora=True), "three": dict(r=4, lora_alpha=12)}
+MIXED = {"one": dict(r=4, lora_alpha=8), "two": dict(r=2, lora_alpha=5, use_rslora=True),
+         "three": dict(r=6, lora_alpha=3)}
+EQUAL = {"one": dict(r=4, lora_alpha=8), "two": dict(r=4, lora_alpha=2, use_rslora=True),
+         "three": dict(r=4, lora_alpha=12)}
 WEIGHTS = [0.5, -1.0, 1.5]
 
 

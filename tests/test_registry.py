@@ -12,7 +12,8 @@ def test_builtin_methods_are_listed():
 
 def test_lego_parameters_come_from_the_signature():
     spec = get_method("lego")
-    assert {"n_clusters", "n_init", "max_iter", "tol", "param_norm", "output_reweight", "features"} <= set(spec.parameters)
+    expected = {"n_clusters", "n_init", "max_iter", "tol", "param_norm", "output_reweight", "features"}
+    assert expected <= set(spec.parameters)
     assert "generator" not in spec.parameters
     assert spec.paper and "2409.16167" in spec.paper
     assert spec.summary

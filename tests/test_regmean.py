@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from synthetic import random_adapter, random_factors
 
 import lora_lego as ll
 from lora_lego.methods.regmean import lego_calibrated, regmean
+from synthetic import random_adapter, random_factors
 
 D_OUT, D_IN = 12, 10
 

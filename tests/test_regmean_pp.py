@@ -10,13 +10,12 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from conftest import LLAMA, make_peft_adapter, tiny_gpt2, tiny_llama_folder, write_prompts  # noqa: E402
-
-import lora_lego as ll  # noqa: E402
-from lora_lego.calibrate import load_model, read_prompts  # noqa: E402
-from lora_lego.errors import MethodError  # noqa: E402
-from lora_lego.regmean_pp import find_blocks, merge_regmean_pp  # noqa: E402
-from lora_lego.types import Adapter  # noqa: E402
+import lora_lego as ll
+from conftest import LLAMA, make_peft_adapter, tiny_gpt2, tiny_llama_folder, write_prompts
+from lora_lego.calibrate import load_model, read_prompts
+from lora_lego.errors import MethodError
+from lora_lego.regmean_pp import find_blocks, merge_regmean_pp
+from lora_lego.types import Adapter
 
 
 def one_layer_llama():

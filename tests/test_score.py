@@ -11,13 +11,19 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from conftest import make_peft_adapter, tiny_llama_folder, write_prompts  # noqa: E402
-
-import lora_lego as ll  # noqa: E402
-from lora_lego.auto import Candidate, choose, merge_auto, scaled  # noqa: E402
-from lora_lego.calibrate import load_model, read_prompts  # noqa: E402
-from lora_lego.score import (  # noqa: E402
-    Scorer, Scores, best_scale, gram_terms, log_bins, module_proxy_retention, module_scales, module_terms,
+import lora_lego as ll
+from conftest import make_peft_adapter, tiny_llama_folder, write_prompts
+from lora_lego.auto import Candidate, choose, merge_auto, scaled
+from lora_lego.calibrate import load_model, read_prompts
+from lora_lego.score import (
+    Scorer,
+    Scores,
+    best_scale,
+    gram_terms,
+    log_bins,
+    module_proxy_retention,
+    module_scales,
+    module_terms,
     proxy_retention,
 )
 

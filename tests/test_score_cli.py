@@ -9,10 +9,9 @@ import json
 import pytest
 
 pytest.importorskip("transformers")
-from conftest import make_peft_adapter, tiny_llama_folder, write_prompts  # noqa: E402
-
-import lora_lego as ll  # noqa: E402
-from lora_lego.cli import main  # noqa: E402
+import lora_lego as ll
+from conftest import make_peft_adapter, tiny_llama_folder, write_prompts
+from lora_lego.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from lora_lego.cli import main
 from lora_lego.core import core_space, pico_calibrate
 from lora_lego.errors import MethodError
 from lora_lego.registry import get_method
-from lora_lego.types import Adapter, LoraFactors
+from lora_lego.types import LoraFactors
 from synthetic import random_adapter
 
 SHAPES = ((30, 20, 3), (30, 20, 5), (30, 20, 2))  # (d_out, d_in, rank): R = 10 < d
@@ -152,7 +152,8 @@ def test_tsv_on_orthogonal_subspaces_is_task_arithmetic():
 def test_core_ties_is_dense_ties_when_the_factors_span_the_space():
     factors = random_factors(5, shapes=((6, 5, 3), (6, 5, 3), (6, 5, 2)))  # R = 8 >= d
     space = core_space(factors)
-    assert torch.allclose(space.U, torch.eye(6, dtype=torch.float64)) and torch.allclose(space.V, torch.eye(5, dtype=torch.float64))
+    assert torch.allclose(space.U, torch.eye(6, dtype=torch.float64))
+    assert torch.allclose(space.V, torch.eye(5, dtype=torch.float64))
     core = run("ties", factors, [1.0] * 3, rank=5, density=0.4, space="core")
     dense = run("ties", factors, [1.0] * 3, rank=5, density=0.4, space="full", exact_svd=True)
     close(core, dense)

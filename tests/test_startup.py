@@ -27,6 +27,15 @@ def test_import_lora_lego_imports_nothing_heavy():
     assert _imported_after("import lora_lego") == []
 
 
+def test_every_public_name_loads_neither_transformers_nor_peft():
+    """Touching the whole public API (`lora_lego.merge`, `lora_lego.load_adapter`, ...) loads the library's own
+    modules and torch, never the optional extras: those load only when a function needs them (issue 31)."""
+    code = "import lora_lego\nfor name in lora_lego.__all__:\n    getattr(lora_lego, name)"
+    loaded = _imported_after(code)
+    assert "torch" in loaded  # the names were really resolved
+    assert not {"transformers", "peft", "diffusers", "huggingface_hub", "yaml"} & set(loaded), loaded
+
+
 def test_the_parser_and_every_help_import_nothing_heavy():
     from lora_lego.cli import build_parser
 

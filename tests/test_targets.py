@@ -23,7 +23,8 @@ def test_rank_above_the_largest_is_refused_with_the_allowed_set():
     with pytest.raises(TargetError, match="1, 8, 16, 32, 64, 128, 256, 320, 512"):
         fit_rank(VLLM, 513)
     generator = torch.Generator().manual_seed(0)
-    big = Adapter({"m": LoraFactors(torch.randn(513, 600, generator=generator), torch.randn(8, 513, generator=generator))})
+    big = Adapter({"m": LoraFactors(torch.randn(513, 600, generator=generator),
+                                    torch.randn(8, 513, generator=generator))})
     assert any("513" in reason for reason in refusals(big, VLLM))
     conv = Adapter({"m": LoraFactors(torch.ones(2, 18), torch.ones(4, 2), "conv3x3")})
     assert any("conv3x3" in reason for reason in refusals(conv, VLLM))

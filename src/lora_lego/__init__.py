@@ -36,8 +36,9 @@ _LAZY = {
 
 __all__ = [
     "Adapter", "LoraFactors", "load_adapter", "save_adapter", "merge", "prune", "register", "get_method",
-    "available_methods", "apply_adapter", "merge_auto", "score", "calibrate", "Calibration", "load_calibration", "LoraLegoError", "AdapterFormatError",
-    "BaseModelError", "CalibrationError", "TargetError", "IncompatibleAdaptersError", "MethodError", "OutputError", "LoraLegoWarning", "ClusteringWarning", "__version__",
+    "available_methods", "apply_adapter", "merge_auto", "score", "calibrate", "Calibration", "load_calibration",
+    "LoraLegoError", "AdapterFormatError", "BaseModelError", "CalibrationError", "TargetError",
+    "IncompatibleAdaptersError", "MethodError", "OutputError", "LoraLegoWarning", "ClusteringWarning", "__version__",
 ]
 
 

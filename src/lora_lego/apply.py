@@ -14,13 +14,12 @@ from pathlib import Path
 import torch
 
 from ._version import version
-from .checkpoint import (Checkpoint, check_space, copy_other_files, read_checkpoint, write_config,
-                         write_index)
+from .checkpoint import Checkpoint, check_space, copy_other_files, read_checkpoint, write_config, write_index
+from .errors import AdapterFormatError, BaseModelError, IncompatibleAdaptersError, LoraLegoWarning, OutputError
 from .formats import base_family, naming
 from .formats.files import some
-from .errors import AdapterFormatError, BaseModelError, IncompatibleAdaptersError, LoraLegoWarning, OutputError
-from .tensorfile import TensorFileError, TensorInfo, TensorWriter, read_tensor
 from .progress import progress as progress_of
+from .tensorfile import TensorFileError, TensorInfo, TensorWriter, read_tensor
 from .types import Adapter, ModuleInfo, kernel_size
 from .writing import atomic_folder, cast_finite, check_output_path, dtype_from_name, source_folders
 
@@ -74,14 +73,16 @@ def apply_adapter(adapter: Adapter | str | Path, base: str | Path, output: str |
         bar = progress_of(sum(map(len, entries.values())), "apply", "tensor", enabled=progress)
         with bar:
             for shard, shard_entries in entries.items():
-                write_shard(checkpoint, shard, shard_entries, plan, adapter, scale, folder, _provenance(adapter, scale), bar)
+                write_shard(checkpoint, shard, shard_entries, plan, adapter, scale, folder,
+                            _provenance(adapter, scale), bar)
         write_index(checkpoint, plan.added, entries, folder)
     if skipped:
         warnings.warn(f"base {str(base)!r}: did not copy {len(skipped)} weight file(s) that are not its safetensors "
                       f"checkpoint (they would not carry the adapter): {some(skipped)}", LoraLegoWarning, stacklevel=2)
     if plan.untied:
-        warnings.warn(f"base {str(base)!r} ties {plan.untied[1]} to {plan.untied[0]}; wrote a separate {plan.untied[1]} "
-                      "and set tie_word_embeddings false in the output config.json (--untie)", LoraLegoWarning, stacklevel=2)
+        warnings.warn(f"base {str(base)!r} ties {plan.untied[1]} to {plan.untied[0]}; wrote a separate "
+                      f"{plan.untied[1]} and set tie_word_embeddings false in the output config.json (--untie)",
+                      LoraLegoWarning, stacklevel=2)
     log.info("applied %d modules of %s to %s -> %s", len(adapter), adapter.name, base, output)
     return Path(output)
 
@@ -118,7 +119,8 @@ def plan_apply(adapter: Adapter, checkpoint: Checkpoint, *, untie: bool) -> Plan
         hint = f" (a {family} diffusion LoRA; apply it in its UI)" if family else ""
         raise IncompatibleAdaptersError(
             f"adapter {adapter.name!r}: {len(missing)} of {len(adapter)} module(s) have no weight in base "
-            f"{str(checkpoint.folder)!r}{hint}: {some([keyed[m] for m in missing])}; expected the base it was trained on")
+            f"{str(checkpoint.folder)!r}{hint}: {some([keyed[m] for m in missing])}; "
+            "expected the base it was trained on")
     plan = Plan({})
     if tied and set(tied) & set(keyed.values()):
         touched = sorted(m for m, k in keyed.items() if k in tied)

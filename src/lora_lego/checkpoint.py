@@ -81,7 +81,8 @@ def _read_json(path: Path, base: str | Path) -> dict:
 
 def _read_shard(folder: Path, name: str, base: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     if Path(name).name != name or not name.endswith(".safetensors") or not (folder / name).is_file():
-        raise BaseModelError(f"base {str(base)!r}: shard {name!r} named in {INDEX} is missing or not a .safetensors file")
+        raise BaseModelError(
+            f"base {str(base)!r}: shard {name!r} named in {INDEX} is missing or not a .safetensors file")
     try:
         return read_header(folder / name)
     except (OSError, TensorFileError) as error:

@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibration_options(calibrate_cmd)
     add_generation_options(calibrate_cmd)
 
-    prune_cmd = commands.add_parser("prune", help="reduce one adapter to a lower rank (truncated SVD, or --method lego)")
+    prune_cmd = commands.add_parser("prune",
+                                    help="reduce one adapter to a lower rank (truncated SVD, or --method lego)")
     prune_cmd.add_argument("adapters", nargs=1, metavar="ADAPTER", help="a PEFT LoRA folder or a .safetensors file")
     prune_cmd.add_argument("--method", default=PRUNE_METHOD,
                            help=f"method used to prune (default {PRUNE_METHOD}: the truncated SVD of each delta, the "
@@ -150,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 RANK_HELP = ("output rank k (the method's rank parameter); its default depends on the method: the largest input rank "
              "(lego, ties, task_arithmetic, auto, ...); every direction of the merge, at most the sum of the input "
-             "ranks, for tsv, iso_c, iso_cts, star and wudi; the sum of the input ranks for regmean and regmean_pp (the "
-             "exact solution); with -p allocate=greedy, an average (a parameter budget spread over the modules). "
+             "ranks, for tsv, iso_c, iso_cts, star and wudi; the sum of the input ranks for regmean and regmean_pp "
+             "(the exact solution); with -p allocate=greedy, an average (a parameter budget spread over the modules). "
              "concat and ensemble always give the sum, average the common input rank (they take no --rank)")
 RANK_HELP_PRUNE = "output rank k (required); modules of a lower rank keep theirs"
 
@@ -160,7 +161,8 @@ def _add_common(command: argparse.ArgumentParser, *, rank_required: bool) -> Non
     command.add_argument("-o", "--output", required=True,
                          help="output folder (PEFT), .safetensors file (kohya / diffusers) or .gguf file (llama.cpp); "
                          "must not exist unless --overwrite")
-    command.add_argument("--rank", type=int, required=rank_required, help=RANK_HELP_PRUNE if rank_required else RANK_HELP)
+    command.add_argument("--rank", type=int, required=rank_required,
+                         help=RANK_HELP_PRUNE if rank_required else RANK_HELP)
     command.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     command.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                          help="method parameter, repeatable (e.g. -p n_init=20); -p scale=norm works with every "
@@ -225,7 +227,8 @@ def _run_methods(args: argparse.Namespace) -> int:
     specs = method_specs()
     for name in sorted(specs):
         spec = specs[name]
-        title = name + (" (default)" if name == DEFAULT_METHOD else "") + "".join(f", also {a!r}" for a in spec.method_aliases)
+        title = (name + (" (default)" if name == DEFAULT_METHOD else "")
+                 + "".join(f", also {a!r}" for a in spec.method_aliases))
         title += " (default of prune)" if PRUNE_METHOD in (name, *spec.method_aliases) else ""
         title += " (needs calibration: --model/--prompts or --calibration)" if spec.needs_calibration else ""
         print(f"{title}\n  {spec.summary}\n  parameters:" + ("" if spec.parameters else " none"))
@@ -294,8 +297,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
     if folders and args.target:
         return inspect_target(args, folders)
     if folders:
-        print(describe_adapters(harmonise([load_adapter(path, lazy=True, expand=args.expand, expand_rank=args.expand_rank,
-                                                        base_config=args.base_config) for path in folders])))
+        adapters = [load_adapter(path, lazy=True, expand=args.expand, expand_rank=args.expand_rank,
+                                 base_config=args.base_config) for path in folders]
+        print(describe_adapters(harmonise(adapters)))
     return 0
 
 
@@ -333,7 +337,8 @@ def _imported(module: str, function: str):
 
 
 _COMMANDS = {"merge": _imported("cli_merge", "run_merge"), "prune": _imported("cli_merge", "run_merge"),
-             "convert": _imported("cli_convert", "run_convert"), "calibrate": _imported("cli_calibration", "run_calibrate"),
+             "convert": _imported("cli_convert", "run_convert"),
+             "calibrate": _imported("cli_calibration", "run_calibrate"),
              "methods": _run_methods, "formats": _run_formats, "inspect": _run_inspect, "bench": _run_bench,
              "apply": _imported("cli_apply", "run_apply"), "score": _imported("cli_score", "run_score"),
              "run": _imported("cli_run", "run_recipe")}

@@ -10,7 +10,8 @@ from pathlib import Path
 def add_apply_parser(commands) -> argparse.ArgumentParser:
     """Add the `apply` subcommand to an argparse subparsers object; returns its parser."""
     command = commands.add_parser("apply", help="fold an adapter into a base model checkpoint (safetensors shards)")
-    command.add_argument("adapter", metavar="ADAPTER", help="a PEFT LoRA folder, a .gguf adapter, or a dotted-name .safetensors file")
+    command.add_argument("adapter", metavar="ADAPTER",
+                         help="a PEFT LoRA folder, a .gguf adapter, or a dotted-name .safetensors file")
     command.add_argument("--base", required=True, metavar="BASE_DIR",
                          help="transformers model folder: config.json and model.safetensors or its sharded index")
     command.add_argument("-o", "--output", required=True, metavar="OUT_DIR",

@@ -44,14 +44,15 @@ def check_calibration_args(args: argparse.Namespace, needs: bool, *, choose: boo
         raise CalibrationError("give either --prompts (with --model) or --calibration, not both")
     if choose and not prompted:
         raise MethodError(f"{'--method auto' if args.method == 'auto' else '-p scale=auto'} scores merges on the "
-                          "adapters' prompts: give --model BASE_DIR --prompts P1 P2 ... (one prompts file per adapter), "
-                          "or --model BASE_DIR --generate-prompts N")
+                          "adapters' prompts: give --model BASE_DIR --prompts P1 P2 ... "
+                          "(one prompts file per adapter), or --model BASE_DIR --generate-prompts N")
     if not needs and not choose and args.calibration is not None:
         raise MethodError(f"method {args.method!r} does not use calibration data (--calibration); to measure what "
                           "each adapter keeps, give --model BASE_DIR --prompts P1 P2 ...")
     if needs and not given:
         raise MethodError(f"method {args.method!r} needs calibration data: --model BASE_DIR --prompts P1 P2 ... (one "
-                          "prompts file per adapter), --model BASE_DIR --generate-prompts N, or --calibration C1 C2 ...")
+                          "prompts file per adapter), --model BASE_DIR --generate-prompts N, "
+                          "or --calibration C1 C2 ...")
     if args.model and not prompted:
         raise CalibrationError("--model is used with --prompts (one prompts file per adapter) or --generate-prompts N; "
                                "a saved --calibration already holds its model")

@@ -29,8 +29,8 @@ def add_output_format(command: argparse.ArgumentParser) -> None:
 
 def add_target_option(command: argparse.ArgumentParser) -> None:
     command.add_argument("--target", choices=list(TARGETS),
-                         help="serving target: refuse what it cannot load, before any work, and print the rank flag to serve "
-                              "the output with (the rank itself is kept: vLLM pads it)")
+                         help="serving target: refuse what it cannot load, before any work, and print the rank "
+                              "flag to serve the output with (the rank itself is kept: vLLM pads it)")
 
 
 def add_input_options(command: argparse.ArgumentParser) -> None:
@@ -116,7 +116,8 @@ def inspect_target(args: argparse.Namespace, paths: list[str]) -> int:
                 reasons = []  # an unreadable config: lora-lego's own error says what is wrong
             if not reasons:
                 raise
-            print(f"{path}: {target.name}: does not load: " + "; ".join(reasons) + f" (lora-lego: {' '.join(str(error).split())})")
+            print(f"{path}: {target.name}: does not load: " + "; ".join(reasons)
+                  + f" (lora-lego: {' '.join(str(error).split())})")
             continue
         print(f"{path}: {describe_target(adapter, target)}")
     return 0

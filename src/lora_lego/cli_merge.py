@@ -24,7 +24,8 @@ def run_merge(args: argparse.Namespace) -> int:
     params = parse_params(args.param)
     if args.rank is not None:
         if "rank" in params:
-            raise MethodError(f"the rank is given twice (--rank {args.rank} and -p rank={params['rank']}); give it once")
+            raise MethodError(
+                f"the rank is given twice (--rank {args.rank} and -p rank={params['rank']}); give it once")
         params["rank"] = args.rank
     if args.dtype:
         dtype_from_name(args.dtype)
@@ -100,7 +101,7 @@ def parse_params(items: Sequence[str]) -> dict[str, str]:
         if not sep or not key:
             raise MethodError(f"method parameter {item!r} must look like key=value")
         if key in params:
-            raise MethodError(f"method parameter {key!r} is given twice (-p {key}={params[key]} and -p {item.strip()}); "
-                              "give it once")
+            raise MethodError(f"method parameter {key!r} is given twice "
+                              f"(-p {key}={params[key]} and -p {item.strip()}); give it once")
         params[key] = value.strip()
     return params

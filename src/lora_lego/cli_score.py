@@ -10,10 +10,19 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cli_calibration import (_calibration_options, add_calibration_options, calibrations_for_merge,
-                              check_calibration_args)
-from .cli_generate import (add_generation_options, check_generation_args, generated_prompt_sets, generating,
-                           generation_record)
+from .cli_calibration import (
+    _calibration_options,
+    add_calibration_options,
+    calibrations_for_merge,
+    check_calibration_args,
+)
+from .cli_generate import (
+    add_generation_options,
+    check_generation_args,
+    generated_prompt_sets,
+    generating,
+    generation_record,
+)
 from .defaults import POSITIONS
 from .errors import MethodError, OutputError
 
@@ -35,7 +44,8 @@ def add_score_parser(commands) -> None:
     cmd.add_argument("merged", metavar="MERGED", help="the merged adapter (folder or file)")
     cmd.add_argument("--adapters", nargs="+", required=True, metavar="ADAPTER", help="the source adapters, in order")
     cmd.add_argument("--model", required=True, help="base model folder (transformers)")
-    cmd.add_argument("--prompts", nargs="+", metavar="FILE", help="one prompts file per adapter (or --generate-prompts)")
+    cmd.add_argument("--prompts", nargs="+", metavar="FILE",
+                     help="one prompts file per adapter (or --generate-prompts)")
     cmd.add_argument("--calibration", nargs="+", metavar="CALIB",
                      help="saved calibrations, one per adapter: adds the Gram proxy's retention")
     cmd.add_argument("--report", metavar="FILE.json", help="write the scores here as JSON")

@@ -94,7 +94,8 @@ def from_core(core: torch.Tensor, space: CoreSpace, k: int | None, kind: str, dt
     d_out, d_in = space.B_cat.shape[0], space.A_cat.shape[1]
     if core.numel() == 0:  # every B (or A) is zero: so is the merge
         device = space.B_cat.device
-        return LoraFactors(torch.zeros(1, d_in, dtype=dtype, device=device), torch.zeros(d_out, 1, dtype=dtype, device=device), kind)
+        return LoraFactors(torch.zeros(1, d_in, dtype=dtype, device=device),
+                           torch.zeros(d_out, 1, dtype=dtype, device=device), kind)
     u, s, vh = torch.linalg.svd(core, full_matrices=False)
     k = max(1, min(numerical_rank(s) if k is None else k, s.shape[0]))
     left = space.B_cat @ (space.WB @ u[:, :k])

@@ -18,7 +18,8 @@ class MethodError(LoraLegoError, ValueError):
 
 
 class CalibrationError(LoraLegoError, ValueError):
-    """Calibration input is unusable: a prompts file, a base model, or a calibration file (or it does not fit the adapters)."""
+    """Calibration input is unusable: a prompts file, a base model, or a calibration file (or it does not fit the
+    adapters)."""
 
 
 class OutputError(LoraLegoError, ValueError):

@@ -41,15 +41,18 @@ def describe_adapter(adapter: Adapter) -> str:
     scalings = sorted({round(s, 6) for s in meta.get("scaling", {}).values()})
     lines = [
         f"adapter {adapter.name}",
-        f"  format: {meta.get('format', 'in memory')}   family: {meta.get('family') or '-'}   dtype: {meta.get('dtype')}",
+        f"  format: {meta.get('format', 'in memory')}   family: {meta.get('family') or '-'}"
+        f"   dtype: {meta.get('dtype')}",
     ]
     if meta.get("format") == "peft" or meta.get("base_model_name_or_path") or meta.get("task_type"):
         lines.append(f"  base model: {meta.get('base_model_name_or_path')}   task: {meta.get('task_type')}")
     if meta.get("format") == "peft":
         config = meta.get("peft_config", {})
         lines += [
-            f"  config: r={config.get('r')} lora_alpha={config.get('lora_alpha')} use_rslora={bool(config.get('use_rslora'))}"
-            f" rank_pattern={len(config.get('rank_pattern') or {})} alpha_pattern={len(config.get('alpha_pattern') or {})}"
+            f"  config: r={config.get('r')} lora_alpha={config.get('lora_alpha')}"
+            f" use_rslora={bool(config.get('use_rslora'))}"
+            f" rank_pattern={len(config.get('rank_pattern') or {})}"
+            f" alpha_pattern={len(config.get('alpha_pattern') or {})}"
             f" fan_in_fan_out={bool(config.get('fan_in_fan_out'))}",
         ]
     if len(components) > 1 or "model" not in components:
@@ -146,7 +149,8 @@ def describe_report(path: str | Path) -> str:
     errors = [entry["relative_error"] for entry in modules.values()]
     ranks = Counter(entry["rank"] for entry in modules.values())
     lines = [
-        f"report {path}: method {provenance.get('method')} params {provenance.get('params')} seed {provenance.get('seed')}",
+        f"report {path}: method {provenance.get('method')} params {provenance.get('params')}"
+        f" seed {provenance.get('seed')}",
         f"  sources: {', '.join(provenance.get('sources', []))}",
         f"  modules: {len(modules)}; ranks: {', '.join(f'{r} ({n})' for r, n in sorted(ranks.items()))}",
         f"  distance from the exact weighted sum of the deltas (0 for concat; ties, tsv, iso_c and the like "

@@ -224,7 +224,8 @@ def _gram_roots(gram_matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dense_truncated_svd(matrix: torch.Tensor, k: int, *, generator: torch.Generator | None = None,
-                        exact: bool = False, oversample: int = 10, n_iter: int = 4, kind: str = "linear") -> LoraFactors:
+                        exact: bool = False, oversample: int = 10, n_iter: int = 4,
+                        kind: str = "linear") -> LoraFactors:
     """Rank-k balanced factors of a dense (d_out, d_in) matrix: B (d_out, k), A (k, d_in).
 
     `exact=True` runs a full SVD (float64 core, seconds per 4096 x 4096 matrix on a CPU); otherwise a

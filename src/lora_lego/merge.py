@@ -17,8 +17,8 @@ from .allocate import allocation_rule, check_allocatable, greedy_ranks, spectrum
 from .calibration import Calibration, check_calibrations, moments
 from .core import match_norm, pico_calibrate
 from .errors import IncompatibleAdaptersError, LoraLegoError, LoraLegoWarning, MethodError
-from .provenance import merged_metadata, module_report
 from .progress import progress as progress_of
+from .provenance import merged_metadata, module_report
 from .registry import DEFAULT_METHOD, PRUNE_METHOD, get_method
 from .types import Adapter, LoraFactors, check_factor_values, check_origins
 

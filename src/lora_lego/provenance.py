@@ -53,8 +53,9 @@ def merged_metadata(adapters, method, params, weights, seed, report) -> dict[str
     first = adapters[0].metadata
     if len({bool(a.metadata.get("fan_in_fan_out", False)) for a in adapters}) > 1:
         raise IncompatibleAdaptersError(
-            "adapters disagree on fan_in_fan_out (" + ", ".join(
-                f"{a.name!r}: {bool(a.metadata.get('fan_in_fan_out', False))}" for a in adapters) + "): different base layer types"
+            "adapters disagree on fan_in_fan_out ("
+            + ", ".join(f"{a.name!r}: {bool(a.metadata.get('fan_in_fan_out', False))}" for a in adapters)
+            + "): different base layer types"
         )
     bases = {a.metadata.get("base_model_name_or_path") for a in adapters} - {None}
     if len(bases) > 1:

@@ -118,11 +118,11 @@ def check_merge(entry: dict[str, Any], argv: list[str], where: str, earlier: dic
                 written: set[str]) -> list[str]:
     """What the merge command would refuse before any work, found now: method, parameters, calibration,
     output, format and target, inputs that exist (or are Hub ids, or an earlier merge's output)."""
+    from .allocate import allocation_rule
     from .cli import build_parser
     from .cli_merge import parse_params
     from .formats import output_format
     from .hub import parse_hub_id
-    from .allocate import allocation_rule
     from .merge import check_device, scale_rule
     from .registry import get_method
     from .regmean_pp import SPEC as REGMEAN_PP

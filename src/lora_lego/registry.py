@@ -145,7 +145,8 @@ def shown_value(value: Any) -> str:
 
 
 def get_method(name: str) -> MethodSpec:
-    """The spec of a registered method (by its name or a method alias); `MethodError` listing the known ones otherwise."""
+    """The spec of a registered method (by its name or a method alias); `MethodError` listing the known ones
+    otherwise."""
     _load_builtin_methods()
     name = _METHOD_ALIASES.get(name, name)
     if name not in _METHODS:

@@ -113,7 +113,8 @@ def check_loads(adapter: Adapter, target: Target, output_format: str | None = No
 def serve_line(target: Target, flag: int, rank: int) -> str:
     """The line after a write: the rank flag value to serve with (`flag`, from `check_loads`), for an adapter
     of largest module rank `rank`, which the server pads up to it."""
-    default = f"; the default {target.default_rank} is enough" if target.default_rank and flag <= target.default_rank else ""
+    enough = target.default_rank and flag <= target.default_rank
+    default = f"; the default {target.default_rank} is enough" if enough else ""
     padded = f" (largest module rank {rank}, padded to {flag} by the server)" if rank != flag else ""
     return f"{target.name}: serve with {target.rank_flag} {flag} or more{padded}{default}"
 
@@ -124,6 +125,7 @@ def describe(adapter: Adapter, target: Target) -> str:
     if reasons:
         return f"{target.name}: does not load: " + "; ".join(reasons)
     flag = fit_rank(target, max(adapter.max_rank, 1))
-    default = f"; the default {target.default_rank} is enough" if target.default_rank and flag <= target.default_rank else ""
+    enough = target.default_rank and flag <= target.default_rank
+    default = f"; the default {target.default_rank} is enough" if enough else ""
     return (f"{target.name}: loads with {target.rank_flag} {flag} or more{default} "
             f"(largest module rank {adapter.max_rank})")

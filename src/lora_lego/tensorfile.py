@@ -89,7 +89,8 @@ def _info(name: str, key: str, entry: object, base: int, size: int) -> TensorInf
         shape = tuple(int(n) for n in entry["shape"])
         start, end = (int(n) for n in entry["data_offsets"])
     except (KeyError, TypeError, ValueError):
-        raise TensorFileError(f"{name}: tensor {key!r} has an unreadable or unsupported header entry {entry!r}") from None
+        raise TensorFileError(
+            f"{name}: tensor {key!r} has an unreadable or unsupported header entry {entry!r}") from None
     nbytes = math.prod(shape) * dtype.itemsize
     if min(shape, default=0) < 0 or not 0 <= start <= end or end - start != nbytes or base + end > size:
         raise TensorFileError(f"{name}: tensor {key!r} (shape {list(shape)}, {entry['dtype']}) has byte offsets "

@@ -48,7 +48,8 @@ class LoraFactors:
 
     def __post_init__(self) -> None:
         if self.A.ndim != 2 or self.B.ndim != 2 or self.A.shape[0] != self.B.shape[1]:
-            raise ValueError(f"LoraFactors needs A (r, d_in) and B (d_out, r); got A {tuple(self.A.shape)}, B {tuple(self.B.shape)}")
+            raise ValueError(f"LoraFactors needs A (r, d_in) and B (d_out, r); "
+                             f"got A {tuple(self.A.shape)}, B {tuple(self.B.shape)}")
         if not is_valid_kind(self.kind):
             raise ValueError(f"LoraFactors kind must be one of {KINDS} or 'conv<kh>x<kw>', got {self.kind!r}")
         kernel = kernel_size(self.kind)
@@ -158,7 +159,9 @@ class Adapter:
 
     def info(self, module: str) -> ModuleInfo:
         """Shape, rank and kind of a module, without reading a lazy adapter's factors."""
-        return self.modules.info(module) if isinstance(self.modules, LazyModules) else ModuleInfo.of(self.modules[module])
+        if isinstance(self.modules, LazyModules):
+            return self.modules.info(module)
+        return ModuleInfo.of(self.modules[module])
 
     @property
     def ranks(self) -> Mapping[str, int]:

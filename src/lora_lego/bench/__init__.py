@@ -10,14 +10,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Sequence
 
+from ..merge import check_device
 from .assets import base_model_dir, cache_dir
 from .calibrated import calibrated_table
 from .evidence import evidence_table
-from .protocol import protocol_table
 from .experiments import EXPERIMENTS as DATA_FREE_EXPERIMENTS
 from .experiments import Bench
-from ..merge import check_device
 from .lm import TrainConfig, resolve_precision
+from .protocol import protocol_table
 from .report import write
 from .tasks import DEFAULT_TASKS, get_task
 

@@ -176,7 +176,8 @@ def prune_table(bench: Bench) -> Table:
         for method, label in [("lego", "lego"), ("task_arithmetic", "truncated SVD")]:
             table.rows[f"{label}, r={k}"] = {
                 t.name: bench.evaluate(f"prune {method} k={k} {t.name}",
-                                       lambda t=t, m=method, k=k: bench.merged([bench.adapter(t)], m, rank=k), [t])[t.name]
+                                       lambda t=t, m=method, k=k: bench.merged([bench.adapter(t)], m, rank=k),
+                                       [t])[t.name]
                 for t in bench.tasks}
     return table
 

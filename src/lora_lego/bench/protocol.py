@@ -155,5 +155,7 @@ def _notes(table, views, tried, chosen, finalists, reference, dev, confirm, r, R
                                                                             for label in order))
         if len(views) > 1 and best is not reference:
             alone = paired_difference({t.name: view.rows(best.key(), t) for t in confirm},
-                                      {t.name: view.rows(reference.key(), t) for t in confirm}, [t.name for t in confirm])
-            table.notes.append(describe(best.label, reference.label, alone, f"confirm tasks, training seed {seed} alone"))
+                                      {t.name: view.rows(reference.key(), t) for t in confirm},
+                                      [t.name for t in confirm])
+            table.notes.append(describe(best.label, reference.label, alone,
+                                        f"confirm tasks, training seed {seed} alone"))

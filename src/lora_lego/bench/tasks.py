@@ -95,8 +95,9 @@ BUILTIN: dict[str, Task] = {task.name: task for task in [
          _bigbench("multiemo/all_sentence_en"), "sentiment (4 classes, mixed domains)"),
     Task("sports_understanding", "Is this sentence about sports plausible or implausible?",
          {"plausible": "plausible", "implausible": "implausible"},
-         _bigbench("sports_understanding", lambda t: t.removeprefix("Determine whether the following statement or "
-                                                                     "statements are plausible or implausible:").strip()),
+         _bigbench("sports_understanding",
+                   lambda t: t.removeprefix("Determine whether the following statement or "
+                                            "statements are plausible or implausible:").strip()),
          "commonsense plausibility"),
     Task("strategyqa", "Answer the question with yes or no.", {"Yes": "yes", "No": "no"},
          _bigbench("strategyqa"), "multi-step commonsense QA"),
@@ -132,7 +133,8 @@ def jsonl_task(path: str | Path) -> Task:
                     item = json.loads(line)
                     rows.append((str(item["text"]), str(item["label"])))
                 except (ValueError, KeyError, TypeError):
-                    raise LoraLegoError(f"task file {path}: line {number} is not a JSON object with text and label") from None
+                    raise LoraLegoError(
+                        f"task file {path}: line {number} is not a JSON object with text and label") from None
         return rows
 
     labels = sorted({label for _, label in load(path)})
@@ -159,7 +161,7 @@ def task_rows(task: Task, cache: Path) -> Rows:
                 rows.append((text.strip(), label))
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
-        partial.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in rows))
+        partial.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows))
         partial.rename(path)
     return [(item["text"], item["label"]) for item in map(json.loads, path.read_text().splitlines())]
 

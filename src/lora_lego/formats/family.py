@@ -50,8 +50,9 @@ def family_from_modules(modules: Iterable[str], cross_attention_dim: int | None 
     text_only = bool(names) and all(n.startswith(("lora_te", "text_encoder")) for n in names)
     if text_only and any(n.startswith("lora_te1_") for n in names):
         return "sdxl"
-    if any(n.startswith(("lora_te2_", "text_encoder_2.")) for n in names) or any(
-            token in text for token in ("input_blocks", "output_blocks", "middle_block")) or cross_attention_dim == 2048:
+    if (any(n.startswith(("lora_te2_", "text_encoder_2.")) for n in names)
+            or any(token in text for token in ("input_blocks", "output_blocks", "middle_block"))
+            or cross_attention_dim == 2048):
         return "sdxl"
     if any(n.startswith(("lora_unet_", "lora_te_", "unet.", "text_encoder.")) for n in names):
         return "sd2" if cross_attention_dim == 1024 else "sd1"
@@ -120,4 +121,5 @@ def component(module: str) -> str | None:
         return "transformer" if prefix == "lora_unet" and "_blocks_" in module and (
             "double_blocks" in module or "single_blocks" in module) else _COMPONENTS.get(prefix, prefix)
     head = module.split(".", 1)[0]
-    return head if head in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior") else None
+    heads = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior")
+    return head if head in heads else None

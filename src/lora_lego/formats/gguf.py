@@ -162,7 +162,8 @@ def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = Non
     kinds = {m: adapter.info(m).kind for m in adapter}
     odd = [m for m, kind in kinds.items() if kind not in ("linear", "embedding")]
     if odd:
-        raise AdapterFormatError(f"{where}: GGUF adapters hold linear and embedding LoRAs; {some(odd)} are {kinds[odd[0]]}")
+        raise AdapterFormatError(
+            f"{where}: GGUF adapters hold linear and embedding LoRAs; {some(odd)} are {kinds[odd[0]]}")
     if config.get("tie_word_embeddings") and "lm_head" in adapter:
         raise AdapterFormatError(f"{where}: the base ties lm_head to the input embeddings, so its GGUF has no output "
                                  f"tensor and llama.cpp cannot apply the adapter's lm_head LoRA (its converter refuses "

@@ -16,8 +16,18 @@ from ..errors import AdapterFormatError, IncompatibleAdaptersError
 from ..lowrank import scale_factors
 from ..types import Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values
 from .files import some
-from .gguf import (CONFIG_KEY, HF_MODULES, PERMUTED, PROVENANCE_KEY, _name_map, _permuted_heads, architecture,
-                   base_config, gguf_module, permute_rows)
+from .gguf import (
+    CONFIG_KEY,
+    HF_MODULES,
+    PERMUTED,
+    PROVENANCE_KEY,
+    _name_map,
+    _permuted_heads,
+    architecture,
+    base_config,
+    gguf_module,
+    permute_rows,
+)
 from .record import BASE_MODEL, TASK_TYPE, apply_recorded
 
 _FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -214,7 +224,8 @@ def _file_shape(recorded: str | None, base: str | Path | None, arch: str, pairs:
     if base is not None:
         file_arch, shape = architecture(base_config(None, base, f"adapter {name!r}"), f"adapter {name!r}")
         if file_arch != arch:
-            raise AdapterFormatError(f"adapter {name!r}: the GGUF file is for {arch!r}, the base config for {file_arch!r}")
+            raise AdapterFormatError(
+                f"adapter {name!r}: the GGUF file is for {arch!r}, the base config for {file_arch!r}")
         return shape
     touched = any(base.endswith((".attn_q", ".attn_k")) for base in pairs)
     if PERMUTED[arch] and touched:

@@ -13,10 +13,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..errors import AdapterFormatError
+from ..lowrank import scale_factors
 from ..tensorfile import TensorInfo
 from ..types import Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values, conv_kind
 from ..writing import output_dtype
-from ..lowrank import scale_factors
 from . import kohya_meta, lycoris, updown
 from .family import carry_family, family_from_metadata, family_from_modules, mixed_families
 from .files import module_producer, open_file, some
@@ -223,10 +223,11 @@ def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = Non
     """Write `adapter` (kohya-named modules) as a kohya LoRA / LoCon .safetensors file, atomically.
 
     Per module lora_down.weight (r, d_in) or (r, c_in, kh, kw), lora_up.weight (d_out, r) or (d_out, r, 1, 1),
-    one alpha for the file (`kohya_meta.file_alpha`; B carries r / alpha), in `dtype` (default: the inputs'). Keys sorted (safetensors' own
-    order), one module in memory at a time; header from `kohya_meta.output_metadata` with sd-scripts' sshs
-    hashes. Raises AdapterFormatError for a module name that is not a lora_name, an embedding LoRA or a
-    rank-0 module, OutputError for an existing path (unless `overwrite`), a folder or an input.
+    one alpha for the file (`kohya_meta.file_alpha`; B carries r / alpha), in `dtype` (default: the inputs').
+    Keys sorted (safetensors' own order), one module in memory at a time; header from
+    `kohya_meta.output_metadata` with sd-scripts' sshs hashes. Raises AdapterFormatError for a module name that
+    is not a lora_name, an embedding LoRA or a rank-0 module, OutputError for an existing path (unless
+    `overwrite`), a folder or an input.
     """
     path = Path(path)
     target = output_dtype(adapter, dtype)

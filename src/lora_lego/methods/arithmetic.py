@@ -79,7 +79,8 @@ def kth_largest(values: torch.Tensor, k: int, *, sample: int = 1 << 16) -> torch
 
 
 def dare(tensor: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """DARE: drop each entry with probability 1 - density (mask drawn from `generator`), rescale the rest by 1/density."""
+    """DARE: drop each entry with probability 1 - density (mask drawn from `generator`), rescale the rest by
+    1/density."""
     if density >= 1.0:
         return tensor.clone()
     keep = torch.rand(tensor.shape, generator=generator, device=generator.device).to(tensor.device) < density
@@ -180,7 +181,8 @@ def task_arithmetic(factors: list[LoraFactors], weights: list[float], *, generat
 
 
 def smallest_rank(singular_values: torch.Tensor, max_error: float, cap: int) -> int:
-    """The smallest k in [1, cap] with sqrt(sum_{i>k} s_i^2 / sum_i s_i^2) <= max_error, else the cap; s (r,) descending."""
+    """The smallest k in [1, cap] with sqrt(sum_{i>k} s_i^2 / sum_i s_i^2) <= max_error, else the cap;
+    s (r,) descending."""
     energy = singular_values.double().pow(2)
     total = float(energy.sum())
     if total == 0.0:

@@ -50,7 +50,8 @@ def lego_rank1(
         max_error: 0: k fixed; > 0 (below 1): per module the smallest k <= the cap whose relative error is at
             most this
     """
-    pooled = concat_factors([f for f, w in zip(factors, weights, strict=True) if w != 0], [w for w in weights if w != 0])
+    pooled = concat_factors([f for f, w in zip(factors, weights, strict=True) if w != 0],
+                            [w for w in weights if w != 0])
     kept = torch.tensor([w != 0 for f, w in zip(factors, weights, strict=True) for _ in range(f.rank)],
                         device="cpu")
     A, B = pooled.A.double(), pooled.B.double()

@@ -197,7 +197,8 @@ def ctm(factors: list[LoraFactors], weights: list[float], *, generator: torch.Ge
     k = default_rank(factors, rank, "ctm")
     check_density("ctm", density)
     if not 0.0 <= beta <= 1.0:
-        raise MethodError(f"ctm: beta (0 = equal norms for the basis, 1 = the tasks' own) must be in [0, 1]; got {beta}")
+        raise MethodError(
+            f"ctm: beta (0 = equal norms for the basis, 1 = the tasks' own) must be in [0, 1]; got {beta}")
     if iterations < 0:
         raise MethodError(f"ctm: iterations (HOOI sweeps) must be >= 0; got {iterations}")
     space = core_space(factors)
