@@ -11,11 +11,11 @@ Every row states its rank and parameter count; rows above rank r = 4 are the "ra
 """
 
 import argparse
-from dataclasses import replace
 import json
 import statistics
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import lora_lego as ll

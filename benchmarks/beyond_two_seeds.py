@@ -11,10 +11,10 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
+from beyond_regmean import CONFIG, TASKS
+
 from lora_lego.bench.calibrated import split_tasks
 from lora_lego.bench.stats import paired_difference
-
-from beyond_regmean import CONFIG, TASKS
 
 ROWS = {  # label -> evaluation key (without the config prefix)
     "tsv k=4": "evidence tsv k=4 x1.0",

@@ -158,7 +158,8 @@ def test_cli_equals_the_api_and_refuses_saved_calibrations(setup, tmp_path, caps
 
 def test_adapters_on_different_modules_merge_as_a_union_without_chunk_warnings(setup, recwarn):
     model, tokenizer, prompts = setup["model"], setup["tokenizer"], setup["prompts"]
-    q, v = (Adapter({m: f for m, f in setup["adapters"][0].items() if m.endswith(s)}, {}, s) for s in ("q_proj", "v_proj"))
+    first = setup["adapters"][0]
+    q, v = (Adapter({m: f for m, f in first.items() if m.endswith(s)}, {}, s) for s in ("q_proj", "v_proj"))
     result = merge_regmean_pp([q, v], model=model, tokenizer=tokenizer, prompts=prompts)
     assert set(result) == set(q) | set(v)
     assert_same(result, Adapter({**dict(q.items()), **dict(v.items())}, {}, "union"))
