@@ -151,6 +151,8 @@ def test_cli_equals_the_api_and_refuses_saved_calibrations(setup, tmp_path, caps
     code = main(["merge", *map(str, folders), "--method", "regmean_pp", "--calibration", "x", "y", "-o",
                  str(tmp_path / "no")])
     assert code == 2 and "not --calibration" in capsys.readouterr().err
+    code = main(["merge", *map(str, folders), "--method", "regmean_pp", "-o", str(tmp_path / "no")])
+    assert code == 2 and "--prompts P1 P2" in capsys.readouterr().err
     code = main(["merge", *map(str, folders), "--method", "regmean_pp", "-p", "within=merged", "--model", str(model),
                  "--prompts", *map(str, prompts), "-o", str(tmp_path / "no")])
     assert code == 2 and "within" in capsys.readouterr().err and not (tmp_path / "no").exists()

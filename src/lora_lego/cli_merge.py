@@ -36,9 +36,10 @@ def run_merge(args: argparse.Namespace) -> int:
             raise MethodError("--pico is not a candidate of --method auto / -p scale=auto; leave one of them out")
     if args.method == "regmean_pp":
         spec = REGMEAN_PP
-        if args.calibration is not None:
+        if args.calibration is not None or (args.prompts is None and not args.generate_prompts):
             raise MethodError("regmean_pp takes its Grams on the model as it merges it: give --model BASE_DIR "
-                              "--prompts P1 P2 ... (or --generate-prompts N), not --calibration")
+                              "--prompts P1 P2 ... (or --generate-prompts N)"
+                              + (", not --calibration" if args.calibration is not None else ""))
     else:
         spec = get_method("regmean" if args.method == "auto" else args.method)  # auto: the candidates' rank
     spec.resolve(allocation_rule(scale_rule(params)[1])[1])  # fail fast on a bad method, parameter or device
