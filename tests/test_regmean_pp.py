@@ -62,6 +62,7 @@ def test_one_layer_is_regmean(setup):
 
 
 def test_identical_adapters_give_that_adapter(setup):
+    assert ll.merge_regmean_pp is merge_regmean_pp  # public
     a = setup["adapters"][0]
     result = merge_regmean_pp([a, a], model=setup["model"], tokenizer=setup["tokenizer"], prompts=setup["prompts"])
     assert_same(result, a)

@@ -31,12 +31,13 @@ _LAZY = {
     "calibrate": "calibrate", "Calibration": "calibration", "load_calibration": "calibration", "merge": "merge",
     "prune": "merge", "load_adapter": "formats", "save_adapter": "formats", "available_methods": "registry",
     "get_method": "registry", "register": "registry", "Adapter": "types", "LoraFactors": "types",
-    "apply_adapter": "apply", "merge_auto": "auto", "score": "auto",
+    "apply_adapter": "apply", "merge_auto": "auto", "score": "auto", "merge_regmean_pp": "regmean_pp",
 }
 
 __all__ = [
     "Adapter", "LoraFactors", "load_adapter", "save_adapter", "merge", "prune", "register", "get_method",
-    "available_methods", "apply_adapter", "merge_auto", "score", "calibrate", "Calibration", "load_calibration",
+    "available_methods", "apply_adapter", "merge_auto", "merge_regmean_pp", "score", "calibrate", "Calibration",
+    "load_calibration",
     "LoraLegoError", "AdapterFormatError", "BaseModelError", "CalibrationError", "TargetError",
     "IncompatibleAdaptersError", "MethodError", "OutputError", "LoraLegoWarning", "ClusteringWarning", "__version__",
 ]
