@@ -6,7 +6,6 @@ import argparse
 import importlib
 import logging
 import sys
-import textwrap
 import traceback
 import warnings
 from pathlib import Path
@@ -24,8 +23,7 @@ from .cli_score import add_evidence_options, add_score_parser
 from .errors import LoraLegoError
 from .hub import default_revision
 from .oserrors import os_errno, reason
-from .registry import DEFAULT_METHOD, PRUNE_METHOD, allowed_values, shown_value
-from .registry_source import builtin_specs, specs_in
+from .registry import DEFAULT_METHOD, PRUNE_METHOD
 from .signals import BROKEN_PIPE, INTERRUPTED, TERMINATED, Terminated, command_signals, silence_stdout
 from .targets import TARGETS
 
@@ -223,59 +221,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
 
 
-def _run_methods(args: argparse.Namespace) -> int:
-    specs = method_specs()
-    for name in sorted(specs):
-        spec = specs[name]
-        title = (name + (" (default)" if name == DEFAULT_METHOD else "")
-                 + "".join(f", also {a!r}" for a in spec.method_aliases))
-        title += " (default of prune)" if PRUNE_METHOD in (name, *spec.method_aliases) else ""
-        title += " (needs calibration: --model/--prompts or --calibration)" if spec.needs_calibration else ""
-        print(f"{title}\n  {spec.summary}\n  parameters:" + ("" if spec.parameters else " none"))
-        for parameter in spec.parameters.values():
-            print(_parameter_line(spec, parameter))
-        if spec.paper:
-            print(f"  paper: {spec.paper}")
-    _print_model_methods()
-    print("\nEvery method also takes -p scale=norm (each merged module rescaled to the inputs' mean norm) and, with\n"
-          "--model and --prompts, -p scale=auto (the global scale chosen by each adapter's retention).")
-    return 0
-
-
-def method_specs() -> dict:
-    """The built-in methods' specs by name, read from their source: the methods import torch, the list needs none."""
-    return builtin_specs()
-
-
-def _parameter_line(spec, parameter) -> str:
-    """`    name = default (allowed values; --rank): meaning`, as `lora-lego methods` lists a parameter."""
-    names = {parameter.name, *(alias for alias, target in spec.aliases.items() if target == parameter.name)}
-    allowed = allowed_values(parameter.annotation) + ("; --rank" if "rank" in names else "")
-    meaning = spec.docs.get(parameter.name)
-    line = f"{parameter.name} = {shown_value(parameter.default)} ({allowed})" + (f": {meaning}" if meaning else "")
-    return textwrap.fill(line, width=110, initial_indent="    ", subsequent_indent="        ", break_on_hyphens=False)
-
-
-def _print_model_methods() -> None:
-    """The methods that run the base model on the adapters' prompts while they merge (not per-module functions)."""
-    SPEC = specs_in("regmean_pp")["regmean_pp"]  # regmean_pp.SPEC, read without importing torch
-    print(f"{SPEC.name} (needs --model/--prompts)\n  {SPEC.summary}\n  parameters:")
-    for parameter in SPEC.parameters.values():
-        print(_parameter_line(SPEC, parameter))
-    print(f"  paper: {SPEC.paper}")
-    print("auto (needs --model/--prompts)\n  the candidate merge with the best retention of every adapter on its "
-          "prompts (see the README's Merge with evidence)")
-
-
-def _run_formats(args: argparse.Namespace) -> int:
-    from .formats import available_formats, get_format
-
-    for name in available_formats():
-        fmt = get_format(name)
-        print(f"{name}{f' (single {fmt.suffix} file)' if fmt.single_file else ' (folder)'}\n  {fmt.summary}")
-    return 0
-
-
 def _run_inspect(args: argparse.Namespace) -> int:
     from .calibration import FILE_NAME as CALIBRATION_FILE
     from .calibration import load_calibration
@@ -339,6 +284,7 @@ def _imported(module: str, function: str):
 _COMMANDS = {"merge": _imported("cli_merge", "run_merge"), "prune": _imported("cli_merge", "run_merge"),
              "convert": _imported("cli_convert", "run_convert"),
              "calibrate": _imported("cli_calibration", "run_calibrate"),
-             "methods": _run_methods, "formats": _run_formats, "inspect": _run_inspect, "bench": _run_bench,
+             "methods": _imported("cli_listing", "run_methods"), "formats": _imported("cli_listing", "run_formats"),
+             "inspect": _run_inspect, "bench": _run_bench,
              "apply": _imported("cli_apply", "run_apply"), "score": _imported("cli_score", "run_score"),
              "run": _imported("cli_run", "run_recipe")}
