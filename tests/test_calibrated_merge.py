@@ -18,11 +18,11 @@ from conftest import (
     load_peft,
     make_peft_adapter,
     peft_deltas,
+    run_cli,
     tiny_gpt2,
     tiny_llama_folder,
     write_prompts,
 )
-from lora_lego.cli import main
 from lora_lego.tensorfile import read_header
 
 SPECS = {"sst": dict(r=4, lora_alpha=8), "nli": dict(r=2, lora_alpha=5, use_rslora=True,
@@ -38,10 +38,7 @@ def setup(tmp_path_factory):
     return root, model, adapters, prompts
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err.strip()
+run = run_cli
 
 
 def test_merge_with_prompts_equals_the_api_and_loads_in_peft(setup, tmp_path, capsys):

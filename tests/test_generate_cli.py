@@ -11,9 +11,8 @@ import torch
 
 pytest.importorskip("transformers")
 import lora_lego as ll
-from conftest import load_peft, make_peft_adapter, peft_deltas, tiny_llama_folder, write_prompts
+from conftest import load_peft, make_peft_adapter, peft_deltas, run_cli, tiny_llama_folder, write_prompts
 from lora_lego.calibrate import load_model
-from lora_lego.cli import main
 from lora_lego.generate import generate_prompts
 
 RECORD = {"n": 4, "seed": 7, "start": "bos", "temperature": 0.8, "top_p": 0.9, "max_length": 6}
@@ -29,10 +28,7 @@ def setup(tmp_path_factory):
     return root, model, adapters
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err.strip()
+run = run_cli
 
 
 def library_prompts(model_dir, adapters):

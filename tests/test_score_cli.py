@@ -10,8 +10,7 @@ import pytest
 
 pytest.importorskip("transformers")
 import lora_lego as ll
-from conftest import make_peft_adapter, tiny_llama_folder, write_prompts
-from lora_lego.cli import main
+from conftest import make_peft_adapter, run_cli, tiny_llama_folder, write_prompts
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +22,7 @@ def setup(tmp_path_factory):
     return root, model, adapters, prompts
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err.strip()
+run = run_cli
 
 
 def test_a_merge_with_prompts_is_scored_and_its_card_says_so(setup, tmp_path, capsys):
