@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 import lora_lego as ll
+from lora_lego.outputs import dtype_from_name
 from lora_lego.tensorfile import TensorWriter, read_header, read_tensor
 from lora_lego.types import Adapter, LoraFactors
-from lora_lego.writing import dtype_from_name
 
 HIDDEN, MLP, VOCAB = 4096, 11008, 32000
 SHAPES = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN),
@@ -98,7 +98,7 @@ def write_adapter(folder: Path, layers: int, rank: int) -> None:
 
 def child(base: str, adapter: str, output: str, out_dtype: str | None) -> None:
     """Run in the measured process: apply, then print the figures as one JSON line."""
-    from lora_lego.apply import apply_adapter
+    from lora_lego.deploy.apply import apply_adapter
 
     with open("/proc/self/statm") as stream:
         before = int(stream.read().split()[1]) * 4096

@@ -19,7 +19,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import lora_lego as ll
-from lora_lego.auto import merge_auto
 from lora_lego.bench.assets import base_model_dir, cache_dir
 from lora_lego.bench.calibrated import split_tasks
 from lora_lego.bench.experiments import Bench
@@ -27,9 +26,10 @@ from lora_lego.bench.lm import TrainConfig
 from lora_lego.bench.pool import task_split
 from lora_lego.bench.stats import paired_difference
 from lora_lego.bench.tasks import get_task
+from lora_lego.calibration.auto import merge_auto
+from lora_lego.calibration.regmean_pp import merge_regmean_pp
+from lora_lego.calibration.score import Scorer
 from lora_lego.errors import LoraLegoWarning
-from lora_lego.regmean_pp import merge_regmean_pp
-from lora_lego.score import Scorer
 
 CONFIG = TrainConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"))
 TASKS = ["rt_polarity", "hyperbaton", "snips_intent", "fever"]

@@ -18,8 +18,8 @@ import lora_lego as ll
 from lora_lego.bench.assets import base_model_dir, cache_dir
 from lora_lego.bench.pool import task_split
 from lora_lego.bench.tasks import get_task
-from lora_lego.calibrate import linear_modules, load_model
-from lora_lego.regmean_pp import merge_regmean_pp
+from lora_lego.calibration.calibrate import linear_modules, load_model
+from lora_lego.calibration.regmean_pp import merge_regmean_pp
 
 TASKS = ["rt_polarity", "hyperbaton", "snips_intent", "fever"]
 

@@ -22,7 +22,7 @@ from lora_lego.bench.calibrated import split_tasks
 from lora_lego.bench.experiments import Bench
 from lora_lego.bench.lm import TrainConfig
 from lora_lego.bench.tasks import get_task
-from lora_lego.generate import STARTS, generate_prompts
+from lora_lego.calibration.generate import STARTS, generate_prompts
 
 CONFIG = TrainConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"))
 TASKS = ["rt_polarity", "hyperbaton", "snips_intent", "fever"]

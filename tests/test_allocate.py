@@ -10,8 +10,8 @@ import torch
 import lora_lego as ll
 from conftest import assert_matches_peft, load_peft, make_peft_adapter, peft_deltas, tiny_llama_folder, write_prompts
 from lora_lego.allocate import greedy_ranks
+from lora_lego.deploy.targets import check_loads, get_target
 from lora_lego.errors import MethodError
-from lora_lego.targets import check_loads, get_target
 
 
 def test_greedy_never_exceeds_the_budget():

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import GPT2, build_peft_model, edit_tensors, file_checksums, save_peft_model, tiny_gpt2
 from lora_lego import cli, load_adapter, save_adapter
-from lora_lego.apply import apply_adapter
+from lora_lego.deploy.apply import apply_adapter
 from lora_lego.errors import AdapterFormatError, BaseModelError, IncompatibleAdaptersError, LoraLegoWarning, OutputError
 from lora_lego.types import Adapter, LoraFactors
 

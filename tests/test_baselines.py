@@ -9,9 +9,9 @@ import lora_lego as ll
 from lora_lego.errors import MethodError
 from lora_lego.lowrank import dense_truncated_svd, relative_error
 from lora_lego.merge import module_generator
+from lora_lego.methods import get_method
 from lora_lego.methods.arithmetic import combine, dare, disjoint_mean, elect_sign, trim
 from lora_lego.methods.knots import aligned_coordinates
-from lora_lego.registry import get_method
 from lora_lego.types import Adapter, LoraFactors
 from synthetic import dense_sum, random_adapter, random_factors
 

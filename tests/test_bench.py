@@ -132,7 +132,7 @@ def test_protocol_variants_are_distinct_and_registered():
     """Rows are keyed by label and evaluations by key: two variants sharing either would silently overwrite
     each other's numbers. The reference must be among the variants, and each method must be data-free."""
     from lora_lego.bench.protocol import REFERENCE, variants
-    from lora_lego.registry import get_method
+    from lora_lego.methods import get_method
 
     tried = variants(6, 48)
     assert len({v.label for v in tried}) == len({v.key() for v in tried}) == len(tried)

@@ -269,7 +269,7 @@ def digests(out: Path) -> dict[str, str]:
 
 
 def compute() -> dict[str, str]:
-    from lora_lego import apply
+    from lora_lego.deploy import apply
 
     threads, version = torch.get_num_threads(), apply.version
     torch.set_num_threads(1)

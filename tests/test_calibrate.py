@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("transformers")
 import lora_lego as ll
 from conftest import make_peft_adapter, tiny_llama, tiny_llama_folder, write_prompts
-from lora_lego.calibrate import load_model, model_fingerprint, read_prompts
+from lora_lego.calibration.calibrate import load_model, model_fingerprint, read_prompts
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +210,7 @@ def test_truncated_prompts_are_counted_in_a_warning(base, tmp_path):
 def test_a_huge_prompt_is_announced_before_it_is_tokenized(base, monkeypatch):
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("lora_lego.calibrate"), "LONG_PROMPT_CHARS", 50)
+    monkeypatch.setattr(importlib.import_module("lora_lego.calibration.calibrate"), "LONG_PROMPT_CHARS", 50)
     model, tokenizer = load_model(base)
     with pytest.warns(ll.LoraLegoWarning) as caught:
         ll.calibrate(model, ["w1 " * 30, "w2"], tokenizer=tokenizer, max_length=4,

@@ -7,7 +7,7 @@ import torch
 
 import lora_lego as ll
 from lora_lego.cli import main
-from lora_lego.registry import DEFAULT_METHOD
+from lora_lego.methods.registry import DEFAULT_METHOD
 from synthetic import random_adapter
 
 

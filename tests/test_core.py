@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from lora_lego import merge
-from lora_lego.core import core_space, from_core
+from lora_lego.core_space import core_space, from_core
 from lora_lego.errors import MethodError
-from lora_lego.registry import get_method
+from lora_lego.methods import get_method
 from lora_lego.types import Adapter, LoraFactors
 
 

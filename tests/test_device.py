@@ -7,7 +7,7 @@ import torch
 import lora_lego as ll
 from lora_lego.errors import MethodError
 from lora_lego.merge import module_generator
-from lora_lego.registry import get_method
+from lora_lego.methods import get_method
 from synthetic import random_adapter, random_calibrations
 
 CUDA = torch.cuda.is_available()

@@ -9,9 +9,9 @@ import torch
 pytest.importorskip("transformers")
 import lora_lego as ll
 from conftest import make_peft_adapter, tiny_llama_folder
-from lora_lego.calibrate import load_model
+from lora_lego.calibration.calibrate import load_model
+from lora_lego.calibration.generate import generate_prompts, next_tokens
 from lora_lego.errors import CalibrationError
-from lora_lego.generate import generate_prompts, next_tokens
 
 TOKEN = "w42"  # the token the hand-made adapter pushes up (id 45: after <pad>, <unk>, <eos>)
 
@@ -87,7 +87,7 @@ def test_top_p_keeps_the_nucleus_and_temperature_sharpens():
 
 def test_starts_from_seed_words_and_from_a_chat_turn(setup, monkeypatch):
     model, tokenizer, adapter = setup["model"], setup["tokenizer"], setup["adapter"]
-    monkeypatch.setattr("lora_lego.generate.SEED_WORDS", ("w7", "w8"))
+    monkeypatch.setattr("lora_lego.calibration.generate.SEED_WORDS", ("w7", "w8"))
     words = generate_prompts(model, tokenizer, adapter, 3, max_length=4, start="seeds")
     assert [t.split()[0] for t in words] == ["w7", "w8", "w7"] and all(2 <= len(t.split()) <= 5 for t in words)
     with pytest.raises(CalibrationError, match="chat template"):

@@ -12,8 +12,8 @@ import torch
 pytest.importorskip("transformers")
 import lora_lego as ll
 from conftest import load_peft, make_peft_adapter, peft_deltas, run_cli, tiny_llama_folder, write_prompts
-from lora_lego.calibrate import load_model
-from lora_lego.generate import generate_prompts
+from lora_lego.calibration.calibrate import load_model
+from lora_lego.calibration.generate import generate_prompts
 
 RECORD = {"n": 4, "seed": 7, "start": "bos", "temperature": 0.8, "top_p": 0.9, "max_length": 6}
 OPTIONS = ["--generate-prompts", "4", "--generate-seed", "7", "--generate-start", "bos", "--temperature", "0.8",

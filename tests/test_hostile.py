@@ -66,7 +66,7 @@ def test_os_failure_writing_a_file_is_one_line_exit_2(code, phrase, tmp_path, pe
 
 
 def test_an_os_failure_elsewhere_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("lora_lego.cli_listing.method_specs", _fail_with(errno.EIO))
+    monkeypatch.setattr("lora_lego.cli.listing.method_specs", _fail_with(errno.EIO))
     assert main(["methods"]) == 2
     assert _one_error_line(capsys) == "error: Input/output error"
 

@@ -6,7 +6,7 @@ import torch
 import lora_lego as ll
 from lora_lego.errors import ClusteringWarning, MethodError
 from lora_lego.lowrank import to_units
-from lora_lego.registry import get_method
+from lora_lego.methods import get_method
 from lora_lego.types import Adapter, LoraFactors
 from synthetic import dense_sum, random_adapter, random_factors
 

@@ -121,7 +121,7 @@ def test_default_method_through_the_cli_is_loaded_by_peft_unchanged(tmp_path, fo
     """`lora-lego merge` with the default method (tsv, whole rank) on PEFT folders of mixed ranks, alphas
     and rslora: PEFT loads the output, and its deltas are the ones the Python API computes."""
     from lora_lego.cli import main
-    from lora_lego.registry import DEFAULT_METHOD
+    from lora_lego.methods.registry import DEFAULT_METHOD
 
     out = tmp_path / "merged"
     with warnings.catch_warnings():

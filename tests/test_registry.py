@@ -3,7 +3,8 @@ from typing import Literal
 import pytest
 
 from lora_lego.errors import MethodError
-from lora_lego.registry import allowed_values, available_methods, get_method, parameter_docs, register, shown_value
+from lora_lego.methods import available_methods, get_method
+from lora_lego.methods.registry import allowed_values, parameter_docs, register, shown_value
 
 
 def test_builtin_methods_are_listed():

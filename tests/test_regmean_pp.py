@@ -12,9 +12,9 @@ import torch
 pytest.importorskip("transformers")
 import lora_lego as ll
 from conftest import LLAMA, make_peft_adapter, tiny_gpt2, tiny_llama_folder, write_prompts
-from lora_lego.calibrate import load_model, read_prompts
+from lora_lego.calibration.calibrate import load_model, read_prompts
+from lora_lego.calibration.regmean_pp import find_blocks, merge_regmean_pp
 from lora_lego.errors import MethodError
-from lora_lego.regmean_pp import find_blocks, merge_regmean_pp
 from lora_lego.types import Adapter
 
 

@@ -13,9 +13,9 @@ import torch
 pytest.importorskip("transformers")
 import lora_lego as ll
 from conftest import make_peft_adapter, tiny_llama_folder, write_prompts
-from lora_lego.auto import Candidate, choose, merge_auto, scaled
-from lora_lego.calibrate import load_model, read_prompts
-from lora_lego.score import (
+from lora_lego.calibration.auto import Candidate, choose, merge_auto, scaled
+from lora_lego.calibration.calibrate import load_model, read_prompts
+from lora_lego.calibration.score import (
     Scorer,
     Scores,
     best_scale,

@@ -8,9 +8,9 @@ import torch
 
 import lora_lego as ll
 from lora_lego.cli import main
-from lora_lego.core import core_space, pico_calibrate
+from lora_lego.core_space import core_space, pico_calibrate
 from lora_lego.errors import MethodError
-from lora_lego.registry import get_method
+from lora_lego.methods import get_method
 from lora_lego.types import LoraFactors
 from synthetic import random_adapter
 

@@ -11,7 +11,7 @@ import sys
 
 import lora_lego as ll
 from lora_lego import defaults
-from lora_lego.registry_source import builtin_specs, specs_in
+from lora_lego.methods.source import builtin_specs, specs_in
 
 HEAVY = ("torch", "transformers", "peft", "safetensors", "diffusers", "numpy", "huggingface_hub", "yaml")
 
@@ -58,11 +58,13 @@ def test_methods_and_version_import_nothing_heavy():
 def test_the_lazy_api_works_in_a_fresh_interpreter():
     code = """
 import lora_lego as ll
-import lora_lego.cli, lora_lego.merge, lora_lego.score, lora_lego.calibrate  # submodules named like API functions
+import lora_lego.cli, lora_lego.merge  # a submodule named like an API function
+import lora_lego.calibration.score, lora_lego.calibration.calibrate
 from lora_lego import merge, prune, Adapter, LoraFactors
 import torch
 assert ll.merge is merge and merge.__module__ == "lora_lego.merge" and ll.prune is prune
-assert ll.score.__module__ == "lora_lego.auto" and ll.calibrate.__module__ == "lora_lego.calibrate"
+assert ll.score.__module__ == "lora_lego.calibration.auto"
+assert ll.calibrate.__module__ == "lora_lego.calibration.calibrate"
 assert set(ll.__all__) <= set(dir(ll)) and all(hasattr(ll, name) for name in ll.__all__)
 g = torch.Generator().manual_seed(0)
 a = Adapter({"m": LoraFactors(torch.randn(2, 6, generator=g), torch.randn(5, 2, generator=g))})
@@ -90,13 +92,13 @@ def test_a_submodule_imported_later_keeps_the_api_name():
 
 def test_method_specs_read_from_source_equal_the_imported_registry():
     """`lora-lego methods` lists what `registry_source` reads; it must be what importing the methods registers."""
-    from lora_lego.regmean_pp import SPEC
+    from lora_lego.calibration.regmean_pp import SPEC
 
     read = builtin_specs()
     assert sorted(read) == ll.available_methods()
     for name, spec in read.items():
         assert spec == dataclasses.replace(ll.get_method(name), fn=None), name
-    assert specs_in("regmean_pp") == {"regmean_pp": dataclasses.replace(SPEC, fn=None)}
+    assert specs_in("calibration.regmean_pp") == {"regmean_pp": dataclasses.replace(SPEC, fn=None)}
 
 
 def test_light_defaults_are_those_the_library_uses():

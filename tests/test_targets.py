@@ -8,7 +8,7 @@ import torch
 from conftest import make_peft_adapter
 from lora_lego import load_adapter
 from lora_lego.cli import main
-from lora_lego.targets import TargetError, check_loads, config_refusals, fit_rank, get_target, refusals
+from lora_lego.deploy.targets import TargetError, check_loads, config_refusals, fit_rank, get_target, refusals
 from lora_lego.types import Adapter, LoraFactors
 
 VLLM = get_target("vllm")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lora_lego.errors import MethodError
-from lora_lego.registry import get_method
+from lora_lego.methods import get_method
 from lora_lego.types import LoraFactors
 
 WUDI = get_method("wudi")

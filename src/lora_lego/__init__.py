@@ -28,10 +28,11 @@ from .errors import (  # noqa: E402  (stdlib only)
 
 # public name -> the submodule that defines it, imported when the name is first used
 _LAZY = {
-    "calibrate": "calibrate", "Calibration": "calibration", "load_calibration": "calibration", "merge": "merge",
-    "prune": "merge", "load_adapter": "formats", "save_adapter": "formats", "available_methods": "registry",
-    "get_method": "registry", "register": "registry", "Adapter": "types", "LoraFactors": "types",
-    "apply_adapter": "apply", "merge_auto": "auto", "score": "auto", "merge_regmean_pp": "regmean_pp",
+    "calibrate": "calibration.calibrate", "Calibration": "calibration.grams", "load_calibration": "calibration.grams",
+    "merge": "merge", "prune": "merge", "load_adapter": "formats", "save_adapter": "formats",
+    "available_methods": "methods", "get_method": "methods", "register": "methods.registry", "Adapter": "types",
+    "LoraFactors": "types", "apply_adapter": "deploy.apply", "merge_auto": "calibration.auto",
+    "score": "calibration.auto", "merge_regmean_pp": "calibration.regmean_pp",
 }
 
 __all__ = [

@@ -14,12 +14,13 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import torch
 
 from .allocate import allocation_rule, check_allocatable, greedy_ranks, spectrum
-from .calibration import Calibration, check_calibrations, moments
-from .core import match_norm, pico_calibrate
+from .calibration.grams import Calibration, check_calibrations, moments
+from .core_space import match_norm, pico_calibrate
 from .errors import IncompatibleAdaptersError, LoraLegoError, LoraLegoWarning, MethodError
+from .methods import get_method
+from .methods.registry import DEFAULT_METHOD, PRUNE_METHOD
 from .progress import progress as progress_of
 from .provenance import merged_metadata, module_report
-from .registry import DEFAULT_METHOD, PRUNE_METHOD, get_method
 from .types import Adapter, LoraFactors, check_factor_values, check_origins
 
 MAX_WEIGHT = 1e6  # largest |weight| of an adapter: task weights are O(1), larger ones overflow float32

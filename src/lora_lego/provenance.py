@@ -10,8 +10,8 @@ from typing import Any, Sequence
 from ._version import version
 from .errors import IncompatibleAdaptersError, LoraLegoWarning
 from .lowrank import concat_factors, factor_grams, relative_error_from_grams
+from .outputs import source_folders
 from .types import LoraFactors, carried_metadata
-from .writing import source_folders
 
 
 def module_report(result: LoraFactors, factors: list[LoraFactors], weights: list[float], info: dict,

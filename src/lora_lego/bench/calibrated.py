@@ -14,7 +14,7 @@ from pathlib import Path
 
 import lora_lego as ll
 
-from ..calibration import FILE_NAME, load_calibration
+from ..calibration.grams import FILE_NAME, load_calibration
 from ..errors import LoraLegoError
 from .experiments import Bench, Table
 from .pool import task_split

@@ -17,8 +17,8 @@ import time
 
 import lora_lego as ll
 
-from ..auto import merge_auto, scaled
-from ..score import Scorer, best_scale, gram_terms, module_scales, module_terms, proxy_retention
+from ..calibration.auto import merge_auto, scaled
+from ..calibration.score import Scorer, best_scale, gram_terms, module_scales, module_terms, proxy_retention
 from .calibrated import split_tasks
 from .experiments import Bench, Table
 from .pool import task_split

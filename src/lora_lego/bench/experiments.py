@@ -28,7 +28,7 @@ import torch
 import lora_lego as ll
 
 from ..errors import LoraLegoError, LoraLegoWarning
-from ..registry import available_methods, get_method
+from ..methods import available_methods, get_method
 from .lm import TrainConfig, applied, correct_rows, load_base
 from .pool import ensure_adapter, task_split
 from .tasks import Task

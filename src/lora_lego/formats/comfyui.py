@@ -15,9 +15,9 @@ import torch
 
 from ..errors import AdapterFormatError
 from ..lowrank import scale_factors
+from ..outputs import output_dtype
 from ..tensorfile import TensorInfo
 from ..types import Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values, conv_kind
-from ..writing import output_dtype
 from . import updown
 from .files import module_producer, open_file, provenance_header, some, write_file
 from .ranks import stored_dtype

@@ -11,9 +11,9 @@ from typing import Any, Callable
 import torch
 
 from ..errors import AdapterFormatError
+from ..outputs import cast_finite, output_dtype
 from ..tensorfile import TensorInfo
 from ..types import Adapter, LazyModules, LoraFactors, ModuleInfo, kernel_size
-from ..writing import cast_finite, output_dtype
 from . import peft_keys
 from .diffusers_config import METADATA_KEY, config_scaling, header_configs, read_configs, split_component
 from .family import family_from_metadata, family_from_modules

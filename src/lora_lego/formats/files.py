@@ -9,9 +9,9 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import torch
 
 from ..errors import AdapterFormatError, OutputError
+from ..outputs import atomic_output, check_output_path, source_folders
 from ..tensorfile import TensorFileError, TensorInfo, TensorWriter, read_header, read_tensor
 from ..types import Adapter, LoraFactors
-from ..writing import atomic_output, check_output_path, source_folders
 
 
 def open_file(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], Callable[[TensorInfo], torch.Tensor]]:

@@ -19,8 +19,8 @@ import torch
 
 from ..errors import AdapterFormatError
 from ..hub import resolve
+from ..outputs import atomic_output, cast_finite, check_output_path, output_dtype, source_folders
 from ..types import Adapter, LoraFactors
-from ..writing import atomic_output, cast_finite, check_output_path, output_dtype, source_folders
 from .files import some
 from .ranks import alpha_folded
 from .record import record

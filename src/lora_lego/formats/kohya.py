@@ -14,10 +14,10 @@ import torch
 
 from ..errors import AdapterFormatError
 from ..lowrank import scale_factors
+from ..outputs import output_dtype
 from ..tensorfile import TensorInfo
 from ..types import Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values, conv_kind
-from ..writing import output_dtype
-from . import kohya_meta, lycoris, updown
+from . import kohya_write, lycoris, updown
 from .family import carry_family, family_from_metadata, family_from_modules, mixed_families
 from .files import module_producer, open_file, some
 from .ranks import stored_dtype
@@ -53,7 +53,7 @@ def owns(key: str) -> bool:
 
 def carry(adapters: Sequence[Adapter]) -> dict[str, Any]:
     """What a merge keeps for the kohya writer: the family and the inputs' headers, of which it keeps what still
-    holds (`kohya_meta.output_metadata`). A format hook."""
+    holds (`kohya_write.output_metadata`). A format hook."""
     return {**carry_family(adapters), "source_headers": [a.metadata.get("header", {}) for a in adapters]}
 
 
@@ -223,18 +223,18 @@ def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = Non
     """Write `adapter` (kohya-named modules) as a kohya LoRA / LoCon .safetensors file, atomically.
 
     Per module lora_down.weight (r, d_in) or (r, c_in, kh, kw), lora_up.weight (d_out, r) or (d_out, r, 1, 1),
-    one alpha for the file (`kohya_meta.file_alpha`; B carries r / alpha), in `dtype` (default: the inputs').
+    one alpha for the file (`kohya_write.file_alpha`; B carries r / alpha), in `dtype` (default: the inputs').
     Keys sorted (safetensors' own order), one module in memory at a time; header from
-    `kohya_meta.output_metadata` with sd-scripts' sshs hashes. Raises AdapterFormatError for a module name that
+    `kohya_write.output_metadata` with sd-scripts' sshs hashes. Raises AdapterFormatError for a module name that
     is not a lora_name, an embedding LoRA or a rank-0 module, OutputError for an existing path (unless
     `overwrite`), a folder or an input.
     """
     path = Path(path)
     target = output_dtype(adapter, dtype)
-    entries = kohya_meta.file_entries(adapter, target)
+    entries = kohya_write.file_entries(adapter, target)
     ranks, kinds = dict(adapter.ranks), {module: adapter.info(module).kind for module in adapter}
-    alpha = kohya_meta.file_alpha(ranks)
+    alpha = kohya_write.file_alpha(ranks)
     produce = module_producer(adapter, updown.SUFFIXES, lambda module, factors: updown.module_tensors(
         factors, target, alpha, f"output {str(path)!r}, module {module!r}"))
-    metadata = kohya_meta.output_metadata(adapter, path, ranks, kinds)
-    return kohya_meta.write_hashed(adapter, path, entries, produce, metadata, overwrite=overwrite)
+    metadata = kohya_write.output_metadata(adapter, path, ranks, kinds)
+    return kohya_write.write_hashed(adapter, path, entries, produce, metadata, overwrite=overwrite)

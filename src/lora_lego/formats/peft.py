@@ -13,9 +13,9 @@ import torch
 
 from ..card import write_card
 from ..errors import AdapterFormatError, LoraLegoWarning
+from ..outputs import atomic_folder, cast_finite, check_output_path, output_dtype, source_folders
 from ..tensorfile import save_file
 from ..types import MAX_ABS, Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values  # noqa: F401
-from ..writing import atomic_folder, cast_finite, check_output_path, output_dtype, source_folders
 from . import peft_keys
 from .files import header_of, provenance_header, some, tensor_reader
 from .peft_config import CONFIG_NAME, module_scaling, pattern_value, read_config  # noqa: F401  (re-exported)

@@ -12,9 +12,9 @@ from typing import Callable, Mapping
 import torch
 
 from ..errors import AdapterFormatError
+from ..outputs import cast_finite
 from ..tensorfile import TensorInfo
 from ..types import Adapter, LoraFactors, kernel_size
-from ..writing import cast_finite
 from . import lycoris
 from .ranks import alpha_folded
 

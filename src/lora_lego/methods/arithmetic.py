@@ -19,11 +19,11 @@ from typing import Iterable, Literal
 
 import torch
 
-from ..core import core_space, from_core
+from ..core_space import core_space, from_core
 from ..errors import MethodError
 from ..lowrank import concat_factors, dense_truncated_svd, scale_factors, truncated_svd
-from ..registry import register
 from ..types import LoraFactors
+from .registry import register
 
 TASK_ARITHMETIC = "https://arxiv.org/abs/2212.04089"
 TIES = "https://arxiv.org/abs/2306.01708"

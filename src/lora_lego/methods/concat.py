@@ -7,8 +7,8 @@ import torch
 
 from ..errors import MethodError
 from ..lowrank import concat_factors, scale_factors
-from ..registry import register
 from ..types import LoraFactors
+from .registry import register
 
 
 @register("concat")

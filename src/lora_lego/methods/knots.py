@@ -18,9 +18,9 @@ from typing import Literal
 import torch
 
 from ..lowrank import truncated_svd
-from ..registry import register
 from ..types import LoraFactors
 from .arithmetic import check_density, combine, default_rank
+from .registry import register
 
 KNOTS = "https://arxiv.org/abs/2410.19735"
 

@@ -12,9 +12,9 @@ import torch
 from ..errors import ClusteringWarning, MethodError
 from ..kmeans import KMeansResult, kmeans_gram
 from ..lowrank import concat_factors, factor_grams, relative_error_from_grams, truncated_svd
-from ..registry import register
 from ..types import LoraFactors
 from .arithmetic import check_max_error
+from .registry import register
 
 PAPER = "https://arxiv.org/abs/2409.16167"
 _EPS = 1e-12

@@ -9,9 +9,9 @@ import torch
 
 from ..kmeans import kmeans_gram
 from ..lowrank import concat_factors, from_units, scale_factors, to_units, truncated_svd
-from ..registry import register
 from ..types import LoraFactors
 from .lego import _EPS, PAPER, _clusters, _info, output_scale
+from .registry import register
 
 
 @register("lego_rank1", paper=PAPER, aliases={"rank": "n_clusters"})

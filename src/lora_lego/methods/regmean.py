@@ -20,12 +20,12 @@ import torch
 
 from ..errors import MethodError
 from ..lowrank import concat_factors, relative_error, truncated_svd
-from ..registry import register
 from ..types import LoraFactors
 from .arithmetic import check_max_error, smallest_rank
 from .lego import PAPER as LEGO_PAPER
 from .lego import lego
 from .lego_rank1 import lego_rank1
+from .registry import register
 
 REGMEAN = "https://arxiv.org/abs/2212.09849"
 _BLOCK = 1024  # columns of a Gram converted to float64 at a time (bounds the temporary copy)

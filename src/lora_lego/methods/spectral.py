@@ -15,11 +15,11 @@ from typing import Literal
 
 import torch
 
-from ..core import CoreSpace, core_space, from_core, polar, top_triplets
+from ..core_space import CoreSpace, core_space, from_core, polar, top_triplets
 from ..errors import MethodError
-from ..registry import register
 from ..types import LoraFactors
 from .arithmetic import check_density, combine, default_rank
+from .registry import register
 
 TSV = "https://arxiv.org/abs/2412.00081"
 ISO = "https://arxiv.org/abs/2502.04959"

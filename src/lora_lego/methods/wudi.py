@@ -17,11 +17,11 @@ from typing import Literal
 
 import torch
 
-from ..core import core_space, from_core
+from ..core_space import core_space, from_core
 from ..errors import MethodError
 from ..lowrank import balanced_factors
-from ..registry import register
 from ..types import LoraFactors
+from .registry import register
 
 WUDI = "https://arxiv.org/abs/2503.08099"
 MAX_STEPS = 100_000

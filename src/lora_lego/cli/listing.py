@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from .registry import DEFAULT_METHOD, PRUNE_METHOD, allowed_values, shown_value
-from .registry_source import builtin_specs, specs_in
+from ..methods.registry import DEFAULT_METHOD, PRUNE_METHOD, allowed_values, shown_value
+from ..methods.source import builtin_specs, specs_in
 
 
 def run_methods(args: argparse.Namespace) -> int:
@@ -45,7 +45,7 @@ def _parameter_line(spec, parameter) -> str:
 
 def _print_model_methods() -> None:
     """The methods that run the base model on the adapters' prompts while they merge (not per-module functions)."""
-    SPEC = specs_in("regmean_pp")["regmean_pp"]  # regmean_pp.SPEC, read without importing torch
+    SPEC = specs_in("calibration.regmean_pp")["regmean_pp"]  # regmean_pp.SPEC, read without importing torch
     print(f"{SPEC.name} (needs --model/--prompts)\n  {SPEC.summary}\n  parameters:")
     for parameter in SPEC.parameters.values():
         print(_parameter_line(SPEC, parameter))
@@ -55,7 +55,7 @@ def _print_model_methods() -> None:
 
 
 def run_formats(args: argparse.Namespace) -> int:
-    from .formats import available_formats, get_format
+    from ..formats import available_formats, get_format
 
     for name in available_formats():
         fmt = get_format(name)

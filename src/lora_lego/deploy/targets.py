@@ -7,10 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import TargetError
+from ..errors import TargetError
 
 if TYPE_CHECKING:  # the table is read by the CLI's parser, which imports no torch
-    from .types import Adapter
+    from ..types import Adapter
 
 __all__ = ["TARGETS", "Target", "TargetError", "check_loads", "config_refusals", "describe", "fit_rank", "get_target",
            "refusals", "serve_line"]

@@ -10,24 +10,24 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cli_calibration import (
+from ..defaults import POSITIONS
+from ..errors import MethodError, OutputError
+from .calibrate import (
     _calibration_options,
     add_calibration_options,
     calibrations_for_merge,
     check_calibration_args,
 )
-from .cli_generate import (
+from .generation import (
     add_generation_options,
     check_generation_args,
     generated_prompt_sets,
     generating,
     generation_record,
 )
-from .defaults import POSITIONS
-from .errors import MethodError, OutputError
 
 if TYPE_CHECKING:
-    from .score import Scores
+    from ..calibration.score import Scores
 
 DATA_FREE_NOTE = ("note: data-free merges vary with the adapters (no rule without data suits every set); give "
                   "--model BASE_DIR --prompts P1 P2 ... to measure what each adapter keeps, and --method auto to "
@@ -59,12 +59,12 @@ def add_score_parser(commands) -> None:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    from .auto import score
-    from .calibrate import load_model
-    from .calibration import load_calibration
-    from .formats import harmonise, load_adapter
-    from .merge import check_device
-    from .writing import check_report_path
+    from ..calibration.auto import score
+    from ..calibration.calibrate import load_model
+    from ..calibration.grams import load_calibration
+    from ..formats import harmonise, load_adapter
+    from ..merge import check_device
+    from ..outputs import check_report_path
 
     check_device(args.device)
     check_generation_args(args)
@@ -104,8 +104,8 @@ def run_score(args: argparse.Namespace) -> int:
 
 
 def write_scores(result: Scores, report: str | None, plot: str | None, *, overwrite: bool = False) -> None:
-    from .card import retention_png
-    from .writing import write_json_atomic
+    from ..card import retention_png
+    from ..outputs import write_json_atomic
 
     if report:
         write_json_atomic(report, result.to_dict(), overwrite=overwrite)
@@ -146,7 +146,7 @@ def merge_with_evidence(args: argparse.Namespace, adapters: list, method: str, p
                         needs: bool, choose: bool):
     """The merge of the CLI: plain, scored on --prompts when given, or chosen by retention (auto, scale=auto).
     Returns (merged adapter, Scores or None)."""
-    from .calibrate import load_model
+    from ..calibration.calibrate import load_model
 
     model = tokenizer = None
     if args.command == "merge" and (args.prompts is not None or generating(args)):
@@ -165,15 +165,15 @@ def merge_with_evidence(args: argparse.Namespace, adapters: list, method: str, p
 
 def _merge_with_evidence(args: argparse.Namespace, adapters: list, method: str, params: dict[str, Any], model,
                          tokenizer, *, needs: bool, choose: bool):
-    from .auto import merge_auto
-    from .merge import merge
-    from .score import Scores
+    from ..calibration.auto import merge_auto
+    from ..calibration.score import Scores
+    from ..merge import merge
 
     weights = getattr(args, "weights", None)
     options = {"max_prompts": args.max_prompts, "max_length": args.max_length, "batch_size": args.batch_size,
                "prompts_format": args.prompts_format} if args.command == "merge" else {}
     if method == "regmean_pp":
-        from .regmean_pp import SPEC, merge_regmean_pp
+        from ..calibration.regmean_pp import SPEC, merge_regmean_pp
 
         resolved = SPEC.resolve(params)
         if args.activations == "adapted":
@@ -205,7 +205,7 @@ def _scored(args: argparse.Namespace, merged, adapters: list, model, tokenizer, 
     """(merged, its Scores on the adapters' prompts), or (merged, None) without a model."""
     if model is None:
         return merged, None
-    from .auto import score
+    from ..calibration.auto import score
 
     result = score(merged, adapters, model=model, tokenizer=tokenizer, prompts=args.prompts,
                    positions=args.positions, progress=not args.quiet, **options)

@@ -29,8 +29,8 @@ def add_apply_parser(commands) -> argparse.ArgumentParser:
 
 def run_apply(args: argparse.Namespace) -> int:
     """Run `apply` and print one summary line (modules folded, shards written, seconds)."""
-    from .apply import apply_adapter
-    from .formats import load_adapter
+    from ..deploy.apply import apply_adapter
+    from ..formats import load_adapter
 
     started = time.perf_counter()
     adapter = load_adapter(args.adapter, lazy=True, base_config=args.base)  # a .gguf adapter's head counts

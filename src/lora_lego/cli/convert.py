@@ -10,15 +10,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .defaults import FORMATS
-from .errors import LoraLegoError, OutputError
-from .targets import TARGETS, check_loads, config_refusals, get_target, serve_line
-from .targets import describe as describe_target
+from ..defaults import FORMATS
+from ..deploy.targets import TARGETS, check_loads, config_refusals, get_target, serve_line
+from ..deploy.targets import describe as describe_target
+from ..errors import LoraLegoError, OutputError
 
 if TYPE_CHECKING:
     import torch
 
-    from .types import Adapter
+    from ..types import Adapter
 
 
 def add_output_format(command: argparse.ArgumentParser) -> None:
@@ -46,7 +46,7 @@ def add_input_options(command: argparse.ArgumentParser) -> None:
 
 def written_words(written: str) -> str:
     """The format written and the tools that load it, for the line a merge or a conversion ends with."""
-    from .formats import get_format
+    from ..formats import get_format
 
     consumers = get_format(written).consumers
     return f"{written}; loads in {consumers}" if consumers else written
@@ -56,7 +56,7 @@ def folder_note(adapter: Adapter, written: str, output: str) -> str | None:
     """For an LLM adapter (no diffusion-model family) written as one diffusers file: what loads the folder form."""
     if written != "diffusers" or adapter.metadata.get("family"):
         return None
-    from .formats import SINGLE_FILE
+    from ..formats import SINGLE_FILE
 
     folder = output.removesuffix(SINGLE_FILE)
     return (f"note: this is an LLM adapter in a single diffusers file; PEFT (PeftModel.from_pretrained) and vLLM "
@@ -65,8 +65,8 @@ def folder_note(adapter: Adapter, written: str, output: str) -> str | None:
 
 def run_convert(args: argparse.Namespace) -> int:
     """Read one adapter, write it in another format, then read the output back and check every delta."""
-    from .formats import load_adapter, output_format, save_adapter
-    from .writing import check_output_path, dtype_from_name
+    from ..formats import load_adapter, output_format, save_adapter
+    from ..outputs import check_output_path, dtype_from_name
 
     started = time.perf_counter()
     source = args.adapters[0]
@@ -101,7 +101,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def inspect_target(args: argparse.Namespace, paths: list[str]) -> int:
     """Whether each adapter loads in the target, and why not (from its config when lora-lego cannot read it)."""
-    from .formats import load_adapter
+    from ..formats import load_adapter
 
     target = get_target(args.target)
     for path in paths:
@@ -129,9 +129,9 @@ def check_same_deltas(original, converted, dtype: str) -> float:
     than the written dtype's rounding allows."""
     import torch
 
-    from .formats import convert_adapter
-    from .lowrank import relative_error
-    from .writing import dtype_from_name
+    from ..formats import convert_adapter
+    from ..lowrank import relative_error
+    from ..outputs import dtype_from_name
 
     converted = convert_adapter(converted, original.metadata.get("format", "peft"))
     eps = torch.finfo(dtype_from_name(dtype) if dtype in ("bf16", "fp16", "fp32") else _torch_dtype(dtype)).eps

@@ -25,13 +25,13 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from ..defaults import POSITIONS
+from ..errors import CalibrationError, LoraLegoWarning
+from ..lowrank import inner
+from ..progress import progress as progress_of
+from ..types import Adapter
 from .calibrate import read_prompts, token_batches
-from .defaults import POSITIONS
-from .errors import CalibrationError, LoraLegoWarning
-from .gram_passes import AppliedAdapter
-from .lowrank import inner
-from .progress import progress as progress_of
-from .types import Adapter
+from .passes import AppliedAdapter
 
 TOP_K = 256
 

@@ -8,8 +8,8 @@ from typing import Any, Iterator
 
 import torch
 
-from .errors import CalibrationError
-from .types import Adapter
+from ..errors import CalibrationError
+from ..types import Adapter
 
 _BLOCK = 1024  # columns of a Gram per float32 product (bounds the temporary)
 

@@ -11,9 +11,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from .cli_generate import check_generation_args, generated_prompt_sets, generating, generation_record
-from .defaults import GRAM_MEMORY, PROMPT_FORMATS
-from .errors import CalibrationError, MethodError
+from ..defaults import GRAM_MEMORY, PROMPT_FORMATS
+from ..errors import CalibrationError, MethodError
+from .generation import check_generation_args, generated_prompt_sets, generating, generation_record
 
 
 def add_calibration_options(group) -> None:
@@ -62,7 +62,7 @@ def check_calibration_args(args: argparse.Namespace, needs: bool, *, choose: boo
                                f"{len(args.adapters)} adapters; give one per adapter, in the same order")
     if args.prompts is not None and not args.model:
         raise CalibrationError("--prompts needs --model BASE_DIR (the base model the adapters were trained on)")
-    from .calibrate import read_prompts
+    from ..calibration.calibrate import read_prompts
 
     for path in args.prompts or []:  # every file checked before the model is loaded
         read_prompts(path, max_prompts=args.max_prompts, format=getattr(args, "prompts_format", None))
@@ -75,8 +75,8 @@ def calibrations_for_merge(args: argparse.Namespace, adapters: list, model=None,
     `model`) into a temporary folder beside the output (removed afterwards), so that even a large model's
     Grams are never all in memory. `union`: every adapter's prompts calibrate the modules of all adapters
     (what scoring candidates needs), not only its own adapter's."""
-    from .calibrate import calibrate
-    from .calibration import load_calibration
+    from ..calibration.calibrate import calibrate
+    from ..calibration.grams import load_calibration
 
     if getattr(args, "calibration", None):
         yield [load_calibration(path) for path in args.calibration]
@@ -111,10 +111,10 @@ def _calibration_options(args: argparse.Namespace) -> dict:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from .calibrate import calibrate, load_model, read_prompts
-    from .formats import load_adapter
-    from .merge import check_device
-    from .writing import check_output_path
+    from ..calibration.calibrate import calibrate, load_model, read_prompts
+    from ..formats import load_adapter
+    from ..merge import check_device
+    from ..outputs import check_output_path
 
     check_device(args.device)
     check_generation_args(args)

@@ -7,17 +7,17 @@ import argparse
 import time
 from typing import Sequence
 
-from .allocate import allocation_rule
-from .cli_calibration import check_calibration_args
-from .cli_convert import folder_note, written_words
-from .cli_score import DATA_FREE_NOTE, candidates_table, distance_words, merge_with_evidence, scores_table
-from .errors import MethodError, TargetError
-from .formats import harmonise, load_adapter, output_format, save_adapter
-from .merge import check_device, scale_rule
-from .registry import get_method
-from .regmean_pp import SPEC as REGMEAN_PP
-from .targets import check_loads, fit_rank, get_target, serve_line
-from .writing import check_output_path, check_report_path, dtype_from_name, write_json_atomic
+from ..allocate import allocation_rule
+from ..calibration.regmean_pp import SPEC as REGMEAN_PP
+from ..deploy.targets import check_loads, fit_rank, get_target, serve_line
+from ..errors import MethodError, TargetError
+from ..formats import harmonise, load_adapter, output_format, save_adapter
+from ..merge import check_device, scale_rule
+from ..methods import get_method
+from ..outputs import check_output_path, check_report_path, dtype_from_name, write_json_atomic
+from .calibrate import check_calibration_args
+from .convert import folder_note, written_words
+from .score import DATA_FREE_NOTE, candidates_table, distance_words, merge_with_evidence, scores_table
 
 
 def run_merge(args: argparse.Namespace) -> int:

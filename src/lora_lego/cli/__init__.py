@@ -13,19 +13,19 @@ from typing import Sequence
 
 # Building the parser imports no torch (nor transformers, safetensors, ...): each command imports what it needs
 # when it runs, so that `lora-lego --help` and `lora-lego methods` answer in a fraction of a second.
-from ._version import version
-from .cli_apply import add_apply_parser
-from .cli_calibration import add_calibration_options
-from .cli_convert import add_input_options, add_output_format, add_target_option
-from .cli_generate import add_generation_options
-from .cli_run import add_run_parser
-from .cli_score import add_evidence_options, add_score_parser
-from .errors import LoraLegoError
-from .hub import default_revision
-from .oserrors import os_errno, reason
-from .registry import DEFAULT_METHOD, PRUNE_METHOD
-from .signals import BROKEN_PIPE, INTERRUPTED, TERMINATED, Terminated, command_signals, silence_stdout
-from .targets import TARGETS
+from .._version import version
+from ..deploy.targets import TARGETS
+from ..errors import LoraLegoError
+from ..hub import default_revision
+from ..methods.registry import DEFAULT_METHOD, PRUNE_METHOD
+from ..oserrors import os_errno, reason
+from ..signals import BROKEN_PIPE, INTERRUPTED, TERMINATED, Terminated, command_signals, silence_stdout
+from .apply import add_apply_parser
+from .calibrate import add_calibration_options
+from .convert import add_input_options, add_output_format, add_target_option
+from .generation import add_generation_options
+from .run import add_run_parser
+from .score import add_evidence_options, add_score_parser
 
 
 class _Parser(argparse.ArgumentParser):
@@ -222,12 +222,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from .calibration import FILE_NAME as CALIBRATION_FILE
-    from .calibration import load_calibration
-    from .cli_convert import inspect_target
-    from .cli_run import print_recipe
-    from .formats import harmonise, load_adapter
-    from .inspect import describe_adapters, describe_report
+    from ..calibration.grams import FILE_NAME as CALIBRATION_FILE
+    from ..calibration.grams import load_calibration
+    from ..formats import harmonise, load_adapter
+    from .convert import inspect_target
+    from .describe import describe_adapters, describe_report
+    from .run import print_recipe
 
     calibrations = [p for p in args.paths if (Path(p) / CALIBRATION_FILE).is_file() or p.endswith(CALIBRATION_FILE)]
     reports = [Path(p) for p in args.paths if p.endswith(".json") and p not in calibrations]
@@ -250,7 +250,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 def _run_bench(args: argparse.Namespace) -> int:
     try:
-        from .bench import EXPERIMENTS, run
+        from ..bench import EXPERIMENTS, run
     except ImportError as error:
         raise LoraLegoError(f"lora-lego bench needs the bench extra (pip install -e \".[bench]\"): {error}") from None
     unknown = [e for e in args.experiments if e != "all" and e not in EXPERIMENTS]
@@ -275,16 +275,16 @@ HUB_COMMANDS = ("merge", "prune", "convert", "inspect", "apply", "score", "calib
 
 
 def _imported(module: str, function: str):
-    """The command function `lora_lego.<module>.<function>`, imported when the command runs."""
+    """The command function `lora_lego.cli.<module>.<function>`, imported when the command runs."""
     def run(args: argparse.Namespace) -> int:
         return getattr(importlib.import_module(f".{module}", __package__), function)(args)
     return run
 
 
-_COMMANDS = {"merge": _imported("cli_merge", "run_merge"), "prune": _imported("cli_merge", "run_merge"),
-             "convert": _imported("cli_convert", "run_convert"),
-             "calibrate": _imported("cli_calibration", "run_calibrate"),
-             "methods": _imported("cli_listing", "run_methods"), "formats": _imported("cli_listing", "run_formats"),
+_COMMANDS = {"merge": _imported("merge", "run_merge"), "prune": _imported("merge", "run_merge"),
+             "convert": _imported("convert", "run_convert"),
+             "calibrate": _imported("calibrate", "run_calibrate"),
+             "methods": _imported("listing", "run_methods"), "formats": _imported("listing", "run_formats"),
              "inspect": _run_inspect, "bench": _run_bench,
-             "apply": _imported("cli_apply", "run_apply"), "score": _imported("cli_score", "run_score"),
-             "run": _imported("cli_run", "run_recipe")}
+             "apply": _imported("apply", "run_apply"), "score": _imported("score", "run_score"),
+             "run": _imported("run", "run_recipe")}

@@ -18,16 +18,16 @@ from typing import Any, Sequence
 
 import torch
 
+from ..errors import MethodError
+from ..lowrank import concat_factors, relative_error
+from ..merge import check_weights, merge
+from ..methods import get_method
+from ..types import Adapter, LoraFactors
 from .calibrate import calibrate, load_model
-from .calibration import Calibration
-from .errors import MethodError
-from .lowrank import concat_factors, relative_error
-from .merge import check_weights, merge
-from .registry import get_method
+from .grams import Calibration
 from .regmean_pp import SPEC as REGMEAN_PP
 from .regmean_pp import merge_regmean_pp
 from .score import Scorer, Scores, best_scale, gram_terms, prompt_sets, proxy_retention
-from .types import Adapter, LoraFactors
 
 DATA_FREE = ("tsv", "ties", "iso_c", "wudi", "task_arithmetic", "lego_rank1")
 CALIBRATED = ("regmean", "regmean_pp", "lego_calibrated")

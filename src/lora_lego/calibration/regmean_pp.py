@@ -26,16 +26,16 @@ from typing import Any, Literal, Sequence
 
 import torch
 
+from ..errors import CalibrationError, LoraLegoWarning, MethodError
+from ..merge import check_weights, merge
+from ..methods.registry import describe
+from ..progress import progress as progress_of
+from ..provenance import merged_metadata
+from ..types import Adapter, LoraFactors
 from .calibrate import GRAM_MEMORY, _targets, calibrate, load_model, model_fingerprint, token_batches
-from .calibration import Calibration
-from .errors import CalibrationError, LoraLegoWarning, MethodError
-from .gram_passes import AppliedAdapter, _forward, _Stop, accumulate, chunks_for, trace
-from .merge import check_weights, merge
-from .progress import progress as progress_of
-from .provenance import merged_metadata
-from .registry import describe
+from .grams import Calibration
+from .passes import AppliedAdapter, _forward, _Stop, accumulate, chunks_for, trace
 from .score import prompt_sets
-from .types import Adapter, LoraFactors
 
 PAPER = "https://arxiv.org/abs/2508.03121"
 WITHIN = ("base", "adapter")

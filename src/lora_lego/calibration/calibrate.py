@@ -20,15 +20,15 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .calibration import FILE_NAME, Calibration, header_metadata, load_calibration
-from .defaults import GRAM_MEMORY, PROMPT_FORMATS
-from .errors import CalibrationError, LoraLegoWarning
-from .gram_passes import AppliedAdapter, accumulate, chunks_for, in_features, trace
-from .hub import resolve
-from .progress import progress as progress_of
-from .tensorfile import TensorWriter
-from .types import Adapter
-from .writing import atomic_folder, check_output_path
+from ..defaults import GRAM_MEMORY, PROMPT_FORMATS
+from ..errors import CalibrationError, LoraLegoWarning
+from ..hub import resolve
+from ..outputs import atomic_folder, check_output_path
+from ..progress import progress as progress_of
+from ..tensorfile import TensorWriter
+from ..types import Adapter
+from .grams import FILE_NAME, Calibration, header_metadata, load_calibration
+from .passes import AppliedAdapter, accumulate, chunks_for, in_features, trace
 
 EXTRA = 'pip install "lora-lego[calibrate]"'
 

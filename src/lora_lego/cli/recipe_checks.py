@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import LoraLegoError
+from ..errors import LoraLegoError
 
 SCALAR = (str, int, float, bool)
 CALIBRATION_KEYS = ("model", "prompts", "saved", "activations", "max_prompts", "max_length", "batch_size")
@@ -39,13 +39,13 @@ def _params(value: Any) -> str | None:
 
 
 def _formats() -> list[str]:
-    from .formats import available_formats
+    from ..formats import available_formats
 
     return available_formats()
 
 
 def _targets() -> list[str]:
-    from .targets import TARGETS
+    from ..deploy.targets import TARGETS
 
     return list(TARGETS)
 
@@ -118,15 +118,15 @@ def check_merge(entry: dict[str, Any], argv: list[str], where: str, earlier: dic
                 written: set[str]) -> list[str]:
     """What the merge command would refuse before any work, found now: method, parameters, calibration,
     output, format and target, inputs that exist (or are Hub ids, or an earlier merge's output)."""
-    from .allocate import allocation_rule
-    from .cli import build_parser
-    from .cli_merge import parse_params
-    from .formats import output_format
-    from .hub import parse_hub_id
-    from .merge import check_device, scale_rule
-    from .registry import get_method
-    from .regmean_pp import SPEC as REGMEAN_PP
-    from .writing import check_output_path
+    from ..allocate import allocation_rule
+    from ..calibration.regmean_pp import SPEC as REGMEAN_PP
+    from ..formats import output_format
+    from ..hub import parse_hub_id
+    from ..merge import check_device, scale_rule
+    from ..methods import get_method
+    from ..outputs import check_output_path
+    from . import build_parser
+    from .merge import parse_params
 
     problems = []
     if normal(entry["output"]) in earlier:
@@ -179,9 +179,9 @@ def check_merge(entry: dict[str, Any], argv: list[str], where: str, earlier: dic
 
 def _check_calibration_use(args, spec, method: str, choose: bool) -> None:
     """The calibration the method needs, and only that (run_merge's check, before any work)."""
-    from .cli_calibration import check_calibration_args
-    from .errors import MethodError
-    from .regmean_pp import SPEC as REGMEAN_PP
+    from ..calibration.regmean_pp import SPEC as REGMEAN_PP
+    from ..errors import MethodError
+    from .calibrate import check_calibration_args
 
     if spec is REGMEAN_PP and args.calibration is not None:
         raise MethodError("regmean_pp takes its Grams on the model as it merges it: give model and prompts, not "
@@ -191,9 +191,9 @@ def _check_calibration_use(args, spec, method: str, choose: bool) -> None:
 
 def _check_target(args) -> None:
     """The target loads the format written and serves the rank asked for (run_merge's checks, before any work)."""
-    from .errors import TargetError
-    from .formats import output_format
-    from .targets import fit_rank, get_target
+    from ..deploy.targets import fit_rank, get_target
+    from ..errors import TargetError
+    from ..formats import output_format
 
     if args.target is None:
         return

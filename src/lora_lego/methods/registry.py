@@ -11,10 +11,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
-from .errors import MethodError
+from ..errors import MethodError
 
 if TYPE_CHECKING:  # the registry itself needs no torch: `lora-lego --help` reads its defaults
-    from .types import LoraFactors
+    from ..types import LoraFactors
 
 # A method: fn(factors, weights, *, generator, [calibration,] **params) -> LoraFactors | (LoraFactors, info dict)
 # A method that declares `calibration` needs calibration data: merge hands it one (d_in, d_in) Gram per adapter.
@@ -144,24 +144,18 @@ def shown_value(value: Any) -> str:
     return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def get_method(name: str) -> MethodSpec:
-    """The spec of a registered method (by its name or a method alias); `MethodError` listing the known ones
-    otherwise."""
-    _load_builtin_methods()
+def lookup(name: str) -> MethodSpec:
+    """The spec of a registered method (by its name or a method alias); `MethodError` listing the registered ones
+    otherwise. Only what has been registered so far: `lora_lego.methods.get_method` loads the built-in ones first."""
     name = _METHOD_ALIASES.get(name, name)
     if name not in _METHODS:
-        raise MethodError(f"unknown merge method {name!r} (available: {', '.join(available_methods())})")
+        raise MethodError(f"unknown merge method {name!r} (available: {', '.join(registered())})")
     return _METHODS[name]
 
 
-def available_methods() -> list[str]:
-    """Names of all registered methods, sorted."""
-    _load_builtin_methods()
+def registered() -> list[str]:
+    """Names of the methods registered so far, sorted."""
     return sorted(_METHODS)
-
-
-def _load_builtin_methods() -> None:
-    from . import methods  # noqa: F401  (importing registers them)
 
 
 MAX_INT = 2**31 - 1  # the largest integer parameter accepted (ranks, n_init, max_iter, ...)

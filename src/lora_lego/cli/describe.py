@@ -9,11 +9,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Sequence
 
-from .errors import AdapterFormatError
-from .formats.family import component
-from .formats.names import parse_underscored
-from .lowrank import frobenius_norm, inner
-from .types import Adapter
+from ..errors import AdapterFormatError
+from ..formats.family import component
+from ..formats.names import parse_underscored
+from ..lowrank import frobenius_norm, inner
+from ..types import Adapter
 
 
 def module_type(module: str) -> str:

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import LoraLegoError
+from ..errors import LoraLegoError
 from .recipe import Merge, RecipeError, dump, from_provenance, read_recipe
 
 
@@ -60,9 +60,9 @@ def run_recipe(args: argparse.Namespace) -> int:
 
 def run_one(argv: list[str], record: dict, quiet: bool) -> int:
     """One merge through the merge command's own code, its output recording the recipe."""
-    from .cli import build_parser
-    from .cli_merge import run_merge
-    from .hub import default_revision
+    from ..hub import default_revision
+    from . import build_parser
+    from .merge import run_merge
 
     args = build_parser().parse_args(argv + (["-q"] if quiet else []))
     args.recipe = record
@@ -128,7 +128,7 @@ def _job(argv: list[str], record: dict, threads: int) -> tuple[str | None, str]:
 
 def print_recipe(paths: list[str], args: argparse.Namespace) -> int:
     """`inspect --recipe`: a recipe that makes each output again, from the provenance it records."""
-    from .formats import load_adapter
+    from ..formats import load_adapter
 
     entries, notes = [], []
     for path in paths:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import LoraLegoError
+from ..errors import LoraLegoError
 from .recipe_checks import KEYS, brief, check_merge, check_order, check_types, normal
 
 
@@ -185,7 +185,7 @@ def _ordered(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def _rank_name(method: Any) -> str:
-    from .registry import get_method
+    from ..methods import get_method
 
     try:
         return get_method(str(method)).aliases.get("rank", "rank")

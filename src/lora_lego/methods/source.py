@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from .registry import _RESERVED, MethodSpec, parameter_docs
 
-PACKAGE = Path(__file__).parent
+PACKAGE = Path(__file__).parents[1]  # lora_lego
 # what a parameter's annotation may name ("simple annotations", DESIGN.md); anything else is an error here
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict, "list": list, "tuple": tuple, "Any": Any}
 
@@ -65,8 +65,10 @@ def _spec(name: str, fn: ast.FunctionDef, module: str, *, paper: str | None = No
 
 
 def _method_modules() -> list[str]:
-    """The modules that `methods/__init__.py` imports (`from . import a, b, ...`), in order."""
-    return [alias.name for node in _tree("methods.__init__").body
+    """The families that `methods.load_builtin` imports (`from . import a, b, ...`), in order."""
+    load = next(node for node in _tree("methods.__init__").body
+                if isinstance(node, ast.FunctionDef) and node.name == "load_builtin")
+    return [alias.name for node in load.body
             if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module is None for alias in node.names]
 
 

@@ -15,11 +15,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ._version import version
-from .errors import CalibrationError, MethodError
-from .registry import available_methods, get_method
-from .tensorfile import TensorFileError, read_header, read_tensor
-from .types import Adapter
+from .._version import version
+from ..errors import CalibrationError, MethodError
+from ..methods import available_methods, get_method
+from ..tensorfile import TensorFileError, read_header, read_tensor
+from ..types import Adapter
 
 FILE_NAME = "calibration.safetensors"
 FORMAT = "lora-lego-calibration/1"

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import torch
 
-from ._version import version
+from .._version import version
+from ..errors import AdapterFormatError, BaseModelError, IncompatibleAdaptersError, LoraLegoWarning, OutputError
+from ..formats import base_family, naming
+from ..formats.files import some
+from ..outputs import atomic_folder, cast_finite, check_output_path, dtype_from_name, source_folders
+from ..progress import progress as progress_of
+from ..tensorfile import TensorFileError, TensorInfo, TensorWriter, read_tensor
+from ..types import Adapter, ModuleInfo, kernel_size
 from .checkpoint import Checkpoint, check_space, copy_other_files, read_checkpoint, write_config, write_index
-from .errors import AdapterFormatError, BaseModelError, IncompatibleAdaptersError, LoraLegoWarning, OutputError
-from .formats import base_family, naming
-from .formats.files import some
-from .progress import progress as progress_of
-from .tensorfile import TensorFileError, TensorInfo, TensorWriter, read_tensor
-from .types import Adapter, ModuleInfo, kernel_size
-from .writing import atomic_folder, cast_finite, check_output_path, dtype_from_name, source_folders
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def apply_adapter(adapter: Adapter | str | Path, base: str | Path, output: str |
     that holds NaN, or a failing disk, which leave nothing behind either).
     """
     if not isinstance(adapter, Adapter):
-        from .formats import load_adapter
+        from ..formats import load_adapter
 
         adapter = load_adapter(adapter, lazy=True, base_config=base)  # a GGUF file's head counts: the base's
     check_dotted(adapter)

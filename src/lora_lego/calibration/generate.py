@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from .defaults import DEFAULT_START, STARTS
-from .errors import CalibrationError
-from .gram_passes import AppliedAdapter
-from .progress import progress as progress_of
-from .types import Adapter
+from ..defaults import DEFAULT_START, STARTS
+from ..errors import CalibrationError
+from ..progress import progress as progress_of
+from ..types import Adapter
+from .passes import AppliedAdapter
 
 SEED_WORDS = ("The", "A", "In", "This", "I", "It", "We", "When")  # "seeds": sample i starts from word i mod 8
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .defaults import DEFAULT_START, STARTS
-from .errors import CalibrationError
+from ..defaults import DEFAULT_START, STARTS
+from ..errors import CalibrationError
 
 
 def add_generation_options(group) -> None:
@@ -32,7 +32,7 @@ def check_generation_args(args: argparse.Namespace) -> None:
     """Refuse, before any work, --generate-prompts with --prompts or --calibration, without --model, or N < 1."""
     if not generating(args):
         return
-    from .generate import check_generation
+    from ..calibration.generate import check_generation
 
     if args.prompts is not None:
         raise CalibrationError("give either --prompts FILE ... or --generate-prompts N, not both")
@@ -54,7 +54,7 @@ def generation_record(args: argparse.Namespace) -> dict[str, Any]:
 
 def generated_prompt_sets(args: argparse.Namespace, adapters: list, model, tokenizer) -> list[list[str]]:
     """One generated prompt set per adapter, sampled from base + that adapter."""
-    from .generate import generate_prompts
+    from ..calibration.generate import generate_prompts
 
     return [generate_prompts(model, tokenizer, adapter, args.generate_prompts, max_length=args.generate_length,
                              temperature=args.temperature, top_p=args.top_p, seed=args.generate_seed,
