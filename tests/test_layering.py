@@ -9,8 +9,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lora_lego"
 
 # Lowest first. A module is named relative to the package ("formats.peft"); a package name ("methods") covers the
@@ -162,7 +160,6 @@ def _cycle() -> list[str] | None:
     return next((found for module in graph if module not in state and (found := visit(module))), None)
 
 
-@pytest.mark.xfail(strict=True, reason="cli -> cli.run -> cli, removed by the cli/ commands' commit")
 def test_no_import_cycle():
     """Not even through imports deferred into functions: the method registry sits below the families that register
     in it, and the package that loads the families sits above both (issue 31)."""

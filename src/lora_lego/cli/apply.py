@@ -6,9 +6,10 @@ import argparse
 import time
 from pathlib import Path
 
+from .options import add_revision
 
-def add_apply_parser(commands) -> argparse.ArgumentParser:
-    """Add the `apply` subcommand to an argparse subparsers object; returns its parser."""
+
+def add_parser(commands) -> None:
     command = commands.add_parser("apply", help="fold an adapter into a base model checkpoint (safetensors shards)")
     command.add_argument("adapter", metavar="ADAPTER",
                          help="a PEFT LoRA folder, a .gguf adapter, or a dotted-name .safetensors file")
@@ -24,10 +25,11 @@ def add_apply_parser(commands) -> argparse.ArgumentParser:
                               "write a separate lm_head and set tie_word_embeddings false")
     command.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     command.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    return command
+    add_revision(command)
+    command.set_defaults(run=run)
 
 
-def run_apply(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run `apply` and print one summary line (modules folded, shards written, seconds)."""
     from ..deploy.apply import apply_adapter
     from ..formats import load_adapter

@@ -11,20 +11,26 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..defaults import GRAM_MEMORY, PROMPT_FORMATS
 from ..errors import CalibrationError, MethodError
 from .generation import check_generation_args, generated_prompt_sets, generating, generation_record
+from .options import add_calibration_options, add_generation_options, add_revision
 
 
-def add_calibration_options(group) -> None:
-    group.add_argument("--max-prompts", type=int, metavar="N", help="use the first N prompts of each file")
-    group.add_argument("--prompts-format", choices=PROMPT_FORMATS, help="read the prompts files as JSONL "
-                       "({\"text\": ...} per line) or text (a prompt per line); default: from their content")
-    group.add_argument("--max-length", type=int, default=512, metavar="L", help="tokens per prompt (default 512)")
-    group.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts per forward pass (default 8)")
-    group.add_argument("--gram-memory", type=float, default=GRAM_MEMORY / 2**30, metavar="GIB",
-                       help=f"float64 Grams accumulated per pass over the prompts (default {GRAM_MEMORY / 2**30:g} "
-                            "GiB, one Llama-2-7B layer; a model whose Grams exceed it takes several passes)")
+def add_parser(commands) -> None:
+    cmd = commands.add_parser("calibrate", help="input Grams of a base model on prompts, for calibrated merges")
+    cmd.add_argument("--model", required=True, help="base model folder (transformers)")
+    cmd.add_argument("--prompts", metavar="FILE", help="prompts file (.jsonl or .txt)")
+    cmd.add_argument("-o", "--output", required=True, help="output folder")
+    cmd.add_argument("--modules", nargs="+", metavar="PATH", help="module paths to calibrate (default: every linear "
+                     "layer)")
+    cmd.add_argument("--adapter", help="apply this adapter during the passes (its task's own activations)")
+    cmd.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda or cuda:N")
+    cmd.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    cmd.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_calibration_options(cmd)
+    add_generation_options(cmd)
+    add_revision(cmd)
+    cmd.set_defaults(run=run)
 
 
 def check_calibration_args(args: argparse.Namespace, needs: bool, *, choose: bool = False) -> None:
@@ -95,14 +101,14 @@ def calibrations_for_merge(args: argparse.Namespace, adapters: list, model=None,
                 model, prompts, tokenizer=tokenizer, modules=everything if union else list(adapter),
                 adapter=adapter if args.activations == "adapted" else None, output=work / str(index),
                 progress=not args.quiet, generated=generation_record(args) if generating(args) else None,
-                **_calibration_options(args)))
+                **calibration_options(args)))
             calibrations[-1].metadata["model"] = args.model
         yield calibrations
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _calibration_options(args: argparse.Namespace) -> dict:
+def calibration_options(args: argparse.Namespace) -> dict:
     if not args.gram_memory > 0:
         raise CalibrationError(f"--gram-memory must be a positive number of GiB; got {args.gram_memory}")
     return {"max_prompts": args.max_prompts, "max_length": args.max_length, "batch_size": args.batch_size,
@@ -110,7 +116,7 @@ def _calibration_options(args: argparse.Namespace) -> dict:
             "prompts_format": getattr(args, "prompts_format", None)}
 
 
-def run_calibrate(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from ..calibration.calibrate import calibrate, load_model, read_prompts
     from ..formats import load_adapter
     from ..merge import check_device
@@ -133,7 +139,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     prompts = generated_prompt_sets(args, [adapter], model, tokenizer)[0] if generating(args) else args.prompts
     result = calibrate(model, prompts, tokenizer=tokenizer, modules=modules, adapter=adapter, output=args.output,
                        overwrite=args.overwrite, progress=not args.quiet,
-                       generated=generation_record(args) if generating(args) else None, **_calibration_options(args))
+                       generated=generation_record(args) if generating(args) else None, **calibration_options(args))
     summary = result.summary()
     print(f"calibrate: {summary['n_prompts']} prompts ({summary['tokens']:,} tokens) through {args.model} -> "
           f"{args.output}: {summary['modules']} modules, {summary['grams']} Grams, "

@@ -1,27 +1,13 @@
 """`--generate-prompts N` of the `lora-lego` command (calibrate, merge, score): each adapter writes its own
-prompts (`generate.generate_prompts`, with the base model given by --model), used where --prompts would be."""
+prompts (`calibration.generate.generate_prompts`, with the base model given by --model), used where --prompts would
+be. The options themselves are in `options.add_generation_options`."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from ..defaults import DEFAULT_START, STARTS
 from ..errors import CalibrationError
-
-
-def add_generation_options(group) -> None:
-    group.add_argument("--generate-prompts", type=int, metavar="N", help="instead of --prompts: sample N prompts "
-                       "from the base model (--model) with each adapter applied, one set per adapter (measured "
-                       "below data-free tsv on our benchmark: see docs/results.md (k))")
-    group.add_argument("--generate-length", type=int, default=64, metavar="L",
-                       help="new tokens per generated prompt, at most (default 64)")
-    group.add_argument("--generate-start", choices=STARTS, default=DEFAULT_START,
-                       help=f"what each sample starts from: the BOS token, an empty chat turn (the model's chat "
-                            f"template), or a few neutral seed words (default {DEFAULT_START})")
-    group.add_argument("--generate-seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
-    group.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
-    group.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling's top-p (default 0.95)")
 
 
 def generating(args: argparse.Namespace) -> bool:

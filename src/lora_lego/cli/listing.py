@@ -1,5 +1,5 @@
 """`lora-lego methods` and `lora-lego formats`: what the tool offers, listed without importing torch (the
-methods are read from their source, see `registry_source`)."""
+methods are read from their source, see `methods.source`)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ import textwrap
 
 from ..methods.registry import DEFAULT_METHOD, PRUNE_METHOD, allowed_values, shown_value
 from ..methods.source import builtin_specs, specs_in
+
+
+def add_parser(commands) -> None:
+    commands.add_parser("methods", help="list the merge methods and their parameters").set_defaults(run=run_methods)
+    commands.add_parser("formats", help="list the adapter formats").set_defaults(run=run_formats)
 
 
 def run_methods(args: argparse.Namespace) -> int:

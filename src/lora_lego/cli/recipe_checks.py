@@ -118,15 +118,8 @@ def check_merge(entry: dict[str, Any], argv: list[str], where: str, earlier: dic
                 written: set[str]) -> list[str]:
     """What the merge command would refuse before any work, found now: method, parameters, calibration,
     output, format and target, inputs that exist (or are Hub ids, or an earlier merge's output)."""
-    from ..allocate import allocation_rule
-    from ..calibration.regmean_pp import SPEC as REGMEAN_PP
-    from ..formats import output_format
     from ..hub import parse_hub_id
-    from ..merge import check_device, scale_rule
-    from ..methods import get_method
-    from ..outputs import check_output_path
-    from . import build_parser
-    from .merge import parse_params
+    from .merge import checks, merge_parser, parse_params, request
 
     problems = []
     if normal(entry["output"]) in earlier:
@@ -141,33 +134,13 @@ def check_merge(entry: dict[str, Any], argv: list[str], where: str, earlier: dic
         elif isinstance(item, dict) and "revision" in item and (Path(path).exists() or not parse_hub_id(path)):
             problems.append(f"{where}.inputs[{i}].revision: {path!r} is a local path; a revision applies to Hub ids")
     try:
-        args = build_parser().parse_args(argv)
+        args = merge_parser().parse_args(argv)
         params: dict[str, Any] = parse_params(args.param)
     except Exception as error:  # (argparse, parse_params) the command line the merge stands for does not parse
         return problems + [f"{where}: {' '.join(str(error).split())}"]
     if args.rank is not None and "rank" in params:
         problems.append(f"{where}.params: the rank is given twice (rank: {args.rank} and params.rank); give it once")
-    elif args.rank is not None:
-        params["rank"] = args.rank
-    method = args.method
-    choose = method == "auto" or str(params.get("scale", "")).strip().lower() == "auto"
-
-    def spec():  # as run_merge: regmean_pp is not a per-module method; auto takes the candidates' rank
-        return REGMEAN_PP if method == "regmean_pp" else get_method("regmean" if method == "auto" else method)
-
-    # the checks run_merge makes before any work, one key each (keep them in step with cli_merge.run_merge)
-    checks: list[tuple[str, Callable[[], Any]]] = [
-        ("method", spec),
-        ("params", lambda: spec().resolve(allocation_rule(scale_rule(
-            {k: v for k, v in params.items() if not (choose and k == "scale")})[1])[1])),
-        ("device", lambda: check_device(args.device)),
-        ("calibration", lambda: _check_calibration_use(args, spec(), method, choose)),
-        ("format", lambda: output_format(args.output, format=args.format)),
-        ("target", lambda: _check_target(args)),
-        ("output", lambda: check_output_path(args.output, [i for i in args.adapters if Path(i).exists()],
-                                             overwrite=args.overwrite)),
-    ]
-    for key, check in checks:
+    for key, check in checks(args, request(args, params)):  # the merge command's own checks, by key
         try:
             check()
         except LoraLegoError as error:
@@ -175,33 +148,6 @@ def check_merge(entry: dict[str, Any], argv: list[str], where: str, earlier: dic
             if key == "method":
                 break  # the other checks need a method
     return problems
-
-
-def _check_calibration_use(args, spec, method: str, choose: bool) -> None:
-    """The calibration the method needs, and only that (run_merge's check, before any work)."""
-    from ..calibration.regmean_pp import SPEC as REGMEAN_PP
-    from ..errors import MethodError
-    from .calibrate import check_calibration_args
-
-    if spec is REGMEAN_PP and args.calibration is not None:
-        raise MethodError("regmean_pp takes its Grams on the model as it merges it: give model and prompts, not "
-                          "saved calibrations")
-    check_calibration_args(args, (spec.needs_calibration or spec is REGMEAN_PP) and method != "auto", choose=choose)
-
-
-def _check_target(args) -> None:
-    """The target loads the format written and serves the rank asked for (run_merge's checks, before any work)."""
-    from ..deploy.targets import fit_rank, get_target
-    from ..errors import TargetError
-    from ..formats import output_format
-
-    if args.target is None:
-        return
-    target, written = get_target(args.target), output_format(args.output, format=args.format)
-    if written not in target.formats:
-        raise TargetError(f"{target.name} loads {' / '.join(target.formats)} adapters, not {written}")
-    if args.rank is not None:
-        fit_rank(target, args.rank)
 
 
 def check_order(merges: list, name: str) -> list[str]:

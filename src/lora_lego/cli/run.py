@@ -1,6 +1,6 @@
 """`lora-lego run RECIPE`: the merges of a recipe file, validated as a whole first, then run by the merge
 command's own code, in order or in --jobs N processes (a merge waits for those whose outputs it reads); each
-output records the recipe in its provenance. `inspect --recipe` prints a recipe back from any of our outputs."""
+output records the recipe in its provenance. (`inspect --recipe` prints a recipe back from any of our outputs.)"""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 from ..errors import LoraLegoError
-from .recipe import Merge, RecipeError, dump, from_provenance, read_recipe
+from .recipe import Merge, RecipeError, read_recipe
 
 
-def add_run_parser(commands) -> None:
+def add_parser(commands) -> None:
     cmd = commands.add_parser("run", help="run the merges of a recipe file (YAML or JSON)")
     cmd.add_argument("recipe", metavar="RECIPE", help="a .yaml / .yml or .json file (see examples/recipe.yaml)")
     cmd.add_argument("--dry-run", action="store_true", help="validate the file and print the merge commands it "
@@ -27,9 +27,10 @@ def add_run_parser(commands) -> None:
     cmd.add_argument("--overwrite", action="store_true", help="replace existing outputs (overwrite: true in every "
                      "merge)")
     cmd.add_argument("-q", "--quiet", action="store_true", help="no progress")
+    cmd.set_defaults(run=run)
 
 
-def run_recipe(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise LoraLegoError(f"--jobs must be at least 1; got {args.jobs}")
     try:
@@ -61,13 +62,12 @@ def run_recipe(args: argparse.Namespace) -> int:
 def run_one(argv: list[str], record: dict, quiet: bool) -> int:
     """One merge through the merge command's own code, its output recording the recipe."""
     from ..hub import default_revision
-    from . import build_parser
-    from .merge import run_merge
+    from . import merge
 
-    args = build_parser().parse_args(argv + (["-q"] if quiet else []))
+    args = merge.merge_parser().parse_args(argv + (["-q"] if quiet else []))
     args.recipe = record
     with default_revision(args.revision):
-        return run_merge(args)
+        return merge.run(args)
 
 
 def _record(path: str, merge: Merge) -> dict:
@@ -124,21 +124,3 @@ def _job(argv: list[str], record: dict, threads: int) -> tuple[str | None, str]:
     except Exception as error:  # a bug: still one line
         return f"internal error ({type(error).__name__}: {' '.join(str(error).split())})", output.getvalue()
     return None, output.getvalue()
-
-
-def print_recipe(paths: list[str], args: argparse.Namespace) -> int:
-    """`inspect --recipe`: a recipe that makes each output again, from the provenance it records."""
-    from ..formats import load_adapter
-
-    entries, notes = [], []
-    for path in paths:
-        adapter = load_adapter(path, lazy=True, expand=args.expand, expand_rank=args.expand_rank,
-                               base_config=args.base_config)
-        provenance = adapter.metadata.get("provenance")
-        if not provenance:
-            raise LoraLegoError(f"{path}: records no lora-lego provenance (not written by lora-lego), so no recipe")
-        entry, said = from_provenance(provenance, path)
-        entries.append(entry)
-        notes += said
-    print(dump(entries, notes), end="")
-    return 0
