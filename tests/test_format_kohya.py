@@ -316,7 +316,7 @@ def test_round_trip_keeps_deltas_and_training_metadata(lycoris_files, tmp_path):
     assert header["ss_network_module"] == "networks.lora"
     assert (header["ss_network_dim"], header["ss_network_alpha"]) == ("3", "3")
     assert json.loads(header["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "3"}  # no LyCORIS algo args
-    # one alpha for the whole file (the most common rank): see kohya_meta.file_alpha
+    # one alpha for the whole file (the most common rank): see kohya_write.file_alpha
     assert "modelspec.merged_from" not in header and header["sshs_model_hash"] != header_of(source)["sshs_model_hash"]
     assert_hashes(path)
 

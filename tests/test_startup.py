@@ -91,7 +91,7 @@ def test_a_submodule_imported_later_keeps_the_api_name():
 
 
 def test_method_specs_read_from_source_equal_the_imported_registry():
-    """`lora-lego methods` lists what `registry_source` reads; it must be what importing the methods registers."""
+    """`lora-lego methods` lists what `methods.source` reads; it must be what importing the methods registers."""
     from lora_lego.calibration.regmean_pp import SPEC
 
     read = builtin_specs()

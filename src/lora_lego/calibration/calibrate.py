@@ -1,6 +1,6 @@
-"""Calibration (optional extra `calibrate`; the only core file that imports transformers): run a base model
-on a few unlabeled prompts and accumulate, for every module an adapter targets, the Gram X^T X of its
-inputs over the non-padding tokens.
+"""Calibration (optional extra `calibrate`; transformers loads the base model here, and only in `calibration/`):
+run a base model on a few unlabeled prompts and accumulate, for every module an adapter targets, the Gram X^T X
+of its inputs over the non-padding tokens.
 
 How: one short trace pass records the order in which the modules run and which of them read the same
 input tensor (q/k/v, gate/up), so that each shared input has one Gram. The groups are then split, in

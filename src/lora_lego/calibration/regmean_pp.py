@@ -3,7 +3,7 @@ t's prompts produce in the model whose layers *below* that layer are already mer
 
 Exact form (`rounds=0`). The model's repeated blocks (decoder layers) are merged one at a time, in order:
   1. each task's prompts run through block l from the hidden state that the merged blocks < l gave them, and
-     the Grams of block l's modules are accumulated (`gram_passes.accumulate`, one chunk of Grams at a time);
+     the Grams of block l's modules are accumulated (`passes.accumulate`, one chunk of Grams at a time);
      inside block l the modules are the base model's (`within="base"`, like `regmean`'s default) or carry
      task t's own deltas (`within="adapter"`, the paper's setting for fine-tuned models);
   2. block l's modules are merged by `regmean` on those Grams;

@@ -199,7 +199,7 @@ def _dense_merge(factors: list[LoraFactors], weights: list[float], generator: to
                  sparsify: str, combine_by: str, density: float, sign: str, rank: int | None, scale: float,
                  exact_svd: bool, space: str = "full") -> LoraFactors:
     """space="full": the module's deltas (d_out, d_in) one by one, combined, scaled, back to rank k by SVD.
-    space="core": the same rule on the (R_b, R_a) core matrices (see `core.py`), mapped back exactly."""
+    space="core": the same rule on the (R_b, R_a) core matrices (see `core_space.py`), mapped back exactly."""
     check_density(method, density)
     k = default_rank(factors, rank, method)
     if space == "core":

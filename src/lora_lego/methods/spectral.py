@@ -1,4 +1,4 @@
-"""The 2025-26 spectral merges, all on the core matrices of `core.py` (rank <= R = sum of ranks, no dense
+"""The 2025-26 spectral merges, all on the core matrices of `core_space.py` (rank <= R = sum of ranks, no dense
 matrix, no null directions): TSV-M, Iso-C, Iso-CTS, STAR and CtM.
 
 Each method sees the cores M_t (R_b, R_a) of one module and returns a merged core, mapped back to factors

@@ -2,7 +2,7 @@
 
 WUDI minimises sum_t c_t ||(tau - tau_t) tau_t^T||_F^2, c_t = 1 / ||tau_t||_F^2, over the merged delta tau: the
 rows of tau_t stand in for task t's inputs. That is RegMean with the Gram G_t = c_t tau_t^T tau_t, so the
-minimiser is tau = (sum_t c_t tau_t tau_t^T tau_t)(sum_t c_t tau_t^T tau_t)^+. In core space (`core.py`,
+minimiser is tau = (sum_t c_t tau_t tau_t^T tau_t)(sum_t c_t tau_t^T tau_t)^+. In core space (`core_space.py`,
 tau_t = U M_t V^T) the same holds for the (R_b, R_a) cores: X = (sum_t c_t M_t M_t^T M_t)(sum_t c_t M_t^T M_t
 + lambda I)^+, with lambda = `ridge` times the mean eigenvalue of the Gram sum (0: the exact minimiser), and
 rank k is the exact truncation of U X V^T. Task t's vector is w_t tau_t (its weight included).
