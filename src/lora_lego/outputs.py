@@ -20,7 +20,8 @@ from .noreplace import rename_no_replace
 from .oserrors import output_error, reason
 from .types import Adapter
 
-DTYPES = {
+# the output dtypes a user may name (--dtype, dtype=); tensorfile.DTYPES is the safetensors header codes
+OUTPUT_DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
@@ -29,10 +30,10 @@ DTYPES = {
 
 def dtype_from_name(dtype: str | torch.dtype) -> torch.dtype:
     """torch dtype from "bf16" | "fp16" | "fp32" (or their long names, or a torch.dtype)."""
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+    if isinstance(dtype, torch.dtype) and dtype in OUTPUT_DTYPES.values():
         return dtype
-    if isinstance(dtype, str) and dtype.lower() in DTYPES:
-        return DTYPES[dtype.lower()]
+    if isinstance(dtype, str) and dtype.lower() in OUTPUT_DTYPES:
+        return OUTPUT_DTYPES[dtype.lower()]
     raise OutputError(f"unsupported output dtype {dtype!r} (use bf16, fp16 or fp32)")
 
 
@@ -40,7 +41,7 @@ def output_dtype(adapter: Adapter, dtype: str | torch.dtype | None) -> torch.dty
     """The dtype to write: `dtype` if given, else the adapter's (its inputs'), float32 for others (e.g. float64)."""
     if dtype is None:
         dtype = adapter.metadata.get("dtype", "float32")
-        if dtype not in DTYPES and dtype not in DTYPES.values():
+        if dtype not in OUTPUT_DTYPES and dtype not in OUTPUT_DTYPES.values():
             dtype = "float32"
     return dtype_from_name(dtype)
 
