@@ -35,10 +35,6 @@ class TensorInfo:
     start: int  # absolute byte offsets in the file
     end: int
 
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
     def is_floating_point(self) -> bool:
         return self.dtype.is_floating_point
 

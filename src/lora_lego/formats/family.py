@@ -3,13 +3,11 @@ metadata when it says so, else from its module names; None for other adapters (e
 
 from __future__ import annotations
 
-import json
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..errors import IncompatibleAdaptersError
 from ..types import Adapter
 
-FAMILIES = ("sd1", "sd2", "sdxl", "flux")
 # ss_base_model_version (sd-scripts) and modelspec.architecture (SAI model spec) prefixes -> family
 _VERSIONS = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl": "sdxl", "flux1": "flux"}
 _ARCHITECTURES = {"stable-diffusion-v1": "sd1", "stable-diffusion-v2": "sd2", "stable-diffusion-xl": "sdxl",
@@ -96,15 +94,6 @@ def carry_family(adapters: Sequence[Adapter]) -> dict[str, Any]:
     """The family a merge keeps (the first adapter's): the kohya writer's header and the names' translation
     need it. A format hook."""
     return {"family": adapters[0].metadata.get("family")}
-
-
-def header_json(header: Mapping[str, str], key: str) -> dict:
-    """A header entry that holds JSON (e.g. ss_network_args, lora_adapter_metadata), {} if absent or bad."""
-    try:
-        value = json.loads(header.get(key) or "{}")
-    except (TypeError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 # the component a module belongs to: kohya prefixes and diffusers component prefixes -> one name

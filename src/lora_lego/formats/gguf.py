@@ -156,40 +156,18 @@ def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = Non
     """
     where = f"output {str(path)!r}"
     gguf = gguf_module()
-    recorded = adapter.metadata.get("gguf_base_config")
-    config = recorded if recorded and base_config_path is None else base_config(adapter, base_config_path, where)
+    config = _output_config(adapter, base_config_path, where)
     arch, shape = architecture(config, where)
-    kinds = {m: adapter.info(m).kind for m in adapter}
-    odd = [m for m, kind in kinds.items() if kind not in ("linear", "embedding")]
-    if odd:
-        raise AdapterFormatError(
-            f"{where}: GGUF adapters hold linear and embedding LoRAs; {some(odd)} are {kinds[odd[0]]}")
-    if config.get("tie_word_embeddings") and "lm_head" in adapter:
-        raise AdapterFormatError(f"{where}: the base ties lm_head to the input embeddings, so its GGUF has no output "
-                                 f"tensor and llama.cpp cannot apply the adapter's lm_head LoRA (its converter refuses "
-                                 f"it too); merge without lm_head, or use `lora-lego apply --untie`")
+    _check_modules(adapter, config, where)
     names = gguf_names(list(adapter), arch, shape["layers"], where)
-    torch_dtype = output_dtype(adapter, dtype)
-    if torch_dtype not in _WRITE_TYPES:
-        raise AdapterFormatError(f"{where}: GGUF adapters are written as f32, f16 or bf16, not {torch_dtype}")
+    torch_dtype = _write_dtype(adapter, dtype, where)
     raw = getattr(gguf.GGMLQuantizationType, _WRITE_TYPES[torch_dtype])
     alpha = Counter(adapter.ranks.values()).most_common(1)[0][0] if len(adapter) else 1
     check_output_path(path, source_folders(adapter), overwrite=overwrite)
     with atomic_output(path, overwrite=overwrite) as temporary:
         writer = gguf.GGUFWriter(temporary, arch)
-        writer.add_type("adapter")
-        writer.add_string("adapter.type", "lora")
-        writer.add_float32("adapter.lora.alpha", float(alpha))
-        writer.add_string(CONFIG_KEY, json.dumps(recorded_config(config["architectures"], shape), sort_keys=True))
-        for key, value in record(adapter.metadata, PROVENANCE_KEY).items():  # provenance, base model, task type
-            writer.add_string(key, value)
-        for module, info in ((m, adapter.info(m)) for m in adapter):
-            d_out, d_in = info.shape
-            a_shape = (d_in, info.rank) if info.kind == "embedding" else (info.rank, d_in)
-            for suffix, tensor_shape in ((".lora_a", a_shape), (".lora_b", (d_out, info.rank))):
-                count = tensor_shape[0] * tensor_shape[1]
-                writer.add_tensor_info(f"{names[module]}.weight{suffix}", tensor_shape, _numpy_dtype(torch_dtype),
-                                       count * torch_dtype.itemsize, raw_dtype=raw)
+        _add_header(writer, adapter, config["architectures"], shape, alpha)
+        _add_tensor_infos(writer, adapter, names, torch_dtype, raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -200,6 +178,54 @@ def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = Non
                 writer.write_tensor_data(_to_numpy(tensor, torch_dtype, what))
         writer.close()
     return path
+
+
+def _output_config(adapter: Adapter, base_config_path: str | Path | None, where: str) -> dict[str, Any]:
+    """The base config the file is written for: the one a GGUF input recorded, unless `base_config_path` is given."""
+    recorded = adapter.metadata.get("gguf_base_config")
+    return recorded if recorded and base_config_path is None else base_config(adapter, base_config_path, where)
+
+
+def _check_modules(adapter: Adapter, config: dict[str, Any], where: str) -> None:
+    """Refuse what llama.cpp cannot apply: convolution LoRAs, and an lm_head LoRA on a base that ties lm_head."""
+    kinds = {m: adapter.info(m).kind for m in adapter}
+    odd = [m for m, kind in kinds.items() if kind not in ("linear", "embedding")]
+    if odd:
+        raise AdapterFormatError(
+            f"{where}: GGUF adapters hold linear and embedding LoRAs; {some(odd)} are {kinds[odd[0]]}")
+    if config.get("tie_word_embeddings") and "lm_head" in adapter:
+        raise AdapterFormatError(f"{where}: the base ties lm_head to the input embeddings, so its GGUF has no output "
+                                 f"tensor and llama.cpp cannot apply the adapter's lm_head LoRA (its converter refuses "
+                                 f"it too); merge without lm_head, or use `lora-lego apply --untie`")
+
+
+def _write_dtype(adapter: Adapter, dtype: str | torch.dtype | None, where: str) -> torch.dtype:
+    """The torch dtype the tensors are written in (`output_dtype`), one of f32, f16 and bf16."""
+    torch_dtype = output_dtype(adapter, dtype)
+    if torch_dtype not in _WRITE_TYPES:
+        raise AdapterFormatError(f"{where}: GGUF adapters are written as f32, f16 or bf16, not {torch_dtype}")
+    return torch_dtype
+
+
+def _add_header(writer, adapter: Adapter, architectures: list[str], shape: dict[str, int], alpha: int) -> None:
+    """The key-values: a LoRA adapter of `alpha`, the base config reading back needs, and what `record` keeps."""
+    writer.add_type("adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", float(alpha))
+    writer.add_string(CONFIG_KEY, json.dumps(recorded_config(architectures, shape), sort_keys=True))
+    for key, value in record(adapter.metadata, PROVENANCE_KEY).items():  # provenance, base model, task type
+        writer.add_string(key, value)
+
+
+def _add_tensor_infos(writer, adapter: Adapter, names: dict[str, str], dtype: torch.dtype, raw) -> None:
+    """Each module's lora_a (r, d_in), or (d_in, r) for an embedding, and lora_b (d_out, r), in `dtype`."""
+    for module, info in ((m, adapter.info(m)) for m in adapter):
+        d_out, d_in = info.shape
+        a_shape = (d_in, info.rank) if info.kind == "embedding" else (info.rank, d_in)
+        for suffix, tensor_shape in ((".lora_a", a_shape), (".lora_b", (d_out, info.rank))):
+            count = tensor_shape[0] * tensor_shape[1]
+            writer.add_tensor_info(f"{names[module]}.weight{suffix}", tensor_shape, _numpy_dtype(dtype),
+                                   count * dtype.itemsize, raw_dtype=raw)
 
 
 def _gguf_factors(factors: LoraFactors, alpha: int, heads: int | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,6 +31,9 @@ from .gguf import (
 from .record import BASE_MODEL, TASK_TYPE, apply_recorded
 
 _FLOAT_TYPES = ("F32", "F16", "BF16")
+# the header values `read` uses
+_FIELDS = ("general.type", "adapter.type", "general.architecture", "adapter.lora.alpha", CONFIG_KEY, PROVENANCE_KEY,
+           BASE_MODEL, TASK_TYPE)
 # the smallest entries a GGUF header can hold: a tensor info (name length, n_dims, type, offset) and a
 # key-value (key length, value type, a one-byte value); counts that cannot fit in the file are refused
 _MIN_TENSOR_INFO, _MIN_KV = 8 + 4 + 4 + 8, 8 + 4 + 1
@@ -49,16 +52,39 @@ def read(path: Path, *, lazy: bool = False, expand: bool = False, expand_rank: i
     tensors, an unsupported architecture or an unknown tensor name.
     """
     name = str(path)
+    reader, fields = _open(path, name)
+    alpha, arch = _check_header(fields, name)
+    pairs = _read_pairs(reader, name)
+    shape = _file_shape(fields[CONFIG_KEY], base_config_path, arch, pairs, name)
+    paths = _module_paths(pairs, arch, shape["layers"], name)
+    infos = {paths[base]: _module_info(base, a, b, name) for base, (a, b) in pairs.items()}
+    parts = {paths[base]: (base, a, b) for base, (a, b) in pairs.items()}
+
+    def read_module(module: str) -> LoraFactors:
+        base, a, b = parts[module]
+        return _factors(base, a, b, infos[module].kind, _permuted_heads(base, arch, shape), alpha,
+                        f"adapter {name!r}, module {module!r}")
+
+    metadata = _metadata(path, fields, pairs, arch, alpha, name)
+    modules = LazyModules(infos, read_module) if lazy else {module: read_module(module) for module in infos}
+    return Adapter(modules, metadata, name=name)
+
+
+def _open(path: Path, name: str) -> tuple[Any, dict[str, Any]]:
+    """The gguf package's reader of a file whose header counts fit it, and the header values `read` uses."""
     gguf = gguf_module()
     check_counts(path, name)
     try:
         reader = gguf.GGUFReader(path)
-        fields = {key: _field(reader, key) for key in ("general.type", "adapter.type", "general.architecture",
-                                                        "adapter.lora.alpha", CONFIG_KEY, PROVENANCE_KEY,
-                                                        BASE_MODEL, TASK_TYPE)}
+        fields = {key: _field(reader, key) for key in _FIELDS}
     except _READER_ERRORS as error:
         raise AdapterFormatError(f"adapter {name!r}: not a readable GGUF file ({type(error).__name__}: "
                                  f"{str(error)[:200]})") from None
+    return reader, fields
+
+
+def _check_header(fields: dict[str, Any], name: str) -> tuple[float, str]:
+    """(alpha, llama.cpp architecture) of a LoRA adapter's header; refuses other GGUF files and architectures."""
     alpha = check_fields(fields, name)
     if fields["general.type"] != "adapter" or fields["adapter.type"] != "lora":
         raise AdapterFormatError(f"adapter {name!r}: a GGUF file with general.type {fields['general.type']!r} and "
@@ -67,41 +93,57 @@ def read(path: Path, *, lazy: bool = False, expand: bool = False, expand_rank: i
     if arch not in PERMUTED:
         raise AdapterFormatError(f"adapter {name!r}: GGUF architecture {arch!r} is not supported; "
                                  f"supported: {', '.join(sorted(PERMUTED))}")
+    return alpha, arch
+
+
+def _read_pairs(reader, name: str) -> dict[str, tuple[Any, Any]]:
+    """`_pairs`, with what the gguf package raises on damaged tensor infos (and `_pairs`' own refusals, which
+    are ValueErrors too) reported as damage."""
     try:
-        pairs = _pairs(reader, name)
+        return _pairs(reader, name)
     except _READER_ERRORS as error:
         raise AdapterFormatError(f"adapter {name!r}: damaged GGUF tensor infos ({type(error).__name__}: "
                                  f"{str(error)[:200]})") from None
-    shape = _file_shape(fields[CONFIG_KEY], base_config_path, arch, pairs, name)
-    inverse = _inverse_names(arch, shape["layers"])
+
+
+def _module_paths(pairs: dict[str, tuple[Any, Any]], arch: str, layers: int, name: str) -> dict[str, str]:
+    """GGUF base name -> module path for every pair; refuses a name no known module has."""
+    inverse = _inverse_names(arch, layers)
     unknown = [base for base in pairs if base not in inverse]
     if unknown:
         raise AdapterFormatError(f"adapter {name!r}: GGUF tensor(s) {some(unknown)} name no module lora-lego knows "
                                  f"for {arch} (attention, MLP, token_embd, output)")
-    infos, parts = {}, {}
-    for base, (a, b) in pairs.items():
-        module, embedding = inverse[base], base == "token_embd"
-        rank = int(_shape(b)[1])
-        d_in = int(_shape(a)[0 if embedding else 1])
-        if int(_shape(a)[1 if embedding else 0]) != rank:
-            raise AdapterFormatError(f"adapter {name!r}, tensor {base!r}: lora_a {_shape(a)} and lora_b {_shape(b)} "
-                                     f"do not share a rank")
-        infos[module] = ModuleInfo((int(_shape(b)[0]), d_in), rank, "embedding" if embedding else "linear")
-        parts[module] = (base, a, b)
+    return {base: inverse[base] for base in pairs}
 
-    def read_module(module: str) -> LoraFactors:
-        base, a, b = parts[module]
-        A, B = _tensor(a), _tensor(b)
-        if base == "token_embd":
-            A = A.T.contiguous()
-        heads = _permuted_heads(base, arch, shape)
-        if heads is not None:
-            B = permute_rows(B, heads, inverse=True)
-        factors = scale_factors(LoraFactors(A, B, infos[module].kind), alpha / A.shape[0] if alpha else 1.0,
-                                in_place=True)
-        check_factor_values(factors, f"adapter {name!r}, module {module!r}")
-        return factors
 
+def _module_info(base: str, a, b, name: str) -> ModuleInfo:
+    """The module's (d_out, d_in), rank and kind from its tensors' shapes: lora_a (r, d_in), or (d_in, r) for
+    token_embd, and lora_b (d_out, r)."""
+    embedding = base == "token_embd"
+    rank = int(_shape(b)[1])
+    d_in = int(_shape(a)[0 if embedding else 1])
+    if int(_shape(a)[1 if embedding else 0]) != rank:
+        raise AdapterFormatError(f"adapter {name!r}, tensor {base!r}: lora_a {_shape(a)} and lora_b {_shape(b)} "
+                                 f"do not share a rank")
+    return ModuleInfo((int(_shape(b)[0]), d_in), rank, "embedding" if embedding else "linear")
+
+
+def _factors(base: str, a, b, kind: str, heads: int | None, alpha: float, where: str) -> LoraFactors:
+    """One module's factors as lora-lego holds them: A (r, d_in) (token_embd's transposed back), B (d_out, r)
+    with its q/k rows in transformers' order, and llama.cpp's scale alpha / r (1 for alpha 0) folded in."""
+    A, B = _tensor(a), _tensor(b)
+    if base == "token_embd":
+        A = A.T.contiguous()
+    if heads is not None:
+        B = permute_rows(B, heads, inverse=True)
+    factors = scale_factors(LoraFactors(A, B, kind), alpha / A.shape[0] if alpha else 1.0, in_place=True)
+    check_factor_values(factors, where)
+    return factors
+
+
+def _metadata(path: Path, fields: dict[str, Any], pairs: dict[str, tuple[Any, Any]], arch: str, alpha: float,
+              name: str) -> dict[str, Any]:
+    """The adapter's metadata: the stored dtype (the most common), architecture, alpha and recorded base config."""
     dtypes = Counter(t.tensor_type.name for pair in pairs.values() for t in pair)
     metadata = {"format": "gguf", "base_model_name_or_path": None, "folder": str(path.resolve()),
                 "dtype": {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtypes.most_common(1)[0][0]],
@@ -110,8 +152,7 @@ def read(path: Path, *, lazy: bool = False, expand: bool = False, expand_rank: i
         metadata["gguf_base_config"] = json.loads(fields[CONFIG_KEY])
     metadata["task_type"] = None
     apply_recorded(metadata, fields, name, PROVENANCE_KEY)  # what our writer records: provenance, base model, task
-    modules = LazyModules(infos, read_module) if lazy else {module: read_module(module) for module in infos}
-    return Adapter(modules, metadata, name=name)
+    return metadata
 
 
 def check_architectures(adapters: Sequence[Adapter]) -> None:

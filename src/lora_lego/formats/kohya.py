@@ -84,20 +84,34 @@ def read(path: Path, *, lazy: bool = False, expand: bool = False, expand_rank: i
     _refuse(algos, name, expand or expand_rank is not None)
     layouts = {module: _layout(algos[module], parts, f"adapter {name!r}, module {module!r}")
                for module, parts in groups.items()}
-    cross = next((layout.shape[1] for m, layout in layouts.items()  # a UNet's cross-attention width
-                  if m.startswith("lora_unet_") and m.endswith("attn2_to_k")), None)
-    mixed = mixed_families(groups)
-    if mixed:
-        (first, example), (second, other) = mixed
-        raise AdapterFormatError(f"adapter {name!r}: module names of two model families ({first}: {example!r}; "
-                                 f"{second}: {other!r}); expected the modules of one base model")
-    family = family_from_metadata(header) or family_from_modules(groups, cross)
+    family = _family(header, layouts, name)
     modules = {module: _module(module, algos[module], groups[module], layouts[module], family, expand_rank, fetch, name)
                for module in groups}
 
     def read_module(module: str) -> LoraFactors:
         return _read_factors(modules[module], expand_rank, fetch, f"adapter {name!r}, module {module!r}")
 
+    metadata = _metadata(path, header, family, modules, name)
+    table = LazyModules({m: s.info for m, s in modules.items()}, read_module)
+    return Adapter(table if lazy else {module: read_module(module) for module in modules}, metadata, name=name)
+
+
+def _family(header: dict[str, str], layouts: dict[str, lycoris.Layout], name: str) -> str | None:
+    """The file's base-model family: its header's word, else its module names' (and a UNet's cross-attention
+    width); refuses module names of two families."""
+    cross = next((layout.shape[1] for m, layout in layouts.items()  # a UNet's cross-attention width
+                  if m.startswith("lora_unet_") and m.endswith("attn2_to_k")), None)
+    mixed = mixed_families(layouts)
+    if mixed:
+        (first, example), (second, other) = mixed
+        raise AdapterFormatError(f"adapter {name!r}: module names of two model families ({first}: {example!r}; "
+                                 f"{second}: {other!r}); expected the modules of one base model")
+    return family_from_metadata(header) or family_from_modules(layouts, cross)
+
+
+def _metadata(path: Path, header: dict[str, str], family: str | None, modules: dict[str, _Module],
+              name: str) -> dict[str, Any]:
+    """The adapter's metadata: family, header, stored dtype, per-module scales, LyCORIS counts, what was recorded."""
     expanded = Counter(ALGOS[m.algo][0] for m in modules.values() if m.algo != "lora")
     metadata = {
         "format": "kohya", "family": family, "header": header,
@@ -109,8 +123,7 @@ def read(path: Path, *, lazy: bool = False, expand: bool = False, expand_rank: i
     if expanded:
         metadata["lycoris"] = dict(expanded)
     apply_recorded(metadata, header, name)
-    table = LazyModules({m: s.info for m, s in modules.items()}, read_module)
-    return Adapter(table if lazy else {module: read_module(module) for module in modules}, metadata, name=name)
+    return metadata
 
 
 def _group_keys(infos: dict[str, TensorInfo], name: str) -> dict[str, dict[str, TensorInfo]]:

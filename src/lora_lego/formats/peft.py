@@ -1,5 +1,5 @@
-"""The PEFT LoRA folder format: `load_peft` reads adapter_config.json with adapter_model.safetensors
-(or .bin) into float32 factors with the scale folded in; `save_peft` writes a folder PEFT loads unchanged."""
+"""The PEFT LoRA folder format: `read` reads adapter_config.json with adapter_model.safetensors
+(or .bin) into float32 factors with the scale folded in; `write` writes a folder PEFT loads unchanged."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from ..card import write_card
 from ..errors import AdapterFormatError, LoraLegoWarning
 from ..outputs import atomic_folder, cast_finite, check_output_path, output_dtype, source_folders
 from ..tensorfile import save_file
-from ..types import MAX_ABS, Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values  # noqa: F401
+from ..types import Adapter, LazyModules, LoraFactors
 from . import peft_keys
 from .files import header_of, provenance_header, some, tensor_reader
 from .peft_config import CONFIG_NAME, module_scaling, pattern_value, read_config  # noqa: F401  (re-exported)
@@ -26,7 +26,7 @@ WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 _PREFIX = peft_keys.PREFIX
 
 
-def load_peft(path: str | Path, *, lazy: bool = False) -> Adapter:
+def read(path: str | Path, *, lazy: bool = False, **_options) -> Adapter:
     """Read a PEFT LoRA folder. Factors are float32 with sqrt(scaling) folded into A and B.
 
     Honours r, lora_alpha, use_rslora, rank_pattern / alpha_pattern (PEFT's matching rule),
@@ -34,7 +34,8 @@ def load_peft(path: str | Path, *, lazy: bool = False) -> Adapter:
     and embedding LoRAs. Raises AdapterFormatError naming the adapter (and module or keys).
     `lazy=True` reads the config and the safetensors header now and each module's factors when it
     is accessed (never cached), so a merge holds one module per adapter at a time; values (NaN, Inf,
-    huge entries) are then checked on access. A .bin weights file is always read whole.
+    huge entries) are then checked on access. A .bin weights file is always read whole. The LyCORIS
+    `_options` of the format registry (expand, expand_rank) do not apply to PEFT folders.
     """
     folder = Path(path)
     name = str(path)
@@ -46,7 +47,7 @@ def load_peft(path: str | Path, *, lazy: bool = False) -> Adapter:
         raise AdapterFormatError(f"adapter {name!r}: no LoRA tensors in its weights file")
     scalings = {module: module_scaling(config, module, info.rank, name) for module, info in infos.items()}
 
-    def read(module: str) -> LoraFactors:
+    def read_module(module: str) -> LoraFactors:
         return peft_keys.read_factors(pairs[module], infos[module].kind, scalings[module], fetch,
                                       f"adapter {name!r}, module {module!r}")
 
@@ -61,7 +62,7 @@ def load_peft(path: str | Path, *, lazy: bool = False) -> Adapter:
         "format": "peft",
     }
     apply_recorded(metadata, {k: v for k, v in header.items() if k == PROVENANCE}, name)  # lora-lego's outputs
-    modules = LazyModules(infos, read) if lazy else {module: read(module) for module in infos}
+    modules = LazyModules(infos, read_module) if lazy else {module: read_module(module) for module in infos}
     return Adapter(modules, metadata, name=name)
 
 
@@ -105,13 +106,13 @@ def _group_keys(tensors: dict[str, Any], name: str) -> dict[str, dict[str, Any]]
         # PEFT's save_embedding_layers: copies of base weights, not part of the LoRA update
         warnings.warn(f"adapter {name!r}: ignoring {len(base_layers)} saved base-layer weight(s) "
                       f"(copies of the base model, not LoRA factors): {some(base_layers)}", LoraLegoWarning,
-                      stacklevel=4)
+                      stacklevel=3)
     return peft_keys.group_keys(tensors, name, known=lambda key: peft_keys.is_key(key, alpha=False),
                                 expected="LoRA factors", ignore=frozenset(base_layers))[0]
 
 
-def save_peft(adapter: Adapter, path: str | Path, *, dtype: str | torch.dtype | None = None,
-              overwrite: bool = False) -> Path:
+def write(adapter: Adapter, path: str | Path, *, dtype: str | torch.dtype | None = None,
+          overwrite: bool = False) -> Path:
     """Write `adapter` as a PEFT LoRA folder, atomically (temporary folder, then rename).
 
     Config: r = the most common module rank, lora_alpha = r (scaling 1), rank_pattern / alpha_pattern
@@ -167,12 +168,3 @@ def peft_config(adapter: Adapter) -> dict[str, Any]:
         "inference_mode": True,
         "modules_to_save": None,
     }
-
-
-def read(path: Path, *, lazy: bool = False, **_options) -> Adapter:
-    """The format registry's reader (LyCORIS options do not apply to PEFT folders)."""
-    return load_peft(path, lazy=lazy)
-
-
-def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = None, overwrite: bool = False) -> Path:
-    return save_peft(adapter, path, dtype=dtype, overwrite=overwrite)
