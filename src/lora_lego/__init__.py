@@ -61,9 +61,9 @@ def __dir__() -> list[str]:
 
 
 class _Package(types.ModuleType):
-    """Keeps the API's names when a submodule of the same name is imported: `lora_lego.merge` (and `score`,
-    `calibrate`) stay the functions, as they were when this package imported them eagerly, although the import
-    system binds each submodule it loads to its name in the package."""
+    """Keeps the API's names when a submodule of the same name is imported: `lora_lego.merge` stays the function,
+    as it was when this package imported it eagerly, although the import system binds each submodule it loads to
+    its name in the package."""
 
     def __setattr__(self, name: str, value) -> None:
         if name in _LAZY and isinstance(value, types.ModuleType):

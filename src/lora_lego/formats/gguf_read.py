@@ -97,10 +97,12 @@ def _check_header(fields: dict[str, Any], name: str) -> tuple[float, str]:
 
 
 def _read_pairs(reader, name: str) -> dict[str, tuple[Any, Any]]:
-    """`_pairs`, with what the gguf package raises on damaged tensor infos (and `_pairs`' own refusals, which
-    are ValueErrors too) reported as damage."""
+    """`_pairs`, with what the gguf package raises on damaged tensor infos reported as damage; `_pairs`' own
+    refusals (a quantized tensor, a lone lora_a, ...) are already in the user's words and pass unchanged."""
     try:
         return _pairs(reader, name)
+    except AdapterFormatError:
+        raise
     except _READER_ERRORS as error:
         raise AdapterFormatError(f"adapter {name!r}: damaged GGUF tensor infos ({type(error).__name__}: "
                                  f"{str(error)[:200]})") from None
