@@ -40,3 +40,9 @@ class LoraLegoWarning(UserWarning):
 
 class ClusteringWarning(LoraLegoWarning):
     """K-means produced empty or collapsed clusters."""
+
+
+def some(keys: list, limit: int = 3) -> str:
+    """The first `limit` items, quoted, and how many more (for error messages)."""
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")

@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 
 from .._version import version
-from ..errors import AdapterFormatError, BaseModelError, IncompatibleAdaptersError, LoraLegoWarning, OutputError
+from ..errors import AdapterFormatError, BaseModelError, IncompatibleAdaptersError, LoraLegoWarning, OutputError, some
 from ..formats import base_family, naming
-from ..formats.files import some
 from ..outputs import atomic_folder, cast_finite, check_output_path, dtype_from_name, source_folders
 from ..progress import progress as progress_of
 from ..tensorfile import TensorFileError, TensorInfo, TensorWriter, read_tensor

@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import BaseModelError, OutputError
-from ..formats.files import some
+from ..errors import BaseModelError, OutputError, some
 from ..hub import resolve
 from ..tensorfile import TensorFileError, TensorInfo, read_header
 

@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
-from ..errors import AdapterFormatError
+from ..errors import AdapterFormatError, some
 from ..lowrank import scale_factors
 from ..outputs import output_dtype
 from ..tensorfile import TensorInfo
 from ..types import Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values, conv_kind
 from . import updown
-from .files import module_producer, open_file, provenance_header, some, write_file
+from .files import module_producer, open_file, provenance_header, write_file
 from .ranks import stored_dtype
 
 PREFIX = "diffusion_model."

@@ -10,14 +10,14 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import AdapterFormatError
+from ..errors import AdapterFormatError, some
 from ..outputs import cast_finite, output_dtype
 from ..tensorfile import TensorInfo
 from ..types import Adapter, LazyModules, LoraFactors, ModuleInfo, kernel_size
 from . import peft_keys
 from .diffusers_config import METADATA_KEY, config_scaling, header_configs, read_configs, split_component
 from .family import family_from_metadata, family_from_modules
-from .files import module_producer, open_file, provenance_header, some, write_file
+from .files import module_producer, open_file, provenance_header, write_file
 from .names import canonical_dotted, cross_attention_dim
 from .peft_config import CONFIG_NAME, read_config
 from .ranks import stored_dtype

@@ -4,7 +4,7 @@ writing one atomically with sorted metadata (bitwise-identical files for the sam
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -110,9 +110,3 @@ def provenance_header(adapter: Adapter, *, config_holds_the_rest: bool = False) 
     if config_holds_the_rest:
         return {key: value for key, value in entries.items() if key == PROVENANCE}
     return entries
-
-
-def some(keys: list[Any], limit: int = 3) -> str:
-    """The first `limit` items, quoted, and how many more (for error messages)."""
-    shown = ", ".join(repr(k) for k in keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")

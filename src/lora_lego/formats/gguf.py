@@ -17,11 +17,10 @@ from typing import Any
 
 import torch
 
-from ..errors import AdapterFormatError
+from ..errors import AdapterFormatError, some
 from ..hub import resolve
 from ..outputs import atomic_output, cast_finite, check_output_path, output_dtype, source_folders
 from ..types import Adapter, LoraFactors
-from .files import some
 from .ranks import alpha_folded
 from .record import record
 

@@ -12,10 +12,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import AdapterFormatError, IncompatibleAdaptersError
+from ..errors import AdapterFormatError, IncompatibleAdaptersError, some
 from ..lowrank import scale_factors
 from ..types import Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values
-from .files import some
 from .gguf import (
     CONFIG_KEY,
     HF_MODULES,

@@ -12,14 +12,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..errors import AdapterFormatError
+from ..errors import AdapterFormatError, some
 from ..lowrank import scale_factors
 from ..outputs import output_dtype
 from ..tensorfile import TensorInfo
 from ..types import Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values, conv_kind
 from . import kohya_write, lycoris, updown
 from .family import carry_family, family_from_metadata, family_from_modules, mixed_families
-from .files import module_producer, open_file, some
+from .files import module_producer, open_file
 from .ranks import stored_dtype
 from .record import apply_recorded
 

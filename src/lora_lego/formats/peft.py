@@ -12,12 +12,12 @@ from typing import Any, Callable
 import torch
 
 from ..card import write_card
-from ..errors import AdapterFormatError, LoraLegoWarning
+from ..errors import AdapterFormatError, LoraLegoWarning, some
 from ..outputs import atomic_folder, cast_finite, check_output_path, output_dtype, source_folders
 from ..tensorfile import save_file
 from ..types import Adapter, LazyModules, LoraFactors
 from . import peft_keys
-from .files import header_of, provenance_header, some, tensor_reader
+from .files import header_of, provenance_header, tensor_reader
 from .peft_config import CONFIG_NAME, module_scaling, pattern_value, read_config  # noqa: F401  (re-exported)
 from .ranks import common_rank, stored_dtype
 from .record import PROVENANCE, apply_recorded

@@ -10,10 +10,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..errors import AdapterFormatError
+from ..errors import AdapterFormatError, some
 from ..lowrank import scale_factors
 from ..types import LoraFactors, ModuleInfo, check_factor_values, conv_kind
-from .files import some
 
 PREFIX = "base_model.model."  # PeftModel's own prefix, kept in its weights files
 PARTS = {"lora_A.weight": ("A", "linear"), "lora_B.weight": ("B", "linear"), "lora_embedding_A": ("A", "embedding"),
