@@ -49,6 +49,7 @@ def calibrations(bench: Bench, adapters: list[ll.Adapter], n: int, activations: 
 
 
 def calibrated_table(bench: Bench) -> Table:
+    """Table (h): the calibrated methods and their variants against the data-free methods, dev and confirm."""
     splits = split_tasks(bench.names)
     table = Table("(h) Calibrated merging: RegMean and LEGO in the calibration metric, against the data-free "
                   "methods", bench.names, splits=splits)

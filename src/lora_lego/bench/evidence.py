@@ -55,6 +55,7 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 def evidence_table(bench: Bench) -> Table:
+    """Table (j): each variant's accuracy and retentions, how well they correlate, and what `auto` chooses."""
     splits = split_tasks(bench.names)
     table = Table(f"(j) Evidence: retention on {PROMPTS} unlabeled prompts per task against accuracy, and auto",
                   bench.names, splits=splits)
