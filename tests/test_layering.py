@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lora_lego"
 LAYERS: dict[str, set[str]] = {
     # stdlib-only or torch-only helpers that know nothing of LoRA merging
     "foundation": {"_version", "errors", "types", "defaults", "signals", "progress", "oserrors", "noreplace",
-                   "outputs", "tensorfile", "hub"},
+                   "outputs", "tensorfile", "hub", "compute"},
     # pure torch math on factors
     "math": {"lowrank", "kmeans", "core_space"},
     # the merge methods and their registry (the package loads the families; the families import the registry)

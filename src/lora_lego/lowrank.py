@@ -130,12 +130,6 @@ def relative_error_from_grams(approx: LoraFactors, target: LoraFactors, gram_a: 
     return error_sq ** 0.5
 
 
-def cosine_similarity(left: LoraFactors, right: LoraFactors) -> float:
-    """Cosine of the angle between the two deltas (Frobenius), 0 if either is zero."""
-    denominator = frobenius_norm(left) * frobenius_norm(right)
-    return inner(left, right) / denominator if denominator > 0 else 0.0
-
-
 def truncated_svd(factors: LoraFactors, k: int) -> tuple[LoraFactors, torch.Tensor]:
     """Best rank-k approximation of delta = B @ A without the dense matrix.
 

@@ -7,18 +7,19 @@ import hashlib
 import logging
 import math
 import warnings
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Sequence
 
 import torch
 
 from .allocate import allocation_rule, check_allocatable, greedy_ranks, spectrum
 from .calibration.grams import Calibration, check_calibrations, moments
+from .compute import check_device, check_threads, in_threads
 from .core_space import match_norm, pico_calibrate
 from .errors import IncompatibleAdaptersError, LoraLegoError, LoraLegoWarning, MethodError
 from .methods import get_method
-from .methods.registry import DEFAULT_METHOD, PRUNE_METHOD
+from .methods.registry import DEFAULT_METHOD, PRUNE_METHOD, MethodSpec
 from .progress import progress as progress_of
 from .provenance import merged_metadata, module_report
 from .types import Adapter, LoraFactors, check_factor_values, check_origins
@@ -26,8 +27,6 @@ from .types import Adapter, LoraFactors, check_factor_values, check_origins
 MAX_WEIGHT = 1e6  # largest |weight| of an adapter: task weights are O(1), larger ones overflow float32
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 def module_generator(seed: int, module: str) -> torch.Generator:
@@ -137,141 +136,135 @@ def merge(
     `scale="norm"`, which rescales each merged module to the inputs' mean norm (see `scale_rule`).
     """
     adapters = list(adapters)
-    if not adapters:
-        raise MethodError("merge needs at least one adapter")
-    if not isinstance(pico, bool):
-        raise MethodError(f"pico must be true or false; got {pico!r}")
-    spec = get_method(method)
-    method = spec.name  # a method alias (e.g. "svd") is recorded under the registered name
-    norm, params = scale_rule(params)
-    norm = norm or pico
-    allocation, params = allocation_rule(params)
-    resolved = spec.resolve(params)
-    average = check_allocatable(method, spec.whole_rank, resolved) if allocation != "uniform" else None
-    weights = check_weights(weights, len(adapters), [a.name for a in adapters])
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise MethodError(f"seed must be a non-negative integer; got {seed!r}")
+    spec, resolved, weights, norm, allocation, average = _checked_request(adapters, method, weights, seed, pico, params)
     check_origins(adapters)
     owners = align_modules(adapters)
-    calibration = check_calibrations(method, spec.needs_calibration, adapters, calibration, owners, weights)
-    threads, device = _check_threads(threads), check_device(device)
-    jobs = [(module, [i for i in holders if weights[i] != 0]) for module, holders in owners.items()]
-    # a weight of 0 leaves the adapter out; a module that only such adapters have is left out of the result
-    jobs = [(module, holders) for module, holders in jobs if holders]
-    ranks = _allocated_ranks(spec, adapters, jobs, weights, calibration, resolved, seed, threads, device,
-                             average) if average is not None else {}
-
-    def merge_module(job: tuple[str, list[int]]) -> tuple[str, LoraFactors, dict[str, Any]]:
-        module, holders = job
-        # a lazy adapter reads the module from disk here
-        factors = [_read(adapters[i], module).to(device) for i in holders]
-        module_weights = [weights[i] for i in holders]
-        names = ", ".join(repr(adapters[i].name) for i in holders)
-        grams = moments([calibration[i] for i in holders], module) if calibration else None  # read one at a time
-        try:
-            result, info = spec(pico_calibrate(factors) if pico else factors, module_weights,
-                                generator=module_generator(seed, module), calibration=grams,
-                                **{**resolved, **({"rank": ranks[module]} if ranks else {})})
-            if norm:
-                result, info["norm_scale"] = match_norm(result, factors, module_weights)
-        except LoraLegoError as error:
-            raise type(error)(f"module {module!r} (adapters {names}): {error}") from error
-        except torch.linalg.LinAlgError as error:  # e.g. an SVD of values overflowed by a huge `scale`
-            raise MethodError(f"module {module!r} (adapters {names}): {method} failed numerically "
-                              f"({_first_line(error)}); check its parameters {resolved}") from error
-        if not (torch.isfinite(result.A).all() and torch.isfinite(result.B).all()):
-            raise MethodError(f"module {module!r} (adapters {names}): {method} produced NaN or Inf "
-                              f"(parameters {resolved}: a scale too large for float32?)")
-        if result.rank == 0:  # an exactly zero delta (e.g. all-zero inputs): one zero rank keeps it a valid LoRA
-            result = LoraFactors(result.A.new_zeros(1, result.d_in), result.B.new_zeros(result.d_out, 1), result.kind)
-        entry = module_report(result, factors, module_weights, info, [adapters[i].name for i in holders])
-        return module, result.to("cpu"), entry
-
-    merged: dict[str, LoraFactors] = {}
-    report: dict[str, dict[str, Any]] = {}
-    results = in_threads(merge_module, jobs, threads)
-    for module, result, entry in progress_of(len(jobs), f"merge ({method})", "module", enabled=progress,
-                                             iterable=results):
-        merged[module], report[module] = result, entry
+    calibration = check_calibrations(spec.name, spec.needs_calibration, adapters, calibration, owners, weights)
+    threads, device = check_threads(threads), check_device(device)
+    plan = _Plan(adapters, spec, resolved, weights, seed, calibration, device, pico, norm)
+    jobs = _jobs(owners, weights)
+    ranks = _allocated_ranks(plan, jobs, threads, average) if average is not None else {}
+    merged, report = _merge_jobs(plan, jobs, ranks, threads, progress)
     recorded = {**resolved, **({"scale": "norm"} if norm else {}), **({"pico": True} if pico else {}),
                 **({"allocate": allocation} if ranks else {})}
-    metadata = merged_metadata(adapters, method, recorded, weights, seed, report)
+    metadata = merged_metadata(adapters, spec.name, recorded, weights, seed, report)  # warns at merge's caller
     if calibration:
         metadata["provenance"]["calibration"] = [c.summary() for c in calibration]
     return Adapter(merged, metadata, name="merged")
 
 
-def _allocated_ranks(spec, adapters, jobs, weights, calibration, resolved, seed, threads, device,
-                     average: int) -> dict[str, int]:
+def _checked_request(adapters: list[Adapter], method: str, weights: Sequence[float] | None, seed: int, pico: bool,
+                     params: dict[str, Any]) -> tuple[MethodSpec, dict[str, Any], list[float], bool, str, int | None]:
+    """`merge`'s arguments checked before any module is read: (the method, its resolved parameters, the weights,
+    whether to match norms, the allocation rule, the average rank to allocate or None for "uniform")."""
+    if not adapters:
+        raise MethodError("merge needs at least one adapter")
+    if not isinstance(pico, bool):
+        raise MethodError(f"pico must be true or false; got {pico!r}")
+    spec = get_method(method)  # a method alias (e.g. "svd") is recorded under the registered name, spec.name
+    norm, params = scale_rule(params)
+    allocation, params = allocation_rule(params)
+    resolved = spec.resolve(params)
+    average = check_allocatable(spec.name, spec.whole_rank, resolved) if allocation != "uniform" else None
+    weights = check_weights(weights, len(adapters), [a.name for a in adapters])
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise MethodError(f"seed must be a non-negative integer; got {seed!r}")
+    return spec, resolved, weights, norm or pico, allocation, average
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A checked merge: what merging any one module needs."""
+
+    adapters: list[Adapter]
+    spec: MethodSpec
+    resolved: dict[str, Any]  # the method's parameters, defaults filled in
+    weights: list[float]
+    seed: int
+    calibration: list[Calibration] | None
+    device: torch.device
+    pico: bool
+    norm: bool  # rescale each merged module to the inputs' mean norm (`scale="norm"`, implied by pico)
+
+
+def _jobs(owners: dict[str, list[int]], weights: list[float]) -> list[tuple[str, list[int]]]:
+    """(module, indices of the adapters merged into it), in module order: a weight of 0 leaves the adapter out,
+    and a module that only such adapters have is left out of the result."""
+    jobs = [(module, [i for i in holders if weights[i] != 0]) for module, holders in owners.items()]
+    return [(module, holders) for module, holders in jobs if holders]
+
+
+def _module_inputs(plan: _Plan, module: str,
+                   holders: list[int]) -> tuple[list[LoraFactors], list[float], Sequence[torch.Tensor] | None]:
+    """The module's factors (on the plan's device), weights and mean input Grams (None uncalibrated) of `holders`."""
+    factors = [_read(plan.adapters[i], module).to(plan.device) for i in holders]  # a lazy adapter reads them here
+    module_weights = [plan.weights[i] for i in holders]
+    grams = moments([plan.calibration[i] for i in holders], module) if plan.calibration else None  # read lazily
+    return factors, module_weights, grams
+
+
+def _merge_jobs(plan: _Plan, jobs: list[tuple[str, list[int]]], ranks: dict[str, int], threads: int,
+                progress: bool) -> tuple[dict[str, LoraFactors], dict[str, dict[str, Any]]]:
+    """Every module's merged factors and report entry, in the jobs' order, merged on `threads` worker threads."""
+    merged: dict[str, LoraFactors] = {}
+    report: dict[str, dict[str, Any]] = {}
+    results = in_threads(partial(_merge_module, plan, ranks), jobs, threads)
+    for module, result, entry in progress_of(len(jobs), f"merge ({plan.spec.name})", "module", enabled=progress,
+                                             iterable=results):
+        merged[module], report[module] = result, entry
+    return merged, report
+
+
+def _merge_module(plan: _Plan, ranks: dict[str, int],
+                  job: tuple[str, list[int]]) -> tuple[str, LoraFactors, dict[str, Any]]:
+    """One module merged by the method (with the allocated rank, if any): its factors on the CPU and report entry."""
+    module, holders = job
+    factors, module_weights, grams = _module_inputs(plan, module, holders)
+    where = f"module {module!r} (adapters {', '.join(repr(plan.adapters[i].name) for i in holders)})"
+    method, resolved = plan.spec.name, plan.resolved
+    try:
+        result, info = plan.spec(pico_calibrate(factors) if plan.pico else factors, module_weights,
+                                 generator=module_generator(plan.seed, module), calibration=grams,
+                                 **{**resolved, **({"rank": ranks[module]} if ranks else {})})
+        if plan.norm:
+            result, info["norm_scale"] = match_norm(result, factors, module_weights)
+    except LoraLegoError as error:
+        raise type(error)(f"{where}: {error}") from error
+    except torch.linalg.LinAlgError as error:  # e.g. an SVD of values overflowed by a huge `scale`
+        raise MethodError(f"{where}: {method} failed numerically ({_first_line(error)}); "
+                          f"check its parameters {resolved}") from error
+    result = _valid_result(result, where, method, resolved)
+    entry = module_report(result, factors, module_weights, info, [plan.adapters[i].name for i in holders])
+    return module, result.to("cpu"), entry
+
+
+def _valid_result(result: LoraFactors, where: str, method: str, resolved: dict[str, Any]) -> LoraFactors:
+    """The method's result, checked finite; an exactly zero delta (e.g. all-zero inputs) as one zero rank."""
+    if not (torch.isfinite(result.A).all() and torch.isfinite(result.B).all()):
+        raise MethodError(f"{where}: {method} produced NaN or Inf (parameters {resolved}: a scale too large for "
+                          "float32?)")
+    if result.rank == 0:  # one zero rank keeps it a valid LoRA
+        result = LoraFactors(result.A.new_zeros(1, result.d_in), result.B.new_zeros(result.d_out, 1), result.kind)
+    return result
+
+
+def _allocated_ranks(plan: _Plan, jobs: list[tuple[str, list[int]]], threads: int, average: int) -> dict[str, int]:
     """Each module's rank under a budget of `average` ranks per module in parameters (see `allocate`)."""
     def module_spectrum(job: tuple[str, list[int]]) -> tuple[str, torch.Tensor, int]:
         module, holders = job
-        factors = [_read(adapters[i], module).to(device) for i in holders]
-        module_weights = [weights[i] for i in holders]
-        grams = moments([calibration[i] for i in holders], module) if calibration else None
+        factors, module_weights, grams = _module_inputs(plan, module, holders)
 
         def run(**params):
-            return spec(factors, module_weights, generator=module_generator(seed, module), calibration=grams,
-                        **{**resolved, **params})
-        return module, spectrum(spec.name, run, factors, module_weights, grams, resolved).cpu(), sum(factors[0].shape)
+            return plan.spec(factors, module_weights, generator=module_generator(plan.seed, module),
+                             calibration=grams, **{**plan.resolved, **params})
+        values = spectrum(plan.spec.name, run, factors, module_weights, grams, plan.resolved)
+        return module, values.cpu(), sum(factors[0].shape)
 
     spectra, costs = {}, {}
     for module, values, cost in in_threads(module_spectrum, jobs, threads):
         spectra[module], costs[module] = values, cost
     budget = sum(max(min(average, len(values)), 1) * costs[m] for m, values in spectra.items())
     return greedy_ranks(spectra, costs, budget)
-
-
-def _check_threads(threads: int | None) -> int:
-    """Worker threads for `merge` (default: torch's intra-op thread count, i.e. the cores torch would use)."""
-    if threads is None:
-        return max(torch.get_num_threads(), 1)
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise MethodError(f"threads must be an integer >= 1; got {threads!r}")
-    return threads
-
-
-def check_device(device: str | torch.device | None) -> torch.device:
-    """The device the merge math runs on: the CPU (None, the default) or a CUDA device torch can use."""
-    try:
-        resolved = torch.device("cpu" if device is None else device)
-    except (RuntimeError, TypeError, ValueError):
-        raise MethodError(f"device must be 'cpu', 'cuda' or 'cuda:N'; got {device!r}") from None
-    if resolved.type == "cpu":
-        return resolved
-    if resolved.type != "cuda":
-        raise MethodError(f"device {str(resolved)!r} is not supported; use 'cpu' or 'cuda'")
-    if not torch.cuda.is_available():
-        raise MethodError(f"device {str(resolved)!r}: CUDA is not available to torch {torch.__version__} on this "
-                          "machine (no GPU, or a CPU-only build of torch); use device 'cpu'")
-    if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise MethodError(f"device {str(resolved)!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
-    return resolved
-
-
-def in_threads(work: Callable[[T], R], jobs: Sequence[T], threads: int) -> Iterator[R]:
-    """`work(job)` for each job, yielded in order, computed on `threads` worker threads.
-
-    Each worker runs torch on one intra-op thread, so a module's result does not depend on how many
-    threads the merge uses, and modules run side by side: one worker's matrix products overlap the
-    other's small-tensor Python work (measured 1.6 s against 2.1 s for 224 modules on 2 cores). At most
-    2 * threads jobs are in flight (a few modules in memory). On an error the jobs not started are
-    cancelled and the error is raised; the caller's torch thread count is restored in every case.
-    """
-    caller_threads = torch.get_num_threads()
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="lora-lego", initializer=torch.set_num_threads,
-                              initargs=(1,))
-    pending: deque[Future] = deque()
-    try:
-        for job in jobs:
-            pending.append(pool.submit(work, job))
-            if len(pending) > 2 * threads:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(caller_threads)
 
 
 def _read(adapter: Adapter, module: str) -> LoraFactors:

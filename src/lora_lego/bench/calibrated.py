@@ -49,29 +49,15 @@ def calibrations(bench: Bench, adapters: list[ll.Adapter], n: int, activations: 
 
 
 def calibrated_table(bench: Bench) -> Table:
+    """Table (h): the calibrated methods and their variants against the data-free methods, dev and confirm."""
     splits = split_tasks(bench.names)
     table = Table("(h) Calibrated merging: RegMean and LEGO in the calibration metric, against the data-free "
                   "methods", bench.names, splits=splits)
     bench.references(table)
     adapters = [bench.adapter(t) for t in bench.tasks]
     r, u = bench.config.rank, bench.config.rank * len(adapters)
-    keys: dict[str, str] = {}
-
-    def add(label: str, key: str, build) -> str | None:
-        try:
-            table.rows[label] = bench.evaluate(key, build, bench.tasks)
-        except LoraLegoError as error:  # e.g. shrink=1 on a singular Gram: a finding, not a crash
-            table.notes.append(f"{label}: refused ({' '.join(str(error).split())})")
-            return None
-        keys[label] = key
-        return label
-
-    def calibrated(method: str, *, n: int = PROMPTS, activations: str = "base", **params):
-        key = f"calibrated {method} n={n} activations={activations} " + " ".join(
-            f"{k}={v}" for k, v in sorted(params.items()))
-        return key, lambda: bench.merged(adapters, method, calibration=calibrations(bench, adapters, n, activations),
-                                         **params)
-
+    rows = _Rows(bench, table, adapters)
+    add, calibrated = rows.add, rows.calibrated
     data_free = [add(f"{m} (k={r}, data-free)", f"merge {m}", lambda m=m: bench.merged(adapters, m)) for m in DATA_FREE]
     data_free.append(add(f"concat (rank {u}, data-free)", "merge concat", lambda: bench.merged(adapters, "concat")))
     full = add(f"regmean (rank {u})", *calibrated("regmean"))
@@ -86,17 +72,51 @@ def calibrated_table(bench: Bench) -> Table:
                add(f"regmean k={r}, adapted activations", *calibrated("regmean", rank=r, activations="adapted"))]
     shrinks = {s: add(f"regmean (rank {u}), shrink={s}", *calibrated("regmean", shrink=s)) for s in SHRINKS if s != 0.9}
     shrinks = {s: label for s, label in {**shrinks, 0.9: full}.items() if label is not None}
+    counts = _count_rows(rows, full, low, r, u)
+    _notes(bench, table, rows.keys, data_free, full, low, plain, lego, variants, adapted, shrinks, r, u)
+    few = min(counts)
+    for fewest, default in zip(counts[few], (full, low)):  # do more prompts help?
+        table.notes += _compare(bench, table, rows.keys, fewest, default)
+    _plot_counts(table, counts, data_free, bench.out / "calibrated_prompts.png")
+    return table
+
+
+class _Rows:
+    """Adds the table's rows (merges of all task LoRAs, evaluated) and keeps the key each one's evaluation is cached
+    under (`keys`: label -> key)."""
+
+    def __init__(self, bench: Bench, table: Table, adapters: list[ll.Adapter]):
+        self.bench, self.table, self.adapters = bench, table, adapters
+        self.keys: dict[str, str] = {}
+
+    def add(self, label: str, key: str, build) -> str | None:
+        """The row `label` of `build()`'s merge, or None with a note when the merge is refused."""
+        try:
+            self.table.rows[label] = self.bench.evaluate(key, build, self.bench.tasks)
+        except LoraLegoError as error:  # e.g. shrink=1 on a singular Gram: a finding, not a crash
+            self.table.notes.append(f"{label}: refused ({' '.join(str(error).split())})")
+            return None
+        self.keys[label] = key
+        return label
+
+    def calibrated(self, method: str, *, n: int = PROMPTS, activations: str = "base", **params):
+        """(key, build) of `method` calibrated on each task's first `n` train prompts, with `activations`."""
+        key = f"calibrated {method} n={n} activations={activations} " + " ".join(
+            f"{k}={v}" for k, v in sorted(params.items()))
+        return key, lambda: self.bench.merged(self.adapters, method,
+                                              calibration=calibrations(self.bench, self.adapters, n, activations),
+                                              **params)
+
+
+def _count_rows(rows: _Rows, full: str | None, low: str | None, r: int,
+                u: int) -> dict[int, tuple[str | None, str | None]]:
+    """Prompts per task -> the regmean rows (rank sum u, k = r) calibrated on that many (PROMPTS: `full`, `low`)."""
     counts = {}
     for n in PROMPT_COUNTS:
         counts[n] = (full, low) if n == PROMPTS else (
-            add(f"regmean (rank {u}), {n} prompts", *calibrated("regmean", n=n)),
-            add(f"regmean k={r}, {n} prompts", *calibrated("regmean", n=n, rank=r)))
-    _notes(bench, table, keys, data_free, full, low, plain, lego, variants, adapted, shrinks, r, u)
-    few = min(counts)
-    for fewest, default in zip(counts[few], (full, low)):  # do more prompts help?
-        table.notes += _compare(bench, table, keys, fewest, default)
-    _plot_counts(table, counts, data_free, bench.out / "calibrated_prompts.png")
-    return table
+            rows.add(f"regmean (rank {u}), {n} prompts", *rows.calibrated("regmean", n=n)),
+            rows.add(f"regmean k={r}, {n} prompts", *rows.calibrated("regmean", n=n, rank=r)))
+    return counts
 
 
 def _notes(bench, table, keys, data_free, full, low, plain, lego, variants, adapted, shrinks, r, u) -> None:

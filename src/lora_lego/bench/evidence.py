@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import lora_lego as ll
 
@@ -53,12 +55,54 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 def evidence_table(bench: Bench) -> Table:
+    """Table (j): each variant's accuracy and retentions, how well they correlate, and what `auto` chooses."""
     splits = split_tasks(bench.names)
     table = Table(f"(j) Evidence: retention on {PROMPTS} unlabeled prompts per task against accuracy, and auto",
                   bench.names, splits=splits)
     bench.references(table)
+    run = _setup(bench, table)
+    r, u = bench.config.rank, bench.config.rank * len(run.adapters)
+    _fixed_variants(run, r, u)
+    for method in ("tsv", "ties"):  # the scale from the Gram proxy: one global, or one per module
+        _proxy_scale_variants(run, method, r)
+    for method in ("regmean", "lego_calibrated"):
+        run.add(f"{method} k={r}", f"evidence {method} k={r} n={PROMPTS}",
+                lambda m=method: bench.merged(run.adapters, m, rank=r, calibration=run.calibrations))
+    label, seconds = _auto_row(run, r)
+    _notes(bench, table, run.measures, run.keys, label, seconds, splits)
+    return table
+
+
+@dataclass
+class _Run:
+    """What every variant is merged, evaluated and scored with; `add` fills the table's rows and the measures."""
+
+    bench: Bench
+    table: Table
+    adapters: list[ll.Adapter]
+    prompts: list[list[str]]  # the first PROMPTS train prompts of each task
+    model: Any
+    tokenizer: Any
+    scorers: dict[str, Scorer]  # by positions: "last" and "all"
+    calibrations: list[ll.Calibration]
+    measures: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # label -> measure -> per task
+    keys: dict[str, str] = field(default_factory=dict)  # label -> the key its evaluation is cached under
+
+    def add(self, label: str, key: str, build, scale: float = 1.0) -> None:
+        """The row of `build()`'s merge with its delta times `scale`, and its retentions and Gram proxy."""
+        merged = build()
+        applied = merged if scale == 1.0 else scaled(merged, scale)
+        self.table.rows[label] = self.bench.evaluate(key, lambda: applied, self.bench.tasks)
+        self.keys[label] = key
+        terms = gram_terms(merged, self.adapters, self.calibrations)
+        self.measures[label] = {"last": self.scorers["last"].scores(merged, scale).retention,
+                                "all": self.scorers["all"].scores(merged, scale).retention,
+                                "proxy": proxy_retention(terms, scale)}
+
+
+def _setup(bench: Bench, table: Table) -> _Run:
+    """The task LoRAs, their prompts, the base model, a scorer per positions and a calibration per task."""
     adapters = [bench.adapter(t) for t in bench.tasks]
-    r, u = bench.config.rank, bench.config.rank * len(adapters)
     prompts = [[t.prompt(text) for text, _ in task_split(bench.cache, t, bench.n_test)[0][:PROMPTS]]
                for t in bench.tasks]
     model, tokenizer = bench.model()
@@ -67,53 +111,52 @@ def evidence_table(bench: Bench) -> Table:
     union = list(dict.fromkeys(m for a in adapters for m in a))
     calibrations = [ll.calibrate(model, p, tokenizer=tokenizer, modules=union, max_length=bench.config.max_length)
                     for p in prompts]
-    measures: dict[str, dict[str, list[float]]] = {}
-    keys: dict[str, str] = {}
+    return _Run(bench, table, adapters, prompts, model, tokenizer, scorers, calibrations)
 
-    def add(label: str, key: str, build, scale: float = 1.0) -> None:
-        merged = build()
-        applied = merged if scale == 1.0 else scaled(merged, scale)
-        table.rows[label] = bench.evaluate(key, lambda: applied, bench.tasks)
-        keys[label] = key
-        terms = gram_terms(merged, adapters, calibrations)
-        measures[label] = {"last": scorers["last"].scores(merged, scale).retention,
-                           "all": scorers["all"].scores(merged, scale).retention,
-                           "proxy": proxy_retention(terms, scale)}
 
+def _fixed_variants(run: _Run, r: int, u: int) -> None:
+    """The data-free methods at rank r, each at every scale of SCALES, and concat at the rank sum u (sum and mean)."""
+    bench, adapters = run.bench, run.adapters
     for method in DATA_FREE:
         for scale in SCALES:
-            add(f"{method} k={r}" + (f", scale {scale}" if scale != 1 else ""), f"evidence {method} k={r} x{scale}",
-                lambda m=method: bench.merged(adapters, m, rank=r), scale)
-    add(f"concat (rank {u})", "merge concat", lambda: bench.merged(adapters, "concat"))
-    add(f"concat (rank {u}), weights 1/n", "evidence concat mean",
-        lambda: bench.merged(adapters, "concat", weights=[1 / len(adapters)] * len(adapters)))
-    for method in ("tsv", "ties"):  # the scale from the Gram proxy: one global, or one per module
-        merged = bench.merged(adapters, method, rank=r)
-        per_module = module_terms(merged, adapters, calibrations)
-        s = best_scale(gram_terms(merged, adapters, calibrations))
-        add(f"{method} k={r}, proxy scale ({s:.2f})", f"evidence {method} k={r} proxy-scale n={PROMPTS}",
+            run.add(f"{method} k={r}" + (f", scale {scale}" if scale != 1 else ""), f"evidence {method} k={r} x{scale}",
+                    lambda m=method: bench.merged(adapters, m, rank=r), scale)
+    run.add(f"concat (rank {u})", "merge concat", lambda: bench.merged(adapters, "concat"))
+    run.add(f"concat (rank {u}), weights 1/n", "evidence concat mean",
+            lambda: bench.merged(adapters, "concat", weights=[1 / len(adapters)] * len(adapters)))
+
+
+def _proxy_scale_variants(run: _Run, method: str, r: int) -> None:
+    """`method` at rank r scaled by the Gram proxy's best scale, by its best scale per module, and by `auto`."""
+    bench, adapters, calibrations = run.bench, run.adapters, run.calibrations
+    merged = bench.merged(adapters, method, rank=r)
+    per_module = module_terms(merged, adapters, calibrations)
+    s = best_scale(gram_terms(merged, adapters, calibrations))
+    run.add(f"{method} k={r}, proxy scale ({s:.2f})", f"evidence {method} k={r} proxy-scale n={PROMPTS}",
             lambda m=merged: m, s)
-        scales = module_scales(per_module)
-        modules = {m: ll.LoraFactors(f.A * abs(scales[m]) ** 0.5, f.B * (abs(scales[m]) ** 0.5 * (1 if scales[m] >= 0
-                                                                                           else -1)), f.kind)
-                   for m, f in merged.items()}
-        add(f"{method} k={r}, per-module proxy scales", f"evidence {method} k={r} module-scales n={PROMPTS}",
+    scales = module_scales(per_module)
+    modules = {m: ll.LoraFactors(f.A * abs(scales[m]) ** 0.5, f.B * (abs(scales[m]) ** 0.5 * (1 if scales[m] >= 0
+                                                                                       else -1)), f.kind)
+               for m, f in merged.items()}
+    run.add(f"{method} k={r}, per-module proxy scales", f"evidence {method} k={r} module-scales n={PROMPTS}",
             lambda m=modules, src=merged: ll.Adapter(m, src.metadata, "scaled"))
-        add(f"{method} k={r}, scale=auto (retention)", f"evidence {method} k={r} scale-auto n={PROMPTS}",
-            lambda m=method: merge_auto(adapters, model=model, tokenizer=tokenizer, prompts=prompts,
-                                        calibration=calibrations, rank=r, methods=[m], scorer=scorers["last"]))
-    for method in ("regmean", "lego_calibrated"):
-        add(f"{method} k={r}", f"evidence {method} k={r} n={PROMPTS}",
-            lambda m=method: bench.merged(adapters, m, rank=r, calibration=calibrations))
+    run.add(f"{method} k={r}, scale=auto (retention)", f"evidence {method} k={r} scale-auto n={PROMPTS}",
+            lambda m=method: merge_auto(adapters, model=run.model, tokenizer=run.tokenizer, prompts=run.prompts,
+                                        calibration=calibrations, rank=r, methods=[m], scorer=run.scorers["last"]))
+
+
+def _auto_row(run: _Run, r: int) -> tuple[str, float]:
+    """`auto`'s choice among the default candidates at rank r, evaluated: its row's label and the seconds it took."""
+    bench = run.bench
     started = time.perf_counter()
-    chosen = merge_auto(adapters, model=model, tokenizer=tokenizer, prompts=prompts, calibration=calibrations,
-                        rank=r, max_length=bench.config.max_length, scorer=scorers["last"])
+    chosen = merge_auto(run.adapters, model=run.model, tokenizer=run.tokenizer, prompts=run.prompts,
+                        calibration=run.calibrations, rank=r, max_length=bench.config.max_length,
+                        scorer=run.scorers["last"])
     seconds = time.perf_counter() - started
     label = f"auto k={r}: {chosen.metadata['provenance']['auto']['chosen']}"
-    table.rows[label] = bench.evaluate(f"evidence auto k={r} n={PROMPTS}", lambda: chosen, bench.tasks)
-    keys[label] = f"evidence auto k={r} n={PROMPTS}"
-    _notes(bench, table, measures, keys, label, seconds, splits)
-    return table
+    run.table.rows[label] = bench.evaluate(f"evidence auto k={r} n={PROMPTS}", lambda: chosen, bench.tasks)
+    run.keys[label] = f"evidence auto k={r} n={PROMPTS}"
+    return label, seconds
 
 
 def _notes(bench, table, measures, keys, auto_label, seconds, splits) -> None:

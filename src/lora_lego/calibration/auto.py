@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -115,34 +116,59 @@ def merge_auto(adapters: Sequence[Adapter], *, model: str | Path | torch.nn.Modu
         scorer = Scorer(model, tokenizer, adapters, texts, positions=positions, max_length=max_length,
                         batch_size=batch_size, progress=progress)
     if calibration is None:
-        union = list(dict.fromkeys(m for a in adapters for m in a))
-        calibration = [calibrate(model, t, tokenizer=tokenizer, modules=union, max_length=max_length,
-                                 batch_size=batch_size, progress=progress) for t in texts]
+        calibration = _calibrations(model, tokenizer, adapters, texts, max_length, batch_size, progress)
+    build = partial(_candidate_merge, adapters, rank, model=model, tokenizer=tokenizer, texts=texts,
+                    calibration=calibration, weights=weights, seed=seed, threads=threads, max_length=max_length,
+                    batch_size=batch_size, progress=progress)
     tried: list[Candidate] = []
     merges: dict[tuple, Adapter] = {}
     for method, params in candidate_specs(methods, calibrated=True):
         key = (method, tuple(sorted(params.items())))
-        spec = REGMEAN_PP if method == REGMEAN_PP.name else get_method(method)
-        ranked = {"rank": rank} if "rank" in spec.parameters or "rank" in spec.aliases else {}
-        if spec is REGMEAN_PP:  # its Grams come from the model as it merges: the prompts, not `calibration`
-            merges[key] = merge_regmean_pp(adapters, model=model, tokenizer=tokenizer, prompts=texts, weights=weights,
-                                           seed=seed, threads=threads, max_length=max_length, batch_size=batch_size,
-                                           progress=progress, **spec.resolve({**params, **ranked}))
-        else:
-            merges[key] = merge(adapters, method, weights=weights, seed=seed, threads=threads, **ranked,
-                                calibration=calibration if spec.needs_calibration else None, **params)
-        terms = gram_terms(merges[key], adapters, calibration)
-        proxy = round(best_scale(terms), 4)
-        for scale in [1.0] + ([proxy] if proxy > 0 and abs(proxy - 1) > NEAR else []):
-            if scale > 0:
-                tried.append(Candidate(method, {**params, **ranked}, scale, scorer.scores(merges[key], scale),
-                                       proxy_retention(terms, scale)))
-                log.info("auto: %s mean retention %.3f", tried[-1].label, tried[-1].scores.mean)
+        merges[key], ranked = build(method, params)
+        tried += _scored(method, {**params, **ranked}, merges[key], adapters, calibration, scorer)
     best = choose(tried)
     key = (best.method, tuple(sorted((k, v) for k, v in best.params.items() if k != "rank")))
     if search:
         best = _search_scale(best, merges[key], scorer, gram_terms(merges[key], adapters, calibration), tried)
     return _result(merges[key], best, tried, adapters, weights, scorer)
+
+
+def _calibrations(model: torch.nn.Module, tokenizer, adapters: list[Adapter], texts: list[list[str]], max_length: int,
+                  batch_size: int, progress: bool) -> list[Calibration]:
+    """One calibration per adapter, on its prompts, of every module that any adapter has."""
+    union = list(dict.fromkeys(m for a in adapters for m in a))
+    return [calibrate(model, t, tokenizer=tokenizer, modules=union, max_length=max_length, batch_size=batch_size,
+                      progress=progress) for t in texts]
+
+
+def _candidate_merge(adapters: list[Adapter], rank: int, method: str, params: dict[str, Any], *, model, tokenizer,
+                     texts: list[list[str]], calibration: list[Calibration], weights: list[float], seed: int,
+                     threads: int | None, max_length: int, batch_size: int,
+                     progress: bool) -> tuple[Adapter, dict[str, Any]]:
+    """The candidate's merge, at output rank `rank` for a method that takes a rank, and that rank parameter
+    ({"rank": rank}, or {} for a method without one)."""
+    spec = REGMEAN_PP if method == REGMEAN_PP.name else get_method(method)
+    ranked = {"rank": rank} if "rank" in spec.parameters or "rank" in spec.aliases else {}
+    if spec is REGMEAN_PP:  # its Grams come from the model as it merges: the prompts, not `calibration`
+        return merge_regmean_pp(adapters, model=model, tokenizer=tokenizer, prompts=texts, weights=weights, seed=seed,
+                                threads=threads, max_length=max_length, batch_size=batch_size, progress=progress,
+                                **spec.resolve({**params, **ranked})), ranked
+    return merge(adapters, method, weights=weights, seed=seed, threads=threads, **ranked,
+                 calibration=calibration if spec.needs_calibration else None, **params), ranked
+
+
+def _scored(method: str, params: dict[str, Any], merged: Adapter, adapters: list[Adapter],
+            calibration: list[Calibration], scorer: Scorer) -> list[Candidate]:
+    """The candidate `merged` scored at scale 1 and, unless within NEAR of 1, at the scale the Gram proxy prefers."""
+    terms = gram_terms(merged, adapters, calibration)
+    proxy = round(best_scale(terms), 4)
+    scored = []
+    for scale in [1.0] + ([proxy] if proxy > 0 and abs(proxy - 1) > NEAR else []):
+        if scale > 0:
+            scored.append(Candidate(method, dict(params), scale, scorer.scores(merged, scale),
+                                    proxy_retention(terms, scale)))
+            log.info("auto: %s mean retention %.3f", scored[-1].label, scored[-1].scores.mean)
+    return scored
 
 
 def _search_scale(best: Candidate, merged: Adapter, scorer: Scorer, terms, tried: list[Candidate]) -> Candidate:

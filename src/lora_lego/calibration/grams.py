@@ -159,6 +159,13 @@ def check_calibrations(method: str, needs: bool, adapters: Sequence[Adapter], ca
         raise MethodError(f"method {method!r} does not use calibration data; the calibrated methods are "
                           f"{', '.join(n for n in available_methods() if get_method(n).needs_calibration)}")
     calibrations = list(calibrations)
+    _check_one_per_adapter(calibrations, adapters)
+    _check_module_grams(calibrations, adapters, owners, weights)
+    return calibrations
+
+
+def _check_one_per_adapter(calibrations: list[Any], adapters: Sequence[Adapter]) -> None:
+    """One Calibration per adapter, all made on the same base model (by fingerprint)."""
     names = ", ".join(repr(a.name) for a in adapters)
     if len(calibrations) != len(adapters):
         raise CalibrationError(f"got {len(calibrations)} calibration(s) for {len(adapters)} adapters ({names}); "
@@ -173,6 +180,11 @@ def check_calibrations(method: str, needs: bool, adapters: Sequence[Adapter], ca
         raise CalibrationError(f"calibrations were made on different base models: {first.name!r} on "
                                f"{first.metadata.get('model')!r} and {second.name!r} on "
                                f"{second.metadata.get('model')!r}")
+
+
+def _check_module_grams(calibrations: list[Calibration], adapters: Sequence[Adapter],
+                        owners: Mapping[str, list[int]], weights: Sequence[float]) -> None:
+    """Each adapter of nonzero weight has linear modules only, each with a Gram of its width in its calibration."""
     for module, holders in owners.items():
         for i in (i for i in holders if weights[i] != 0):
             calibration, adapter, info = calibrations[i], adapters[i], adapters[i].info(module)
@@ -187,4 +199,3 @@ def check_calibrations(method: str, needs: bool, adapters: Sequence[Adapter], ca
                 d = calibration.d_in(module)
                 raise CalibrationError(f"{where}: module {module!r} has a {d} x {d} Gram but the adapter's module has "
                                        f"d_in = {info.shape[1]} (made on another base model?)")
-    return calibrations

@@ -79,31 +79,56 @@ def lego(
     # the one O(u^2 d) step, on the factors' device; the rest works on (u, u) matrices, on the CPU
     gram_a, gram_b = (g.cpu() for g in factor_grams(pooled, exact=False))
     gram = _feature_gram(gram_a, gram_b, features)
-    p = unit_weights.double() / unit_weights.double().sum()
-    # scikit-learn's tolerance scale: the mean per-feature (weighted) variance of the points
-    tol_scale = max(float(p @ gram.diagonal() - p @ gram @ p), 0.0) / (pooled.d_in + pooled.d_out)
+    tol_scale = _tol_scale(gram, unit_weights, pooled.d_in + pooled.d_out)
     labels, sizes, inertia, search = _clusters(
         "lego", factors, pooled.rank, n_clusters, n_init, max_iter, tol,
         lambda k: kmeans_gram(gram, k, generator=generator, sample_weight=unit_weights, n_init=n_init,
                               max_iter=max_iter, tol=tol, tol_scale=tol_scale),
         max_error=max_error, energy=float(unit_weights.double() @ gram.diagonal()), generator=generator)
     membership = cluster_means(labels, unit_weights, len(sizes))  # centroid j = membership[j] @ units
-    on_device = membership.to(pooled.A.device)
-    centroids = LoraFactors(on_device @ pooled.A, pooled.B @ on_device.T, pooled.kind)
-    gain = torch.ones(len(sizes), dtype=pooled.A.dtype, device="cpu")  # per-centroid factor, applied to both halves
-    if param_norm != "off":
-        gain = member_norm_gain(centroids, pooled, labels, unit_weights, param_norm)
-    scale = 1.0
-    if output_reweight:
-        scale = output_scale(factors, weights, len(sizes), ref_rank)
-        gain = gain * math.sqrt(scale)  # sqrt(scale) on each half: the delta times scale, units balanced
-    on_device = gain.to(pooled.A.device)
-    centroids = LoraFactors(centroids.A * on_device[:, None], centroids.B * on_device, centroids.kind)
+    centroids = _centroids(pooled, membership)
+    gain, scale = _dual_reweighting(centroids, pooled, labels, unit_weights, factors, weights, param_norm=param_norm,
+                                    output_reweight=output_reweight, ref_rank=ref_rank)
+    centroids = _scaled_units(centroids, gain)
     info = _info(labels, kept, sizes, inertia, scale, search)
     # the merged units are combinations of the pooled ones, so the report's error needs only the Grams
     info["relative_error"] = relative_error_from_grams(centroids, pooled, gram_a, gram_b,
                                                        coefficients=gain[:, None] * membership)
     return centroids, info
+
+
+def _tol_scale(gram: torch.Tensor, unit_weights: torch.Tensor, dim: int) -> float:
+    """scikit-learn's tolerance scale: the mean per-feature (weighted) variance of the points of dimension `dim`
+    whose (u, u) Gram is `gram`, weighted by the (u,) `unit_weights`."""
+    p = unit_weights.double() / unit_weights.double().sum()
+    return max(float(p @ gram.diagonal() - p @ gram @ p), 0.0) / dim
+
+
+def _centroids(pooled: LoraFactors, membership: torch.Tensor) -> LoraFactors:
+    """The k centroid units membership @ units of the u pooled units, for a (k, u) `membership` on the CPU."""
+    on_device = membership.to(pooled.A.device)
+    return LoraFactors(on_device @ pooled.A, pooled.B @ on_device.T, pooled.kind)
+
+
+def _dual_reweighting(centroids: LoraFactors, pooled: LoraFactors, labels: torch.Tensor, unit_weights: torch.Tensor,
+                      factors: list[LoraFactors], weights: list[float], *, param_norm: str, output_reweight: bool,
+                      ref_rank: float | None) -> tuple[torch.Tensor, float]:
+    """The (k,) factor of each centroid unit, applied to both halves (parameter reweighting times the square root
+    of the output scale), and the output scale (1 without output reweighting)."""
+    gain = torch.ones(centroids.rank, dtype=pooled.A.dtype, device="cpu")
+    if param_norm != "off":
+        gain = member_norm_gain(centroids, pooled, labels, unit_weights, param_norm)
+    scale = 1.0
+    if output_reweight:
+        scale = output_scale(factors, weights, centroids.rank, ref_rank)
+        gain = gain * math.sqrt(scale)  # sqrt(scale) on each half: the delta times scale, units balanced
+    return gain, scale
+
+
+def _scaled_units(factors: LoraFactors, gain: torch.Tensor) -> LoraFactors:
+    """Unit i (row i of A, column i of B) times gain[i] on both halves, for a (r,) `gain` on the CPU."""
+    on_device = gain.to(factors.A.device)
+    return LoraFactors(factors.A * on_device[:, None], factors.B * on_device, factors.kind)
 
 
 def _clusters(method: str, factors: list[LoraFactors], u: int, n_clusters: int | None, n_init: int, max_iter: int,

@@ -8,9 +8,9 @@ import math
 import torch
 
 from ..kmeans import kmeans_gram
-from ..lowrank import concat_factors, from_units, scale_factors, to_units, truncated_svd
+from ..lowrank import from_units, scale_factors, to_units, truncated_svd
 from ..types import LoraFactors
-from .lego import _EPS, PAPER, _clusters, _info, output_scale
+from .lego import _EPS, PAPER, _clusters, _info, _pool, output_scale
 from .registry import register
 
 
@@ -50,28 +50,37 @@ def lego_rank1(
         max_error: 0: k fixed; > 0 (below 1): per module the smallest k <= the cap whose relative error is at
             most this
     """
-    pooled = concat_factors([f for f, w in zip(factors, weights, strict=True) if w != 0],
-                            [w for w in weights if w != 0])
-    kept = torch.tensor([w != 0 for f, w in zip(factors, weights, strict=True) for _ in range(f.rank)],
-                        device="cpu")
-    A, B = pooled.A.double(), pooled.B.double()
-    gram = ((A @ A.T) * (B.T @ B)).cpu()  # (u, u): K-means runs on the CPU whatever the factors' device
+    pooled, _, kept = _pool(factors, weights, sample_weights=False)
+    gram = update_gram(pooled)
     labels, sizes, inertia, search = _clusters(
         "lego_rank1", factors, pooled.rank, n_clusters, n_init, max_iter, tol,
         lambda k: kmeans_gram(gram, k, generator=generator, n_init=n_init, max_iter=max_iter, tol=tol),
         max_error=max_error, energy=float(gram.diagonal().clamp_min(0).sum()), generator=generator)
     member_norms = gram.diagonal().clamp_min(0).sqrt()  # |a_i| |b_i| = ||b_i a_i^T||_F
+    centroids = _rank_one_centroids(pooled, labels, len(sizes), member_norms if param_norm else None)
+    scale = output_scale(factors, weights, len(sizes), ref_rank) if output_reweight else 1.0
+    centroids = centroids * math.sqrt(scale)
+    return from_units(centroids, pooled.d_in, pooled.kind), _info(labels, kept, sizes, inertia, scale, search)
+
+
+def update_gram(pooled: LoraFactors) -> torch.Tensor:
+    """(u, u) Frobenius Gram of the u rank-one updates b_i a_i^T, (A A^T) * (B^T B) element-wise, float64 on the CPU."""
+    A, B = pooled.A.double(), pooled.B.double()
+    return ((A @ A.T) * (B.T @ B)).cpu()  # K-means runs on the CPU whatever the factors' device
+
+
+def _rank_one_centroids(pooled: LoraFactors, labels: torch.Tensor, k: int,
+                        member_norms: torch.Tensor | None) -> torch.Tensor:
+    """(k, d_in + d_out) units: each cluster's mean update (1/|C|) sum b_i a_i^T as its best rank-one approximation,
+    rescaled to its members' mean Frobenius norm when the (u,) `member_norms` are given."""
     units = []
-    for cluster in range(len(sizes)):
+    for cluster in range(k):
         members = (labels == cluster).nonzero().flatten()
         mean = LoraFactors(pooled.A[members] / len(members), pooled.B[:, members], pooled.kind)
         unit = truncated_svd(mean, 1)[0]
-        if param_norm:
+        if member_norms is not None:
             norm = float(unit.A.norm() * unit.B.norm())
             target = float(member_norms[members].mean())
             unit = scale_factors(unit, target / norm if norm > _EPS else 0.0)
         units.append(to_units(unit))
-    centroids = torch.cat(units)
-    scale = output_scale(factors, weights, len(sizes), ref_rank) if output_reweight else 1.0
-    centroids = centroids * math.sqrt(scale)
-    return from_units(centroids, pooled.d_in, pooled.kind), _info(labels, kept, sizes, inertia, scale, search)
+    return torch.cat(units)
