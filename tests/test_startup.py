@@ -90,6 +90,15 @@ def test_a_submodule_imported_later_keeps_the_api_name():
     assert ll.merge is module.merge and callable(ll.merge)
 
 
+def test_the_package_takes_attributes_after_its_types_submodule_is_loaded():
+    """`lora_lego.types` (loaded by now) must not stand in for the stdlib `types` inside the package: binding a
+    submodule named like an API function, or a user's own assignment, goes through the same hook."""
+    code = ("import warnings\nwarnings.simplefilter('error', ImportWarning)\nimport lora_lego, lora_lego.types\n"
+            "import lora_lego.merge\nlora_lego.calibrate = 'mine'\nassert lora_lego.calibrate == 'mine'\n"
+            "assert callable(lora_lego.merge)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
 def test_method_specs_read_from_source_equal_the_imported_registry():
     """`lora-lego methods` lists what `methods.source` reads; it must be what importing the methods registers."""
     from lora_lego.calibration.regmean_pp import SPEC

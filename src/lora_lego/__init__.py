@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-import types
+from types import ModuleType as _ModuleType  # not `import types`: the submodule lora_lego.types rebinds that name
 
 from .signals import startup_guard  # stdlib only: set before any heavy import
 
@@ -60,13 +60,13 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
 
 
-class _Package(types.ModuleType):
+class _Package(_ModuleType):
     """Keeps the API's names when a submodule of the same name is imported: `lora_lego.merge` stays the function,
     as it was when this package imported it eagerly, although the import system binds each submodule it loads to
     its name in the package."""
 
     def __setattr__(self, name: str, value) -> None:
-        if name in _LAZY and isinstance(value, types.ModuleType):
+        if name in _LAZY and isinstance(value, _ModuleType):
             return
         super().__setattr__(name, value)
 

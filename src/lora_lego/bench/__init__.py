@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Sequence
 
-from ..merge import check_device
+from ..compute import check_device
 from .assets import base_model_dir, cache_dir
 from .calibrated import calibrated_table
 from .evidence import evidence_table

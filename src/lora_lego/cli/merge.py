@@ -92,7 +92,8 @@ def checks(args: argparse.Namespace, asked: Request) -> list[tuple[str, Callable
     """What the command refuses before any work, in order, each under the recipe key it is reported by."""
     from ..allocate import allocation_rule
     from ..formats import output_format
-    from ..merge import check_device, scale_rule
+    from ..compute import check_device
+    from ..merge import scale_rule
     from ..outputs import check_output_path, check_report_path
 
     def method() -> None:  # auto: the candidates' rank parameter is regmean's

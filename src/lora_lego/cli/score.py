@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from ..calibration.calibrate import load_model
     from ..calibration.grams import load_calibration
     from ..formats import harmonise, load_adapter
-    from ..merge import check_device
+    from ..compute import check_device
     from ..outputs import check_report_path
 
     check_device(args.device)
