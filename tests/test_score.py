@@ -184,3 +184,14 @@ def test_model_card_front_matter_and_peft_ignores_it(tmp_path, setup):
     ll.save_adapter(merged, tmp_path / "again")
     assert (tmp_path / "again" / "README.md").read_text() == text  # deterministic
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 2
+
+
+def test_a_candidate_that_sets_its_own_rank_is_refused():
+    """Every candidate of auto is compared at one output rank (merge_auto's `rank`); a candidate string with its own
+    rank would be merged at a rank nobody compared it at (it used to reach `merge` with the rank twice)."""
+    from lora_lego.calibration.auto import candidate_specs
+    from lora_lego.errors import MethodError
+
+    assert candidate_specs(["tsv", "ties density=0.5"], calibrated=False) == [("tsv", {}), ("ties", {"density": "0.5"})]
+    with pytest.raises(MethodError, match="'tsv rank=4' sets a rank"):
+        candidate_specs(["tsv rank=4"], calibrated=False)

@@ -84,6 +84,9 @@ def candidate_specs(methods: Sequence[str] | None, calibrated: bool) -> list[tup
         name, *pairs = item.split()
         params = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
         spec = REGMEAN_PP if name == REGMEAN_PP.name else get_method(name)
+        if {"rank", *(alias for alias, target in spec.aliases.items() if target == "rank")} & set(params):
+            raise MethodError(f"candidate {item!r} sets a rank; every candidate is compared at one output rank: "
+                              "give it once, as rank=")
         if (spec.needs_calibration or spec is REGMEAN_PP) and not calibrated:
             raise MethodError(f"candidate {name!r} needs calibration data (prompts or calibrations)")
         specs.append((spec.name, params))

@@ -118,8 +118,8 @@ def calibration_options(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from ..calibration.calibrate import calibrate, load_model, read_prompts
-    from ..formats import load_adapter
     from ..compute import check_device
+    from ..formats import load_adapter
     from ..outputs import check_output_path
 
     check_device(args.device)

@@ -91,8 +91,8 @@ def request(args: argparse.Namespace, params: dict[str, Any]) -> Request:
 def checks(args: argparse.Namespace, asked: Request) -> list[tuple[str, Callable[[], Any]]]:
     """What the command refuses before any work, in order, each under the recipe key it is reported by."""
     from ..allocate import allocation_rule
-    from ..formats import output_format
     from ..compute import check_device
+    from ..formats import output_format
     from ..merge import scale_rule
     from ..outputs import check_output_path, check_report_path
 

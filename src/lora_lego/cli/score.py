@@ -43,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
     from ..calibration.auto import score
     from ..calibration.calibrate import load_model
     from ..calibration.grams import load_calibration
-    from ..formats import harmonise, load_adapter
     from ..compute import check_device
+    from ..formats import harmonise, load_adapter
     from ..outputs import check_report_path
 
     check_device(args.device)
