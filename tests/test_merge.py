@@ -6,7 +6,7 @@ import torch
 import lora_lego as ll
 from lora_lego.errors import IncompatibleAdaptersError, LoraLegoWarning, MethodError
 from lora_lego.merge import module_generator
-from lora_lego.types import LoraFactors
+from lora_lego.types import LazyModules, LoraFactors
 from synthetic import dense_sum, random_adapter, random_calibrations
 
 
@@ -101,11 +101,15 @@ def test_different_base_models_warn():
         ll.merge([a, b], "concat")
 
 
-def test_fan_in_fan_out_disagreement_is_an_error():
+def test_fan_in_fan_out_disagreement_is_an_error_before_any_module_is_read():
     a, b = random_adapter("a"), random_adapter("b")
     b.metadata["fan_in_fan_out"] = True
-    with pytest.raises(IncompatibleAdaptersError, match="fan_in_fan_out"):
-        ll.merge([a, b], "concat")
+    read = []
+    lazy = ll.Adapter(LazyModules({m: b.info(m) for m in b}, lambda m: read.append(m) or b.modules[m]),
+                      b.metadata, name="b")
+    with pytest.raises(IncompatibleAdaptersError, match="'a': False, 'b': True"):
+        ll.merge([a, lazy], "concat")
+    assert read == []  # refused up front, not after merging every module
 
 
 def test_empty_adapter_list():

@@ -91,6 +91,16 @@ def align_modules(adapters: Sequence[Adapter]) -> dict[str, list[int]]:
     return owners
 
 
+def check_layouts(adapters: Sequence[Adapter]) -> None:
+    """Refuse, before any module is read, adapters whose base layers store their weights differently
+    (fan_in_fan_out: GPT-2's Conv1D keeps (d_in, d_out)); they cannot be written as one adapter."""
+    layouts = [bool(a.metadata.get("fan_in_fan_out", False)) for a in adapters]
+    if len(set(layouts)) > 1:
+        raise IncompatibleAdaptersError("adapters disagree on fan_in_fan_out ("
+                                        + ", ".join(f"{a.name!r}: {v}" for a, v in zip(adapters, layouts))
+                                        + "): different base layer types")
+
+
 def scale_rule(params: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
     """(whether `scale="norm"` was asked for, the other parameters). `scale="norm"` works with every
     method: the method runs at its own default scale, then each module's merged delta is rescaled to
@@ -138,6 +148,7 @@ def merge(
     adapters = list(adapters)
     spec, resolved, weights, norm, allocation, average = _checked_request(adapters, method, weights, seed, pico, params)
     check_origins(adapters)
+    check_layouts(adapters)
     owners = align_modules(adapters)
     calibration = check_calibrations(spec.name, spec.needs_calibration, adapters, calibration, owners, weights)
     threads, device = check_threads(threads), check_device(device)

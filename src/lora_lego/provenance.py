@@ -8,7 +8,7 @@ from collections import Counter
 from typing import Any, Sequence
 
 from ._version import version
-from .errors import IncompatibleAdaptersError, LoraLegoWarning
+from .errors import LoraLegoWarning
 from .lowrank import concat_factors, factor_grams, relative_error_from_grams
 from .outputs import source_folders
 from .types import LoraFactors, carried_metadata
@@ -50,13 +50,8 @@ def _firsts(adapters, key: str) -> list[Any]:
 
 
 def merged_metadata(adapters, method, params, weights, seed, report) -> dict[str, Any]:
+    """The merged adapter's metadata: what the writers keep of the inputs, and the provenance record."""
     first = adapters[0].metadata
-    if len({bool(a.metadata.get("fan_in_fan_out", False)) for a in adapters}) > 1:
-        raise IncompatibleAdaptersError(
-            "adapters disagree on fan_in_fan_out ("
-            + ", ".join(f"{a.name!r}: {bool(a.metadata.get('fan_in_fan_out', False))}" for a in adapters)
-            + "): different base layer types"
-        )
     bases = {a.metadata.get("base_model_name_or_path") for a in adapters} - {None}
     if len(bases) > 1:
         warnings.warn(f"adapters name different base models: {sorted(bases)}", LoraLegoWarning, stacklevel=3)
