@@ -171,44 +171,57 @@ def _coerce(method: str, name: str, value: Any, annotation: Any) -> Any:
     where = f"method {method!r} parameter {name!r}"
     options = typing.get_args(annotation)
     if typing.get_origin(annotation) is Literal:
-        text = str(value).lower() if isinstance(value, (str, bool)) else value
-        for option in options:
-            if text == option or str(option).lower() == text:
-                return option
-        raise MethodError(f"{where} must be one of {', '.join(map(repr, options))}; got {value!r}")
+        return _literal(where, value, options)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() == "none"):
             if type(None) in options:
                 return None
         inner = [option for option in options if option is not type(None)]
         return _coerce(method, name, value, inner[0]) if len(inner) == 1 else value
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
-        raise MethodError(f"{where} must be true or false; got {value!r}")
-    if annotation is int:
-        try:
-            number = float(value) if isinstance(value, str) else value
-            integral = not isinstance(number, bool) and isinstance(number, (int, float)) and float(number).is_integer()
-        except (ValueError, OverflowError):  # not a number; an int too large for a float
-            number, integral = None, isinstance(value, int) and not isinstance(value, bool)
-        if not integral:
-            raise MethodError(f"{where} must be an integer; got {value!r}")
-        if number is None or abs(number) > MAX_INT:  # torch and range() take 64-bit sizes; no method needs more
-            raise MethodError(f"{where} must be an integer of magnitude at most {MAX_INT}; got {_short(value)}")
-        return int(number)
-    if annotation is float:
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = math.nan
-        if isinstance(value, bool) or not math.isfinite(number):
-            raise MethodError(f"{where} must be a finite number; got {value!r}")
-        return number
-    if annotation is str:
-        if not isinstance(value, str):
-            raise MethodError(f"{where} must be a string; got {value!r}")
+    coerce = {bool: _bool, int: _int, float: _float, str: _str}.get(annotation)
+    return coerce(where, value) if coerce is not None else value
+
+
+def _literal(where: str, value: Any, options: tuple) -> Any:
+    text = str(value).lower() if isinstance(value, (str, bool)) else value
+    for option in options:
+        if text == option or str(option).lower() == text:
+            return option
+    raise MethodError(f"{where} must be one of {', '.join(map(repr, options))}; got {value!r}")
+
+
+def _bool(where: str, value: Any) -> bool:
+    if isinstance(value, bool):
         return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        return value.lower() in ("true", "1", "yes", "on")
+    raise MethodError(f"{where} must be true or false; got {value!r}")
+
+
+def _int(where: str, value: Any) -> int:
+    try:
+        number = float(value) if isinstance(value, str) else value
+        integral = not isinstance(number, bool) and isinstance(number, (int, float)) and float(number).is_integer()
+    except (ValueError, OverflowError):  # not a number; an int too large for a float
+        number, integral = None, isinstance(value, int) and not isinstance(value, bool)
+    if not integral:
+        raise MethodError(f"{where} must be an integer; got {value!r}")
+    if number is None or abs(number) > MAX_INT:  # torch and range() take 64-bit sizes; no method needs more
+        raise MethodError(f"{where} must be an integer of magnitude at most {MAX_INT}; got {_short(value)}")
+    return int(number)
+
+
+def _float(where: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise MethodError(f"{where} must be a finite number; got {value!r}")
+    return number
+
+
+def _str(where: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise MethodError(f"{where} must be a string; got {value!r}")
     return value
