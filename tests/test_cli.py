@@ -208,3 +208,20 @@ def test_device_cuda_without_a_gpu_fails_before_loading(capsys, folders, tmp_pat
     code, _, err = run(capsys, "merge", *folders, "-o", str(tmp_path / "out"), "--device", "cuda", "-q")
     assert_one_line_error(code, err, "CUDA is not available to torch")
     assert not (tmp_path / "out").exists()
+
+
+def test_every_command_file_is_registered_and_names_its_runner():
+    """A command is one file in cli/ with `add_parser(commands)`, listed once in `cli.COMMANDS`; each subcommand
+    it adds sets `run`, the function the command line calls (issue 31)."""
+    import importlib
+    import pkgutil
+
+    from lora_lego import cli
+
+    files = {info.name for info in pkgutil.iter_modules(cli.__path__)
+             if hasattr(importlib.import_module(f"lora_lego.cli.{info.name}"), "add_parser")}
+    assert files == {command.__name__.rsplit(".", 1)[1] for command in cli.COMMANDS}
+    subcommands = cli.build_parser()._subparsers._group_actions[0].choices
+    assert {"merge", "prune", "methods", "formats", "inspect", "run"} <= set(subcommands)
+    for name, parser in subcommands.items():
+        assert callable(parser.get_default("run")), name
