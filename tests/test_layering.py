@@ -164,3 +164,14 @@ def test_no_import_cycle():
     """Not even through imports deferred into functions: the method registry sits below the families that register
     in it, and the package that loads the families sits above both (issue 31)."""
     assert _cycle() is None, " -> ".join(_cycle())
+
+
+def test_no_module_imports_another_modules_private_names():
+    """What a module shares has a public name: `from .lego import _pool` hid a dependency (issue 31's review)."""
+    private = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("lora_lego")):
+                private += [f"{module}: {node.module}.{alias.name}" for alias in node.names
+                            if alias.name.startswith("_") and not alias.name.startswith("__")]
+    assert not private, private

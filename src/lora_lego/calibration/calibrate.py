@@ -197,7 +197,7 @@ def _calibrate(model: torch.nn.Module, model_name: str, tokenizer, texts: list[s
                modules: Iterable[str] | None, max_length: int, batch_size: int, adapter: Adapter | None,
                output: str | Path | None, overwrite: bool, gram_memory: int, progress: bool,
                generated: dict | None = None) -> Calibration:
-    targets = _targets(model, model_name, modules)
+    targets = target_modules(model, model_name, modules)
     batches = token_batches(tokenizer, texts, max_length, batch_size, source)
     tokens = sum(int(mask.sum()) for _, mask in batches)
     metadata = {"model": model_name, "model_fingerprint": model_fingerprint(model), "prompts": source,
@@ -228,7 +228,8 @@ def _calibrate(model: torch.nn.Module, model_name: str, tokenizer, texts: list[s
     return load_calibration(output)
 
 
-def _targets(model: torch.nn.Module, model_name: str, modules: Iterable[str] | None) -> dict[str, torch.nn.Module]:
+def target_modules(model: torch.nn.Module, model_name: str,
+                   modules: Iterable[str] | None) -> dict[str, torch.nn.Module]:
     """Module path -> linear layer, for the requested paths (default: every linear layer), checked."""
     found = dict(model.named_modules())
     wanted = list(dict.fromkeys(modules)) if modules is not None else linear_modules(model)

@@ -14,7 +14,7 @@ from ..types import Adapter
 _BLOCK = 1024  # columns of a Gram per float32 product (bounds the temporary)
 
 
-class _Stop(Exception):
+class StopPass(Exception):
     """Raised by the hook of a pass's last module: the rest of the forward pass is not needed."""
 
 
@@ -27,11 +27,11 @@ def in_features(module: torch.nn.Module) -> int | None:
     return None
 
 
-def _forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> None:
+def run_forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> None:
     device = model.get_input_embeddings().weight.device
     try:
         model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-    except _Stop:
+    except StopPass:
         pass
 
 
@@ -51,7 +51,7 @@ def trace(model: torch.nn.Module, targets: dict[str, torch.nn.Module],
     handles = [module.register_forward_pre_hook(hook(name), with_kwargs=True) for name, module in targets.items()]
     try:
         ids, mask = batch
-        _forward(model, ids[:1, :8], mask[:1, :8])
+        run_forward(model, ids[:1, :8], mask[:1, :8])
     finally:
         for handle in handles:
             handle.remove()
@@ -111,14 +111,14 @@ def accumulate(model: torch.nn.Module, targets: dict[str, torch.nn.Module], chun
             for start in range(0, rows.shape[1], _BLOCK):  # float32 products, float64 sums, in column blocks
                 grams[key][:, start:start + _BLOCK] += rows.T @ rows[:, start:start + _BLOCK]
             if early_exit and key == last:
-                raise _Stop
+                raise StopPass
         return add_batch
 
     handles = [targets[group[0]].register_forward_pre_hook(hook(group[0]), with_kwargs=True) for group in chunk]
     try:
         for ids, mask in batches:
             state["mask"] = mask
-            _forward(model, ids, mask)
+            run_forward(model, ids, mask)
             bar.update(ids.shape[0])
     finally:
         for handle in handles:

@@ -32,9 +32,9 @@ from ..methods.registry import describe
 from ..progress import progress as progress_of
 from ..provenance import merged_metadata
 from ..types import Adapter, LoraFactors
-from .calibrate import GRAM_MEMORY, _targets, calibrate, load_model, model_fingerprint, token_batches
+from .calibrate import GRAM_MEMORY, calibrate, load_model, model_fingerprint, target_modules, token_batches
 from .grams import Calibration
-from .passes import AppliedAdapter, _forward, _Stop, accumulate, chunks_for, trace
+from .passes import AppliedAdapter, StopPass, accumulate, chunks_for, run_forward, trace
 from .score import prompt_sets
 
 PAPER = "https://arxiv.org/abs/2508.03121"
@@ -122,7 +122,7 @@ def _layerwise(model, tokenizer, adapters, texts, within, params, common, option
     """The exact form: block by block, each task's hidden state carried through the merged blocks."""
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
     union = list(dict.fromkeys(m for a in adapters for m in a))
-    targets = _targets(model, name, union)
+    targets = target_modules(model, name, union)
     blocks, owner = find_blocks(model, union)
     tasks = [_Task(token_batches(tokenizer, t, options["max_length"], options["batch_size"], f"prompts of {a.name}"))
              for a, t in zip(adapters, texts)]
@@ -202,12 +202,12 @@ def _returns_tuple(model: torch.nn.Module, block: torch.nn.Module, batch) -> boo
 
     def hook(module, args, output):
         seen.append(isinstance(output, tuple))
-        raise _Stop
+        raise StopPass
 
     handle = block.register_forward_hook(hook)
     try:
         ids, mask = batch
-        _forward(model, ids[:1, :8], mask[:1, :8])
+        run_forward(model, ids[:1, :8], mask[:1, :8])
     finally:
         handle.remove()
     return seen[0]
@@ -283,13 +283,13 @@ class _Task:
 
         def keep(module, args, output):
             outputs.append(output[0] if isinstance(output, tuple) else output)
-            raise _Stop
+            raise StopPass
 
         handle = resumed.blocks[index].register_forward_hook(keep)
         try:
             with AppliedAdapter(model, deltas if len(deltas) else None, "model"):
                 for ids, mask in self.batches:
-                    _forward(model, ids, mask)
+                    run_forward(model, ids, mask)
         finally:
             handle.remove()
         self.states = outputs

@@ -120,14 +120,14 @@ def permute_rows(B: torch.Tensor, heads: int, inverse: bool = False) -> torch.Te
     return B.reshape(*split, B.shape[1]).transpose(1, 2).reshape(B.shape)
 
 
-def _permuted_heads(gguf_name: str, arch: str, shape: dict[str, int]) -> int | None:
+def permuted_heads(gguf_name: str, arch: str, shape: dict[str, int]) -> int | None:
     if not PERMUTED.get(arch):
         return None
     kind = gguf_name.rsplit(".", 1)[-1]
     return {"attn_q": shape["heads"], "attn_k": shape["kv_heads"]}.get(kind)
 
 
-def _name_map(arch: str, layers: int):
+def tensor_name_map(arch: str, layers: int):
     gguf = gguf_module()
     arch_id = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
     return gguf.get_tensor_name_map(arch_id, layers)
@@ -135,7 +135,7 @@ def _name_map(arch: str, layers: int):
 
 def gguf_names(modules: list[str], arch: str, layers: int, where: str) -> dict[str, str]:
     """Module path -> GGUF tensor base name (without ".weight"), by gguf-py's map for `arch`."""
-    name_map = _name_map(arch, layers)
+    name_map = tensor_name_map(arch, layers)
     names = {module: name_map.get_name(module) for module in modules}
     unknown = [module for module, name in names.items() if name is None]
     if unknown:
@@ -171,7 +171,7 @@ def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = Non
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for module in adapter:
-            A, B = _gguf_factors(adapter[module], alpha, _permuted_heads(names[module], arch, shape))
+            A, B = _gguf_factors(adapter[module], alpha, permuted_heads(names[module], arch, shape))
             for side, tensor in (("lora_a", A), ("lora_b", B)):
                 what = f"output {str(path)!r}, module {module!r}: {side}"
                 writer.write_tensor_data(_to_numpy(tensor, torch_dtype, what))

@@ -20,12 +20,12 @@ from .gguf import (
     HF_MODULES,
     PERMUTED,
     PROVENANCE_KEY,
-    _name_map,
-    _permuted_heads,
     architecture,
     base_config,
     gguf_module,
     permute_rows,
+    permuted_heads,
+    tensor_name_map,
 )
 from .record import BASE_MODEL, TASK_TYPE, apply_recorded
 
@@ -61,7 +61,7 @@ def read(path: Path, *, lazy: bool = False, expand: bool = False, expand_rank: i
 
     def read_module(module: str) -> LoraFactors:
         base, a, b = parts[module]
-        return _factors(base, a, b, infos[module].kind, _permuted_heads(base, arch, shape), alpha,
+        return _factors(base, a, b, infos[module].kind, permuted_heads(base, arch, shape), alpha,
                         f"adapter {name!r}, module {module!r}")
 
     metadata = _metadata(path, fields, pairs, arch, alpha, name)
@@ -279,6 +279,6 @@ def _file_shape(recorded: str | None, base: str | Path | None, arch: str, pairs:
 
 
 def _inverse_names(arch: str, layers: int) -> dict[str, str]:
-    name_map = _name_map(arch, layers)
+    name_map = tensor_name_map(arch, layers)
     modules = [t.format(i=i) for t in HF_MODULES for i in (range(layers) if "{i}" in t else [0])]
     return {name_map.get_name(module): module for module in modules if name_map.get_name(module)}

@@ -17,7 +17,7 @@ from .arithmetic import check_max_error
 from .registry import register
 
 PAPER = "https://arxiv.org/abs/2409.16167"
-_EPS = 1e-12
+EPS = 1e-12
 
 
 @register("lego", paper=PAPER, aliases={"rank": "n_clusters"})
@@ -75,12 +75,12 @@ def lego(
     """
     if canonical == "svd":
         factors = [canonical_factors(f) for f in factors]
-    pooled, unit_weights, kept = _pool(factors, weights, sample_weights)
+    pooled, unit_weights, kept = pool_units(factors, weights, sample_weights)
     # the one O(u^2 d) step, on the factors' device; the rest works on (u, u) matrices, on the CPU
     gram_a, gram_b = (g.cpu() for g in factor_grams(pooled, exact=False))
     gram = _feature_gram(gram_a, gram_b, features)
     tol_scale = _tol_scale(gram, unit_weights, pooled.d_in + pooled.d_out)
-    labels, sizes, inertia, search = _clusters(
+    labels, sizes, inertia, search = unit_clusters(
         "lego", factors, pooled.rank, n_clusters, n_init, max_iter, tol,
         lambda k: kmeans_gram(gram, k, generator=generator, sample_weight=unit_weights, n_init=n_init,
                               max_iter=max_iter, tol=tol, tol_scale=tol_scale),
@@ -90,7 +90,7 @@ def lego(
     gain, scale = _dual_reweighting(centroids, pooled, labels, unit_weights, factors, weights, param_norm=param_norm,
                                     output_reweight=output_reweight, ref_rank=ref_rank)
     centroids = _scaled_units(centroids, gain)
-    info = _info(labels, kept, sizes, inertia, scale, search)
+    info = cluster_info(labels, kept, sizes, inertia, scale, search)
     # the merged units are combinations of the pooled ones, so the report's error needs only the Grams
     info["relative_error"] = relative_error_from_grams(centroids, pooled, gram_a, gram_b,
                                                        coefficients=gain[:, None] * membership)
@@ -131,7 +131,7 @@ def _scaled_units(factors: LoraFactors, gain: torch.Tensor) -> LoraFactors:
     return LoraFactors(factors.A * on_device[:, None], factors.B * on_device, factors.kind)
 
 
-def _clusters(method: str, factors: list[LoraFactors], u: int, n_clusters: int | None, n_init: int, max_iter: int,
+def unit_clusters(method: str, factors: list[LoraFactors], u: int, n_clusters: int | None, n_init: int, max_iter: int,
               tol: float, run_kmeans: Callable[[int], KMeansResult], *, max_error: float, energy: float,
               generator: torch.Generator) -> tuple[torch.Tensor, list[int], float, dict]:
     """Labels (u,) over k' non-empty clusters, their sizes, the inertia, and how k was chosen.
@@ -193,7 +193,7 @@ def _search_rank(cluster: Callable[[int], tuple[torch.Tensor, float]], cap: int,
     return high, results[high], probes
 
 
-def _info(labels: torch.Tensor, kept: torch.Tensor, sizes: list[int], inertia: float, scale: float,
+def cluster_info(labels: torch.Tensor, kept: torch.Tensor, sizes: list[int], inertia: float, scale: float,
           search: dict) -> dict:
     """The report entry: a label per input unit (-1 for units left out), cluster sizes, inertia, output scale,
     and the rank search (`chosen_rank`, `max_error`, and the `rank_probes` when the search ran)."""
@@ -208,7 +208,7 @@ def canonical_factors(factors: LoraFactors) -> LoraFactors:
     return truncated_svd(factors, factors.rank)[0]
 
 
-def _pool(factors: list[LoraFactors], weights: list[float], sample_weights: bool):
+def pool_units(factors: list[LoraFactors], weights: list[float], sample_weights: bool):
     """Pooled factors of all adapters with their weights folded in (unit i = row i of A with column i of B,
     u units in all), the (u,) K-means weights, and which input units were kept (weight-0 adapters are left out)."""
     used = [(f, w) for f, w in zip(factors, weights, strict=True) if w != 0]
@@ -264,7 +264,7 @@ def member_norm_gain(centroids: LoraFactors, pooled: LoraFactors, labels: torch.
     weights = unit_weights.to(pooled.A.dtype)  # (u,) on the CPU, like the labels
     totals = torch.zeros(k, dtype=weights.dtype, device=weights.device).index_add_(0, labels, weights)
     means = torch.zeros_like(totals).index_add_(0, labels, unit_norms(pooled, norm).cpu() * weights) / totals
-    return means / unit_norms(centroids, norm).cpu().clamp_min(_EPS)
+    return means / unit_norms(centroids, norm).cpu().clamp_min(EPS)
 
 
 def output_scale(factors: list[LoraFactors], weights: list[float], k: int, ref_rank: float | None) -> float:

@@ -10,7 +10,7 @@ import torch
 from ..kmeans import kmeans_gram
 from ..lowrank import from_units, scale_factors, to_units, truncated_svd
 from ..types import LoraFactors
-from .lego import _EPS, PAPER, _clusters, _info, _pool, output_scale
+from .lego import EPS, PAPER, cluster_info, output_scale, pool_units, unit_clusters
 from .registry import register
 
 
@@ -50,9 +50,9 @@ def lego_rank1(
         max_error: 0: k fixed; > 0 (below 1): per module the smallest k <= the cap whose relative error is at
             most this
     """
-    pooled, _, kept = _pool(factors, weights, sample_weights=False)
+    pooled, _, kept = pool_units(factors, weights, sample_weights=False)
     gram = update_gram(pooled)
-    labels, sizes, inertia, search = _clusters(
+    labels, sizes, inertia, search = unit_clusters(
         "lego_rank1", factors, pooled.rank, n_clusters, n_init, max_iter, tol,
         lambda k: kmeans_gram(gram, k, generator=generator, n_init=n_init, max_iter=max_iter, tol=tol),
         max_error=max_error, energy=float(gram.diagonal().clamp_min(0).sum()), generator=generator)
@@ -60,7 +60,7 @@ def lego_rank1(
     centroids = _rank_one_centroids(pooled, labels, len(sizes), member_norms if param_norm else None)
     scale = output_scale(factors, weights, len(sizes), ref_rank) if output_reweight else 1.0
     centroids = centroids * math.sqrt(scale)
-    return from_units(centroids, pooled.d_in, pooled.kind), _info(labels, kept, sizes, inertia, scale, search)
+    return from_units(centroids, pooled.d_in, pooled.kind), cluster_info(labels, kept, sizes, inertia, scale, search)
 
 
 def update_gram(pooled: LoraFactors) -> torch.Tensor:
@@ -81,6 +81,6 @@ def _rank_one_centroids(pooled: LoraFactors, labels: torch.Tensor, k: int,
         if member_norms is not None:
             norm = float(unit.A.norm() * unit.B.norm())
             target = float(member_norms[members].mean())
-            unit = scale_factors(unit, target / norm if norm > _EPS else 0.0)
+            unit = scale_factors(unit, target / norm if norm > EPS else 0.0)
         units.append(to_units(unit))
     return torch.cat(units)

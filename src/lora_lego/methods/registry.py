@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # the registry itself needs no torch: `lora-lego --help` read
 # A method: fn(factors, weights, *, generator, [calibration,] **params) -> LoraFactors | (LoraFactors, info dict)
 # A method that declares `calibration` needs calibration data: merge hands it one (d_in, d_in) Gram per adapter.
 MethodFn = Callable[..., "LoraFactors | tuple[LoraFactors, dict]"]
-_RESERVED = ("generator", "calibration")
+RESERVED = ("generator", "calibration")
 # What `merge` and `lora-lego merge` run without a method or prompts: the data-free method with the best worst
 # case over two benchmarks (docs/results.md, table (i'') and the independent six-task benchmark of issue 28):
 # ties 0.612 / 0.582, against tsv 0.720 / 0.514. With prompts, `--method auto` chooses per merge.
@@ -101,7 +101,7 @@ def describe(name: str, fn: Callable, *, paper: str | None = None, aliases: dict
     parameters = {
         p.name: p.replace(annotation=hints.get(p.name, Any))
         for p in signature.parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _RESERVED
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in RESERVED
     }
     doc = inspect.getdoc(fn) or ""
     return MethodSpec(name, fn, doc.split("\n", 1)[0], paper, parameters, dict(aliases or {}), tuple(method_aliases),

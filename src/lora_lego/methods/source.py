@@ -11,7 +11,7 @@ import inspect
 from pathlib import Path
 from typing import Any, Literal
 
-from .registry import _RESERVED, MethodSpec, parameter_docs
+from .registry import RESERVED, MethodSpec, parameter_docs
 
 PACKAGE = Path(__file__).parents[1]  # lora_lego
 # what a parameter's annotation may name ("simple annotations", DESIGN.md); anything else is an error here
@@ -55,7 +55,7 @@ def _spec(name: str, fn: ast.FunctionDef, module: str, *, paper: str | None = No
                                    default=inspect.Parameter.empty if default is None else _value(default, module),
                                    annotation=Any if arg.annotation is None else _annotation(arg.annotation))
         for arg, default in zip(arguments.kwonlyargs, arguments.kw_defaults)
-        if arg.arg not in _RESERVED
+        if arg.arg not in RESERVED
     }
     every = [arg.arg for arg in (*arguments.posonlyargs, *arguments.args, arguments.vararg, *arguments.kwonlyargs,
                                  arguments.kwarg) if arg is not None]
