@@ -1,17 +1,30 @@
 """ComfyUI's own LoRA files (LoraSave: diffusion_model.<module>.lora_down / lora_up, fp16, no alpha): read, written,
-merged, and refused where they cannot go. The format is one file (formats/comfyui.py) plus its registration."""
+merged, translated to kohya / diffusers names (SDXL, Flux) and refused where they cannot go. The format is
+formats/comfyui.py, its naming formats/names_comfyui.py, plus their registration.
+
+Fixtures are built here. The ComfyUI key layout is LoraSave's (comfy_extras/nodes_lora_extract.py: the model's
+state-dict key "diffusion_model.<path>.weight" becomes "diffusion_model.<path>.lora_up.weight" / ".lora_down.weight",
+fp16, no alpha); the kohya twin of a module is "lora_unet_<path with _>", the name ComfyUI's loader
+(comfy/lora.py, model_lora_keys_unet) maps onto that same key, and the one sd-scripts writes for SDXL (SAI / LDM
+paths) and Flux (BFL paths). The module paths themselves are checked against diffusers' LDM and BFL converters.
+"""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import lora_lego as ll
+from conftest import run_cli
 from lora_lego.cli import main
 from lora_lego.formats import available_formats, convert_adapter, detect_format
+from lora_lego.formats.names_comfyui import family
 from lora_lego.tensorfile import read_header
+from lora_lego.types import LoraFactors, ModuleInfo
 
 ATTN = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q"
 CONV = "diffusion_model.input_blocks.1.0.in_layers.2"
@@ -83,15 +96,174 @@ def test_what_comfy_files_cannot_do_is_refused_in_one_line(tmp_path):
         ll.load_adapter(full)
     path, _ = comfy_file(tmp_path / "a.safetensors", 5)
     adapter = ll.load_adapter(path)
+    assert adapter.metadata["family"] is None  # blocks SD 1.x and SDXL share, no cross-attention: no family
     kohya = convert_adapter(ll.Adapter({"unet.down_blocks.0.attn1.to_q": adapter[ATTN]},
                                        {"format": "diffusers", "family": "sd1"}), "kohya")
     with pytest.raises(ll.IncompatibleAdaptersError, match="name their modules differently"):
-        ll.merge([adapter, kohya], "concat")
-    with pytest.raises(ll.AdapterFormatError, match="comfyui module names have no translation"):
+        ll.merge([adapter, kohya], "concat")  # the library merges one naming; harmonise (the CLI) translates
+    with pytest.raises(ll.AdapterFormatError, match=r"a\.safetensors', module '.+': its adapter's module names do"):
         convert_adapter(adapter, "kohya")
-    with pytest.raises(ll.AdapterFormatError, match="kohya module names have no translation to comfyui"):
+    with pytest.raises(ll.AdapterFormatError, match="'lora_unet_down_blocks_0_attn1_to_q': is an sd1 UNet module"):
         ll.save_adapter(kohya, tmp_path / "k.safetensors", format="comfyui")
     with pytest.raises(ll.AdapterFormatError, match="not ComfyUI module paths"):
         ll.save_adapter(ll.Adapter({"to_q": adapter[ATTN]}, {"format": "comfyui"}), tmp_path / "q.safetensors")
     with pytest.raises(ll.AdapterFormatError, match="comfyui module names"):
         ll.apply_adapter(adapter, tmp_path, tmp_path / "applied")
+
+
+# ---------------------------------------------------------------- translation to kohya / diffusers names
+
+# LDM / BFL paths -> (d_out, d_in, kernel) of real SDXL / Flux layers (Flux's kept tiny: its names say the family)
+MODULES = {
+    "sdxl": {"input_blocks.4.1.transformer_blocks.1.attn2.to_k": (640, 2048, 1),
+             "input_blocks.4.1.proj_in": (640, 640, 1), "middle_block.0.in_layers.2": (1280, 1280, 3),
+             "output_blocks.2.2.conv": (1280, 1280, 3), "label_emb.0.0": (1280, 2816, 1)},
+    "flux": {"double_blocks.0.img_attn.qkv": (96, 32, 1), "double_blocks.0.txt_mod.lin": (192, 32, 1),
+             "single_blocks.1.linear1": (96 + 128, 32, 1), "final_layer.adaLN_modulation.1": (64, 32, 1),
+             "time_in.in_layer": (32, 256, 1)},
+}
+
+
+def lora_file(path, naming: str, modules: dict, seed: int, *, alpha: float | None = None, header=None):
+    """A rank-2 fp16 file of `modules` in ComfyUI ("diffusion_model.<path>") or kohya ("lora_unet_<path with _>")
+    names, the same tensors for the same seed; `alpha` on every module."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for module, (d_out, d_in, k) in modules.items():
+        name = "diffusion_model." + module if naming == "comfyui" else "lora_unet_" + module.replace(".", "_")
+        down, up = torch.randn(2, d_in, k, k, generator=g), torch.randn(d_out, 2, 1, 1, generator=g)
+        tensors[f"{name}.lora_down.weight"] = (down if k > 1 else down.flatten(1)).half()
+        tensors[f"{name}.lora_up.weight"] = (up if k > 1 else up.flatten(1)).half()
+        if alpha is not None:
+            tensors[f"{name}.alpha"] = torch.tensor(alpha)
+    save_file(tensors, path, metadata=header)
+    return path
+
+
+@pytest.mark.parametrize("modules, expected", [
+    ({"double_blocks.3.img_mlp.0": (4, 4), "img_in": (4, 4)}, "flux"),
+    ({"label_emb.0.0": (4, 4)}, "sdxl"),
+    ({"input_blocks.4.1.transformer_blocks.1.attn1.to_q": (4, 4)}, "sdxl"),  # depth 2: SDXL's levels 1-2
+    ({"output_blocks.4.1.proj_out": (640, 640)}, "sdxl"),  # output_blocks 3-5: 640 wide in SDXL, 1280 in SD 1.x
+    ({"output_blocks.4.1.proj_out": (1280, 1280)}, "sd1"),
+    ({"input_blocks.1.1.proj_in": (4, 4)}, "sd1"),  # attention at the first level: SD 1.x / 2.x only
+    ({"output_blocks.10.0.in_layers.2": (4, 4)}, "sd1"),  # a fourth level
+    ({"input_blocks.4.1.transformer_blocks.0.attn2.to_k": (4, 1024)}, "sd2"),  # cross-attention width
+    ({"input_blocks.4.1.transformer_blocks.0.attn2.to_k": (4, 2048)}, "sdxl"),
+    ({"input_blocks.4.1.transformer_blocks.0.attn1.to_q": (4, 4)}, None),  # SD 1.x and SDXL share it
+    ({"label_emb.0.0": (4, 4), "input_blocks.1.1.proj_in": (4, 4)}, None),  # contradicts itself
+    ({"joint_blocks.0.x_block.attn.qkv": (4, 4)}, None),  # another model (SD3)
+])
+def test_family_from_comfy_module_names(modules, expected):
+    infos = {"diffusion_model." + m: ModuleInfo(shape, 2, "linear") for m, shape in modules.items()}
+    assert family(infos) == expected
+
+
+@pytest.mark.parametrize("fam", ["sdxl", "flux"])
+def test_merging_comfy_with_kohya_files_is_the_merge_in_one_naming(tmp_path, fam):
+    """comfy + kohya (either order) equals, delta for delta, the merge of the same two adapters in one naming."""
+    files = {(naming, seed): lora_file(tmp_path / f"{naming}{seed}.safetensors", naming, MODULES[fam], seed,
+                                       alpha=1.0 if seed == 2 else None)
+             for naming in ("comfyui", "kohya") for seed in (1, 2)}
+    for first in ("comfyui", "kohya"):
+        merged = {}
+        for second in ("comfyui", "kohya"):
+            out = tmp_path / f"{first}-{second}.safetensors"
+            args = [str(files[first, 1]), str(files[second, 2]), "--method", "concat", "--dtype", "fp32"]
+            assert main(["merge", *args, "-o", str(out), "-q"]) == 0
+            merged[second] = ll.load_adapter(out)
+        assert {a.metadata["format"] for a in merged.values()} == {first} and set(merged["comfyui"]) == set(
+            merged["kohya"])
+        for module in merged["kohya"]:
+            assert torch.equal(merged["comfyui"][module].delta(), merged["kohya"][module].delta()), module
+
+
+@pytest.mark.parametrize("fam", ["sdxl", "flux"])
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_convert_to_kohya_or_diffusers_and_back_is_exact(tmp_path, capsys, fam, fmt):
+    comfy = lora_file(tmp_path / "c.safetensors", "comfyui", MODULES[fam], 3)
+    middle, back = tmp_path / f"m.{fmt}.safetensors", tmp_path / "back.safetensors"
+    code, out, err = run_cli(capsys, "convert", comfy, "-o", middle, "--format", fmt)
+    assert (code, err) == (0, "") and f"(comfyui, {fam}, {len(MODULES[fam])} modules)" in out
+    assert run_cli(capsys, "convert", middle, "-o", back, "--format", "comfyui")[0] == 0
+    if fmt == "kohya":  # ComfyUI's loader rule: lora_unet_<path with _> is diffusion_model.<path>
+        assert set(ll.load_adapter(middle)) == {"lora_unet_" + m.replace(".", "_") for m in MODULES[fam]}
+    written, original = load_file(back), load_file(comfy)
+    assert set(written) == set(original)
+    if fmt == "kohya" or fam == "sdxl":  # renames only: the same fp16 tensors
+        assert all(torch.equal(written[key], original[key]) for key in original)
+    else:  # diffusers splits Flux's fused q / k / v and fuses them back (rank 3r, block-diagonal): the same deltas
+        left, right = ll.load_adapter(back), ll.load_adapter(comfy)
+        assert all(torch.allclose(left[m].delta(), right[m].delta(), atol=1e-6) for m in right)
+    assert ll.load_adapter(back).metadata["family"] == fam
+
+
+def test_the_family_is_recorded_where_the_names_do_not_say_it(tmp_path):
+    shared = {"input_blocks.4.1.transformer_blocks.0.attn1.to_q": (640, 640, 1)}  # SD 1.x has it too
+    header = {"ss_base_model_version": "sdxl_base_v1-0"}
+    kohya = lora_file(tmp_path / "k.safetensors", "kohya", shared, 4, header=header)
+    out = ll.save_adapter(ll.load_adapter(kohya), tmp_path / "c.safetensors", format="comfyui")
+    assert read_header(out)[1] == header
+    assert ll.load_adapter(out).metadata["family"] == "sdxl"
+    assert list(convert_adapter(ll.load_adapter(out), "kohya")) == list(ll.load_adapter(kohya))
+
+
+def test_what_does_not_translate_is_refused_in_one_line(tmp_path, capsys):
+    """SD 1.x: kohya names its UNet the diffusers way, ComfyUI the LDM way (no map here); a text encoder: not in
+    the ComfyUI files read here. Each refusal names the file and the module, and writes nothing."""
+    comfy = lora_file(tmp_path / "c.safetensors", "comfyui", {"input_blocks.1.1.proj_in": (320, 320, 1)}, 5)
+    kohya = lora_file(tmp_path / "k.safetensors", "kohya", {"down_blocks.0.attentions.0.proj_in": (320, 320, 1)}, 6,
+                      header={"ss_base_model_version": "sd_v1"})
+    merged = tmp_path / "m.safetensors"
+    cases = [("merge", comfy, kohya, "-o", merged), ("merge", kohya, comfy, "-o", merged),
+             ("convert", comfy, "-o", tmp_path / "x.safetensors", "--format", "kohya")]
+    for argv, (name, module) in zip(cases, [(kohya, "lora_unet_down_blocks_0_attentions_0_proj_in"),
+                                            (comfy, "diffusion_model.input_blocks.1.1.proj_in"),
+                                            (comfy, "diffusion_model.input_blocks.1.1.proj_in")]):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and "\n" not in err, argv
+        assert err.startswith(f"error: adapter '{name}', module '{module}': is an sd1 UNet module;") and "SDXL" in err
+    assert not any(tmp_path.glob("[mx].safetensors"))
+    text = lora_file(tmp_path / "t.safetensors", "kohya", MODULES["sdxl"], 7)
+    tensors = {**load_file(text), **{f"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.{s}": torch.zeros(2, 2)
+                                     for s in ("lora_down.weight", "lora_up.weight")}}
+    save_file(tensors, text)
+    code, _, err = run_cli(capsys, "convert", text, "-o", tmp_path / "y.safetensors", "--format", "comfyui")
+    assert code == 2 and "'lora_te1_text_model_encoder_layers_0_self_attn_q_proj': is no diffusion-model module" in err
+
+
+def test_sdxl_names_are_the_ldm_keys_of_diffusers_converter():
+    """Every Linear / Conv2d of the SDXL UNet: its ComfyUI name, as a checkpoint key, lands on the same diffusers
+    module in diffusers' own LDM -> diffusers converter (convert_ldm_unet_checkpoint)."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from test_names import SDXL, layer_names
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unet = diffusers.UNet2DConditionModel(**SDXL)
+    names = layer_names(unet, "unet.")
+    dotted = ll.Adapter({n: LoraFactors(torch.full((1, 1), float(i)), torch.ones(1, 1)) for i, n in enumerate(names)},
+                        {"format": "diffusers", "family": "sdxl"})
+    comfy = convert_adapter(dotted, "comfyui")
+    assert set(convert_adapter(comfy, "kohya")) == {"lora_unet_" + m[len("diffusion_model."):].replace(".", "_")
+                                                    for m in comfy}
+    checkpoint = {f"model.{m}.{p}": comfy[m].A[0] for m in comfy for p in ("weight", "bias")}
+    converted = convert_ldm_unet_checkpoint(checkpoint, dict(unet.config))
+    landed = {"unet." + k.removesuffix(".weight"): int(v.item()) for k, v in converted.items() if k.endswith(".weight")}
+    assert landed == {name: index for index, name in enumerate(names)}
+
+
+def test_flux_names_are_the_bfl_keys_of_diffusers_converter(monkeypatch):
+    """test_names checks the Flux map against diffusers' BFL -> diffusers converter with hand-written BFL checkpoint
+    keys; run with our ComfyUI paths as those keys, it checks them."""
+    pytest.importorskip("diffusers")
+    import test_names
+
+    def comfy_path(body: str) -> str:
+        one = LoraFactors(torch.ones(1, 1), torch.ones(1, 1))
+        kohya = ll.Adapter({"lora_unet_" + body: one}, {"format": "kohya", "family": "flux"})
+        return next(iter(convert_adapter(kohya, "comfyui"))).removeprefix("diffusion_model.")
+
+    monkeypatch.setattr(test_names, "_bfl_checkpoint_key", comfy_path)
+    test_names.test_bfl_names_match_diffusers_flux_checkpoint_converter()

@@ -23,7 +23,7 @@ SINGLE_FILE = ".safetensors"
 GGUF_FILE = ".gguf"
 # Endings of weight, archive and text files that no format here writes: an output named so would be a
 # folder in disguise (a PEFT folder called "m.bin").
-TRANSLATED = ("dotted", "kohya")  # the namings names.translate converts between
+TRANSLATED = ("dotted", "kohya")  # the namings names.translate converts between (others: Format.to_kohya)
 NOT_WRITTEN = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".npy", ".npz", ".h5", ".onnx", ".ggml",
                ".safetensor", ".json", ".yaml", ".yml", ".txt", ".zip", ".tar", ".gz")
 
@@ -35,7 +35,8 @@ class Format:
     read(path, *, lazy, expand, expand_rank) -> Adapter; write(adapter, path, *, dtype, overwrite) -> Path.
     `suffix` is the file name ending of a single-file format (None for folders); `owns(key)` says
     whether a tensor key of a .safetensors file belongs to this format; `naming` is "dotted" (module
-    paths), "kohya" (lora_<component>_<path with "_">) or a format's own naming (not translated; see
+    paths), "kohya" (lora_<component>_<path with "_">) or a format's own naming, which `to_kohya(adapter)` and
+    `from_kohya(adapter)` translate exactly where they can (without them it is not translated; see
     `convert_adapter`); `options` are the extra keyword arguments its
     reader and writer take (e.g. "base_config_path"); `consumers` names the tools that load what it writes.
 
@@ -56,6 +57,8 @@ class Format:
     consumers: str = ""
     check_compatible: Callable[[Sequence[Adapter]], None] | None = None
     carry: Callable[[Sequence[Adapter]], dict[str, Any]] | None = None
+    to_kohya: Callable[[Adapter], Adapter] | None = None
+    from_kohya: Callable[[Adapter], Adapter] | None = None
 
     @property
     def single_file(self) -> bool:
@@ -199,7 +202,7 @@ def save_adapter(adapter: Adapter, path: str | Path, *, format: str | None = Non
 
 
 def naming(adapter: Adapter) -> str:
-    """How the adapter's modules are named: "kohya" or "dotted" (PEFT, diffusers, adapters built in memory)."""
+    """How the adapter's modules are named: "kohya", "dotted" (PEFT, diffusers, in memory) or a format's own."""
     own = adapter.metadata.get("format")
     return _FORMATS[own].naming if own in _FORMATS else "dotted"
 
@@ -208,20 +211,26 @@ def convert_adapter(adapter: Adapter, format: str) -> Adapter:
     """The same deltas with the module names (and, for Flux, the module split) of `format`.
 
     Exact: renaming, or splitting a fused qkv LoRA into q / k / v (same A, row blocks of B) and fusing
-    them back (rank 3r, block-diagonal B). Raises AdapterFormatError for a name that has no
-    translation, and for a naming other than "dotted" and "kohya" (a format's own naming is not translated).
+    them back (rank 3r, block-diagonal B). A format's own naming goes through kohya names (its `to_kohya`
+    / `from_kohya`). Raises AdapterFormatError for a name that has no translation, and for an own naming
+    without those hooks.
     """
     target = get_format(format)
     own = naming(adapter)
     if own == target.naming:
         return adapter
-    if {own, target.naming} - set(TRANSLATED):
-        raise AdapterFormatError(f"adapter {adapter.name!r}: its {own} module names have no translation to "
-                                 f"{target.name}'s ({target.naming}); names are translated between "
-                                 f"{' and '.join(TRANSLATED)} only: merge and write it in its own format")
+    source = _FORMATS.get(adapter.metadata.get("format", ""))
+    for fmt, hook in ((source, "to_kohya"), (target, "from_kohya")):
+        if fmt is not None and fmt.naming not in TRANSLATED and getattr(fmt, hook) is None:
+            raise AdapterFormatError(f"adapter {adapter.name!r}: its {own} module names have no translation to "
+                                     f"{target.name}'s ({target.naming}): merge and write it in its own format")
+    if own not in TRANSLATED:
+        adapter = source.to_kohya(adapter)  # type: ignore[union-attr, misc]
+    if target.naming not in TRANSLATED:
+        return target.from_kohya(convert_adapter(adapter, "kohya"))  # type: ignore[misc]
     from .names import translate
 
-    return translate(adapter, target.naming)
+    return adapter if naming(adapter) == target.naming else translate(adapter, target.naming)
 
 
 def check_compatible(adapters: Sequence[Adapter]) -> None:
@@ -260,7 +269,7 @@ def harmonise(adapters: Sequence[Adapter]) -> list[Adapter]:
 
 
 def _register_builtins() -> None:
-    from . import comfyui, diffusers, gguf, gguf_read, kohya, peft
+    from . import comfyui, diffusers, gguf, gguf_read, kohya, names_comfyui, peft
     from .family import carry_family, check_families
 
     register_format(Format("peft", "PEFT folder (adapter_config.json + adapter_model.safetensors or .bin)",
@@ -280,7 +289,8 @@ def _register_builtins() -> None:
                            check_compatible=gguf_read.check_architectures, carry=gguf_read.carry_base_config))
     register_format(Format("comfyui", "ComfyUI single file (diffusion_model.<module>.lora_down / lora_up, as its "
                            "LoraSave node writes)", comfyui.read, comfyui.write, naming="comfyui", owns=comfyui.owns,
-                           suffix=SINGLE_FILE, consumers="ComfyUI's LoraLoader"))
+                           suffix=SINGLE_FILE, consumers="ComfyUI's LoraLoader", to_kohya=names_comfyui.to_kohya,
+                           from_kohya=names_comfyui.from_kohya))
 
 
 _register_builtins()

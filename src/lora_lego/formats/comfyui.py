@@ -1,9 +1,9 @@
 """ComfyUI's own LoRA files, as its LoraSave node writes them: "diffusion_model.<module>.lora_down.weight" and
 ".lora_up.weight" on the module paths of ComfyUI's diffusion model (LDM / BFL names, e.g.
 "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q"), no ".alpha" (scale 1; one is honoured
-when present), fp16. Module names keep their prefix and are a naming of their own: ComfyUI files merge with
-each other, not with kohya or diffusers files. Full differences (".diff", ".diff_b", which LoraSave stores
-for 1-D parameters) are refused: they are not low-rank updates.
+when present), fp16. Module names keep their prefix and are a naming of their own, translated to kohya and
+diffusers names for SDXL and Flux (names_comfyui.py). Full differences (".diff", ".diff_b", which LoraSave
+stores for 1-D parameters) are refused: they are not low-rank updates.
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ from ..lowrank import scale_factors
 from ..outputs import output_dtype
 from ..tensorfile import TensorInfo
 from ..types import Adapter, LazyModules, LoraFactors, ModuleInfo, check_factor_values, conv_kind
-from . import updown
+from . import names_comfyui, updown
+from .family import BASE_MODEL_VERSIONS, family_from_metadata
 from .files import module_producer, open_file, provenance_header, write_file
 from .ranks import stored_dtype
+from .record import apply_recorded
 
 PREFIX = "diffusion_model."
 FULL = ("diff", "diff_b", "set_weight")  # LoraSave's full-difference tensors
@@ -73,7 +75,7 @@ def read(path: Path, *, lazy: bool = False, **_options: Any) -> Adapter:
     """Read a ComfyUI LoRA file: float32 factors, A (r, d_in) = lora_down unfolded, B (d_out, r) = lora_up, with
     sqrt(|scale|) folded into each (the sign on A). Raises AdapterFormatError naming the file and module."""
     name = str(path)
-    infos, _, fetch = open_file(path)
+    infos, header, fetch = open_file(path)
     groups = _group(infos, name)
     modules = {module: _module(parts, fetch, f"adapter {name!r}, module {module!r}")
                for module, parts in groups.items()}
@@ -87,12 +89,15 @@ def read(path: Path, *, lazy: bool = False, **_options: Any) -> Adapter:
         check_factor_values(factors, f"adapter {name!r}, module {module!r} (scale {scale:g} folded in)")
         return factors
 
+    family = family_from_metadata(header) or names_comfyui.family({m: info for m, (info, _) in modules.items()})
     metadata = {
-        "format": "comfyui", "base_model_name_or_path": None, "task_type": None, "fan_in_fan_out": False,
+        "format": "comfyui", "family": family, "base_model_name_or_path": None, "task_type": None,
+        "fan_in_fan_out": False,
         "dtype": stored_dtype(i.dtype for parts in groups.values() for s, i in parts.items() if s != updown.ALPHA),
         "scaling": {module: scale for module, (_, scale) in modules.items()},
         "folder": str(path.resolve()),  # what writes must never overwrite (writing.source_folders)
     }
+    apply_recorded(metadata, header, name)
     table = LazyModules({module: info for module, (info, _) in modules.items()}, read_module)
     return Adapter(table if lazy else {module: read_module(module) for module in modules}, metadata, name=name)
 
@@ -100,7 +105,9 @@ def read(path: Path, *, lazy: bool = False, **_options: Any) -> Adapter:
 def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = None, overwrite: bool = False) -> Path:
     """Write `adapter` ("diffusion_model."-named modules) as LoraSave does: lora_down (r, d_in) or (r, c_in, kh, kw),
     lora_up (d_out, r) or (d_out, r, 1, 1), no alpha, in `dtype` (default: the inputs'); keys sorted, the
-    provenance as "lora_lego" JSON, one module in memory at a time, atomically, never over an input."""
+    provenance as "lora_lego" JSON and a known family as sd-scripts' ss_base_model_version (which the reader
+    takes back: the names of a few modules may not say it), one module in memory at a time, atomically, never
+    over an input."""
     path = Path(path)
     foreign = [module for module in adapter if not module.startswith(PREFIX)]
     if foreign:
@@ -111,5 +118,8 @@ def write(adapter: Adapter, path: Path, *, dtype: str | torch.dtype | None = Non
     produce = module_producer(adapter, updown.SUFFIXES, lambda module, factors: updown.module_tensors(
         factors, target, None, f"output {str(path)!r}, module {module!r}"))
     shapes = {key: (stored, shape) for key, stored, shape in entries}
+    header = provenance_header(adapter)
+    if adapter.metadata.get("family") in BASE_MODEL_VERSIONS:
+        header["ss_base_model_version"] = BASE_MODEL_VERSIONS[adapter.metadata["family"]][0]
     return write_file(adapter, path, {key: (lambda key=key: produce(key)) for key in shapes},
-                      provenance_header(adapter), shapes=shapes, overwrite=overwrite, library=True)
+                      header, shapes=shapes, overwrite=overwrite, library=True)

@@ -12,6 +12,9 @@ from ..types import Adapter
 _VERSIONS = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl": "sdxl", "flux1": "flux"}
 _ARCHITECTURES = {"stable-diffusion-v1": "sd1", "stable-diffusion-v2": "sd2", "stable-diffusion-xl": "sdxl",
                   "flux-1": "flux"}
+# and back: sd-scripts' ss_base_model_version and ss_v2 of a family, which writers record when no input header did
+BASE_MODEL_VERSIONS = {"sd1": ("sd_v1", "False"), "sd2": ("sd_v2", "True"), "sdxl": ("sdxl_base_v1-0", "False"),
+                       "flux": ("flux1", "False")}
 
 
 def family_from_metadata(header: Mapping[str, str]) -> str | None:

@@ -16,6 +16,7 @@ from ..errors import AdapterFormatError
 from ..tensorfile import header_bytes
 from ..types import Adapter, kernel_size
 from . import updown
+from .family import BASE_MODEL_VERSIONS
 from .files import provenance_header, write_file
 from .ranks import common_rank
 
@@ -36,9 +37,6 @@ SHARED_KEYS = frozenset({
     "modelspec.timestep_range", "modelspec.encoder_layer", "modelspec.preprocessor", "modelspec.license",
     "modelspec.usage_hint", "modelspec.trigger_phrase", "modelspec.tags",
 })
-# sd-scripts' ss_base_model_version and ss_v2 for a family, when no input header names them
-_VERSIONS = {"sd1": ("sd_v1", "False"), "sd2": ("sd_v2", "True"), "sdxl": ("sdxl_base_v1-0", "False"),
-             "flux": ("flux1", "False")}
 LEGACY_WINDOW = (0x100000, 0x110000)  # the bytes sd-webui-additional-networks' legacy hash reads
 LORA_NAME = re.compile(r"^lora_[A-Za-z0-9]+_[A-Za-z0-9_]+$")
 
@@ -80,7 +78,7 @@ def output_metadata(adapter: Adapter, path: Path, ranks: Mapping[str, int], kind
     header = {key: str(value) for key, value in first.items()
               if key.startswith(("ss_", "modelspec.")) and key not in NETWORK_KEYS and key not in STALE_KEYS
               and (not merged or key in SHARED_KEYS) and all(s.get(key) == value for s in sources[1:])}
-    version = _VERSIONS.get(meta.get("family") or "")
+    version = BASE_MODEL_VERSIONS.get(meta.get("family") or "")
     if version is not None and "ss_base_model_version" not in header:
         header["ss_base_model_version"] = version[0]
         header.setdefault("ss_v2", version[1])

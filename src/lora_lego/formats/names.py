@@ -97,7 +97,7 @@ def translate(adapter: Adapter, naming: str) -> Adapter:
         plan = _to_kohya(adapter, family, where)
     else:
         plan = _to_dotted(adapter, family, where)
-    return _assemble(adapter, plan, "kohya" if naming == "kohya" else "diffusers")
+    return assemble(adapter, plan, "kohya" if naming == "kohya" else "diffusers")
 
 
 def _to_kohya(adapter: Adapter, family: str | None, where: Callable[[str], str]) -> dict[str, Recipe]:
@@ -191,8 +191,8 @@ def dotted_name(module: str, family: str | None, where: Callable[[str], str]) ->
     return canonical_dotted(f"{component}.{'.'.join(p for p in (head, path) if p)}")
 
 
-def _assemble(adapter: Adapter, plan: dict[str, Recipe], fmt: str) -> Adapter:
-    """The translated adapter: each target built from its sources on access (lazy) or now."""
+def assemble(adapter: Adapter, plan: dict[str, Recipe], fmt: str, *, family: str | None = None) -> Adapter:
+    """The translated adapter (targets built on access when lazy), with format `fmt` and, given, `family`."""
     def read(target: str):
         recipe = plan[target]
         return recipe.build([adapter[source] for source in recipe.sources])
@@ -201,6 +201,8 @@ def _assemble(adapter: Adapter, plan: dict[str, Recipe], fmt: str) -> Adapter:
                else {target: read(target) for target in plan})
     metadata = dict(adapter.metadata)
     metadata["format"] = fmt
+    if family is not None:
+        metadata["family"] = family
     if isinstance(metadata.get("scaling"), dict):  # the scale folded into each target's (first) source
         metadata["scaling"] = {t: metadata["scaling"][r.sources[0]] for t, r in plan.items()
                                if r.sources[0] in metadata["scaling"]}
