@@ -33,10 +33,12 @@ def shrunk(gram, shrink):
     return shrink * gram + (1 - shrink) * torch.diag(gram.diagonal())
 
 
-def dense_regmean(factors, weights, grams, shrink=0.9):
-    """(W*, G): W* = (sum_t w_t delta_t G~_t)(sum_t |w_t| G~_t)^-1 and G, densely in float64."""
+def dense_regmean(factors, weights, grams, shrink=0.9, ridge=0.0):
+    """(W*, G): W* = (sum_t w_t delta_t G~_t)(G + ridge mean(diag G) I)^-1 with G = sum_t |w_t| G~_t, densely in
+    float64 (G returned with the ridge added)."""
     numerator = sum(w * f.delta().double() @ shrunk(g, shrink) for f, w, g in zip(factors, weights, grams))
     total = sum(abs(w) * shrunk(g, shrink) for w, g in zip(weights, grams))
+    total = total + ridge * total.diagonal().mean() * torch.eye(total.shape[0], dtype=total.dtype)
     return numerator @ torch.linalg.inv(total), total
 
 
@@ -118,6 +120,60 @@ def test_singular_grams_are_a_clear_error():
         regmean(factors, [1.0, 1.0], generator=generator, calibration=few, shrink=1.5)
 
 
+def test_ridge_zero_is_regmean_bit_for_bit(case):
+    factors, weights, grams = case
+    for method, options in ((regmean, {"rank": 3}), (lego_calibrated, {"n_clusters": 3})):
+        plain = method(factors, weights, generator=torch.Generator().manual_seed(0), calibration=grams, **options)[0]
+        zero = method(factors, weights, generator=torch.Generator().manual_seed(0), calibration=grams, ridge=0.0,
+                      **options)[0]
+        assert torch.equal(plain.A, zero.A) and torch.equal(plain.B, zero.B)
+
+
+@pytest.mark.parametrize("shrink", [0.5, 1.0])
+@pytest.mark.parametrize("ridge", [1e-3, 0.1, 10.0])
+def test_ridge_equals_the_dense_ridged_solve(case, shrink, ridge):
+    factors, weights, grams = case
+    expected, total = dense_regmean(factors, weights, grams, shrink, ridge)
+    merged, _ = regmean(factors, weights, generator=torch.Generator(), calibration=grams, shrink=shrink, ridge=ridge)
+    assert relative(merged.delta(), expected) < 1e-6
+    # rank k: the best in the ridged calibration norm; lego_calibrated with every unit its own cluster: the same W*
+    low, info = regmean(factors, weights, generator=torch.Generator(), calibration=grams, shrink=shrink, ridge=ridge,
+                        rank=3)
+    assert info["calibration_error"] == pytest.approx(calibration_error(low.delta(), expected, total), rel=1e-4)
+    every, _ = lego_calibrated(factors, weights, generator=torch.Generator().manual_seed(0), calibration=grams,
+                               shrink=shrink, ridge=ridge, n_clusters=7)
+    assert relative(every.delta(), expected) < 1e-5
+
+
+def test_ridge_shrinks_the_merge_monotonically_towards_the_gram_weighted_sum_over_lambda():
+    """W(l) = N (G + l m I)^-1 with N = sum_t w_t delta_t G~_t, m = mean(diag G): in G's eigenbasis column j is
+    scaled by 1 / (e_j + l m), so ||W(l)|| decreases in l, and l m W(l) -> N as l grows (W itself -> 0)."""
+    generator = torch.Generator().manual_seed(2)
+    factors = [random_factors(D_OUT, D_IN, 2, generator) for _ in range(3)]
+    few = [random_gram(generator, n_tokens=3) for _ in factors]  # rank 3 of 10 each: ill-conditioned after shrink
+    weights = [1.0, 0.5, 2.0]
+
+    def merged(ridge):
+        return regmean(factors, weights, generator=torch.Generator(), calibration=few, ridge=ridge)[0].delta().double()
+
+    norms = [float(merged(ridge).norm()) for ridge in (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)]
+    assert all(a > b for a, b in zip(norms, norms[1:]))
+    average = sum(w * f.delta().double() for f, w in zip(factors, weights)) / sum(weights)  # RegMean's, equal Grams
+    assert norms[0] > 1.5 * float(average.norm())  # the blow-up the ridge is for (3 tokens per task)
+    numerator = sum(w * f.delta().double() @ shrunk(g, 0.9) for f, w, g in zip(factors, weights, few))
+    mean = float(sum(abs(w) * shrunk(g, 0.9) for w, g in zip(weights, few)).diagonal().mean())
+    assert relative(1e6 * mean * merged(1e6), numerator) < 1e-4
+
+
+@pytest.mark.parametrize("ridge", [-1e-3, float("nan"), float("inf"), True, "0.1"])
+def test_bad_ridge_is_a_method_error(case, ridge):
+    factors, weights, grams = case
+    with pytest.raises(ll.MethodError, match="ridge"):
+        regmean(factors, weights, generator=torch.Generator(), calibration=grams, ridge=ridge)
+    with pytest.raises(ll.MethodError, match="ridge"):
+        lego_calibrated(factors, weights, generator=torch.Generator(), calibration=grams, ridge=ridge)
+
+
 def test_lego_calibrated_with_every_unit_its_own_cluster_is_regmean(case):
     factors, weights, grams = case
     merged, info = lego_calibrated(factors, weights, generator=torch.Generator().manual_seed(0), calibration=grams,
@@ -175,6 +231,19 @@ def test_merge_hands_each_module_its_adapters_mean_grams():
         assert torch.equal(merged[module].A, expected.A) and torch.equal(merged[module].B, expected.B)
     summaries = merged.metadata["provenance"]["calibration"]
     assert [s["tokens"] for s in summaries] == [50, 50] and summaries[0]["model_fingerprint"] == "model-a"
+
+
+def test_merge_passes_ridge_from_the_command_line_and_records_it():
+    adapters = [random_adapter(f"a{i}", rank=r, seed=i) for i, r in enumerate((2, 3))]
+    calibrations = calibrations_for(adapters)
+    merged = ll.merge(adapters, "regmean", calibration=calibrations, rank=3, ridge="0.01")  # as -p ridge=0.01
+    module = next(iter(adapters[0]))
+    expected = regmean([a[module] for a in adapters], [1.0, 1.0], generator=torch.Generator(), rank=3, ridge=0.01,
+                       calibration=[c.moment(module) for c in calibrations])[0]
+    assert torch.equal(merged[module].A, expected.A) and torch.equal(merged[module].B, expected.B)
+    assert merged.metadata["provenance"]["params"]["ridge"] == 0.01
+    plain = ll.merge(adapters, "regmean", calibration=calibrations, rank=3)
+    assert "ridge" not in plain.metadata["provenance"]["params"]
 
 
 def test_merge_refuses_calibrations_that_do_not_fit():

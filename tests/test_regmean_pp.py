@@ -61,6 +61,18 @@ def test_one_layer_is_regmean(setup):
         assert result.metadata["provenance"]["params"]["within"] == within
 
 
+def test_ridge_is_passed_to_regmean_and_recorded(setup):
+    tokenizer, prompts = setup["tokenizer"], setup["prompts"]
+    model = one_layer_llama()
+    make = functools.partial(make_peft_adapter, setup["root"] / "ridge", base=one_layer_llama,
+                             target_modules=["q_proj", "v_proj"])
+    adapters = [ll.load_adapter(make("g")), ll.load_adapter(make("h", r=2, lora_alpha=3))]
+    result = merge_regmean_pp(adapters, model=model, tokenizer=tokenizer, prompts=prompts, rank=3, ridge=0.1)
+    calibrations = [ll.calibrate(model, p, tokenizer=tokenizer, modules=list(a)) for a, p in zip(adapters, prompts)]
+    assert_same(result, ll.merge(adapters, "regmean", calibration=calibrations, rank=3, ridge=0.1))
+    assert result.metadata["provenance"]["params"]["ridge"] == 0.1
+
+
 def test_identical_adapters_give_that_adapter(setup):
     assert ll.merge_regmean_pp is merge_regmean_pp  # public
     a = setup["adapters"][0]
@@ -126,7 +138,7 @@ def test_conv1d_blocks_that_return_tuples(setup):
 
 
 @pytest.mark.parametrize("options, words", [({"rounds": -1}, "rounds must be"), ({"rounds": 11}, "rounds must be"),
-                                            ({"within": "merged"}, "within must be")])
+                                            ({"within": "merged"}, "within must be"), ({"ridge": -1.0}, "ridge")])
 def test_bad_options(setup, options, words):
     with pytest.raises(MethodError, match=words):
         merge_regmean_pp(setup["adapters"], model=setup["model"], tokenizer=setup["tokenizer"],

@@ -75,7 +75,7 @@ def spectrum(method: str, run: Callable[..., tuple[LoraFactors, dict]], factors:
     if method == "regmean":
         from .methods.regmean import whiten
 
-        target, _ = whiten(list(factors), list(weights), grams, params.get("shrink", 0.9))
+        target, _ = whiten(list(factors), list(weights), grams, params.get("shrink", 0.9), params.get("ridge", 0.0))
         return truncated_svd(target, target.rank)[1]
     whole, _ = run(rank=None)
     return truncated_svd(whole, whole.rank)[1]

@@ -43,7 +43,7 @@ MAX_ROUNDS = 10
 
 
 def options(*, rank: int | None = None, shrink: float = 0.9, rounds: int = 0,
-            within: Literal["base", "adapter"] = "base") -> None:
+            within: Literal["base", "adapter"] = "base", ridge: float = 0.0) -> None:
     """RegMean++: regmean with each task's Grams on the model merged so far (rounds 0: layer by layer; N: N re-merges).
 
     Parameters:
@@ -52,6 +52,7 @@ def options(*, rank: int | None = None, shrink: float = 0.9, rounds: int = 0,
         rounds: 0: layer by layer, each layer on the Grams of the model merged below it; N in 1..10: merge,
             re-calibrate on the whole merged model, merge again, N times
         within: the activations inside the layer being merged: the base model's, or each task's own adapter's
+        ridge: relative ridge: lambda * mean(diag(G)) added to G's diagonal before the solve, >= 0 (as regmean's)
     """
 
 
@@ -60,14 +61,14 @@ SPEC = describe("regmean_pp", options, paper=PAPER)  # checks the CLI's -p value
 
 def merge_regmean_pp(adapters: Sequence[Adapter], *, model: str | Path | torch.nn.Module, prompts: Sequence[Any],
                      tokenizer=None, weights: Sequence[float] | None = None, rank: int | None = None,
-                     shrink: float = 0.9, rounds: int = 0, within: str = "base", seed: int = 0,
+                     shrink: float = 0.9, rounds: int = 0, within: str = "base", ridge: float = 0.0, seed: int = 0,
                      max_prompts: int | None = None, max_length: int = 512, batch_size: int = 8,
                      prompts_format: str | None = None, gram_memory: int = GRAM_MEMORY, progress: bool = False,
                      threads: int | None = None, device: str | torch.device | None = None) -> Adapter:
     """RegMean++ of `adapters` on their own prompts (one prompts file or list of strings per adapter, in order).
 
-    `model`: the base model (a transformers folder, or a loaded model with its `tokenizer`). `rank`, `shrink`:
-    as `regmean`'s (default rank: the sum of the input ranks). `rounds` 0: the exact layer-by-layer form; N in
+    `model`: the base model (a transformers folder, or a loaded model with its `tokenizer`). `rank`, `shrink`,
+    `ridge`: as `regmean`'s (default rank: the sum of the input ranks). `rounds` 0: the exact layer-by-layer form; N in
     1..10: the fixed point, N re-calibrations on the merged model. `within` "base" or "adapter": the
     activations inside the layer being merged (exact form only). The provenance records the method as
     "regmean_pp" with these parameters.
@@ -86,7 +87,7 @@ def merge_regmean_pp(adapters: Sequence[Adapter], *, model: str | Path | torch.n
     texts = prompt_sets(prompts, max_prompts=max_prompts, format=prompts_format)
     if len(texts) != len(adapters):
         raise CalibrationError(f"got {len(texts)} prompt sets for {len(adapters)} adapters; give one per adapter")
-    params = {"shrink": shrink, **({"rank": rank} if rank is not None else {})}
+    params = {"shrink": shrink, **({"rank": rank} if rank is not None else {}), **({"ridge": ridge} if ridge else {})}
     common = dict(weights=weights, seed=seed, threads=threads)
     options = dict(max_length=max_length, batch_size=batch_size)
     training = model.training

@@ -4,8 +4,10 @@ Each adapter t comes with G_t (d_in, d_in), the mean outer product of its module
 RegMean (Jin et al., ICLR 2023) minimises sum_t |w_t| ||(W - sign(w_t) delta_t) X_t^T||^2, the change of
 the module's outputs on every task's inputs, with G~_t = s G_t + (1 - s) diag(G_t) (off-diagonals shrunk
 by s = `shrink`). With G = sum_t |w_t| G~_t = L L^T (Cholesky), the objective is ||(W - W*) L||_F^2 up
-to a constant, where W* = (sum_t w_t B_t A_t G~_t) G^-1. So everything happens in whitened coordinates
-W L, where the calibrated problems become plain Frobenius ones on LoRA factors (`whiten`):
+to a constant, where W* = (sum_t w_t B_t A_t G~_t) G^-1 (`ridge` lambda > 0: G + lambda mean(diag G) I, which
+bounds the directions that few calibration tokens excite; W* then shrinks towards 0 as lambda grows). So
+everything happens in whitened coordinates W L, where the calibrated problems become plain Frobenius ones on
+LoRA factors (`whiten`):
   - W* L = B_w C with B_w = [w_t B_t] (d_out, u) and C = [A_t G~_t] L^-T (u, d_in): rank <= u = sum r_t;
   - the best rank-k W in the calibration norm is SVD_k(W* L) L^-1 (exact low-rank SVD of B_w C);
   - LoRA-LEGO clusters the u whitened units (b_i, c_i), i.e. by their effect on the calibration inputs.
@@ -14,6 +16,7 @@ No (d_out, d_in) matrix is formed; the cost is one Cholesky of G (O(d_in^3)) per
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Sequence
 
 import torch
@@ -33,12 +36,16 @@ _PIVOT = 1e-10  # smallest squared Cholesky pivot, relative to the largest diago
 
 
 def whiten(factors: list[LoraFactors], weights: list[float], grams: Sequence[torch.Tensor],
-           shrink: float) -> tuple[LoraFactors, torch.Tensor]:
+           shrink: float, ridge: float = 0.0) -> tuple[LoraFactors, torch.Tensor]:
     """RegMean's solution in whitened coordinates, T = W* L (A = C (u, d_in), B = B_w (d_out, u)), and
-    L (d_in, d_in), the lower Cholesky factor of G = sum_t |w_t| G~_t; float64, on the factors' device."""
+    L (d_in, d_in), the lower Cholesky factor of G = sum_t |w_t| G~_t (+ ridge * mean(diag) I); float64, on the
+    factors' device."""
     if isinstance(shrink, bool) or not 0.0 <= shrink <= 1.0:
         raise MethodError(f"shrink (RegMean's scale of the Grams' off-diagonal entries) must be in [0, 1]; "
                           f"got {shrink}")
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0.0 <= ridge < math.inf:
+        raise MethodError(f"ridge (relative to the mean diagonal of the Gram sum) must be a finite number >= 0; "
+                          f"got {ridge!r}")
     d, device = factors[0].d_in, factors[0].A.device
     if factors[0].kind != "linear":
         raise MethodError(f"calibrated merging supports linear modules only, not {factors[0].kind} ones")
@@ -60,6 +67,8 @@ def whiten(factors: list[LoraFactors], weights: list[float], grams: Sequence[tor
         total.diagonal().add_(diagonal, alpha=(1 - shrink) * abs(w))
         columns.append(f.B.double() * w)
         del gram, block
+    if ridge > 0:  # relative: lambda times the mean eigenvalue of G, so that it does not depend on the inputs' scale
+        total.diagonal().add_(ridge * float(total.diagonal().mean()))
     factor = _cholesky(total)  # in place: total becomes L
     whitened = torch.linalg.solve_triangular(factor, torch.cat(products).T, upper=False).T  # P L^-T
     return LoraFactors(whitened, torch.cat(columns, dim=1), factors[0].kind), factor
@@ -77,7 +86,7 @@ def _cholesky(gram: torch.Tensor) -> torch.Tensor:
                           + (f"{zero} input dimension(s) are always 0" if zero else
                              f"the inputs span fewer than {gram.shape[0]} directions (too few tokens, or low-rank "
                              "activations such as attention heads that only attend to the first token)")
-                          + "; use shrink < 1 (RegMean's default 0.9), or more prompts")
+                          + "; use shrink < 1 (RegMean's default 0.9), ridge > 0, or more prompts")
     return factor
 
 
@@ -91,8 +100,8 @@ def unwhiten(factors: LoraFactors, factor: torch.Tensor, dtype: torch.dtype) -> 
 @register("regmean", paper=REGMEAN)
 def regmean(factors: list[LoraFactors], weights: list[float], *, generator: torch.Generator,
             calibration: Sequence[torch.Tensor], rank: int | None = None, shrink: float = 0.9,
-            norm: Literal["calibration", "frobenius"] = "calibration",
-            max_error: float = 0.0) -> tuple[LoraFactors, dict]:
+            norm: Literal["calibration", "frobenius"] = "calibration", max_error: float = 0.0,
+            ridge: float = 0.0) -> tuple[LoraFactors, dict]:
     """RegMean for LoRA (needs calibration): W = (sum_t w_t B_t A_t G~_t)(sum_t |w_t| G~_t)^-1, exact in low rank.
 
     Default rank: the sum of the input ranks (the exact solution). `rank` k below it gives the best rank-k
@@ -109,9 +118,11 @@ def regmean(factors: list[LoraFactors], weights: list[float], *, generator: torc
             for comparison)
         max_error: 0: k fixed; > 0 (below 1): per module the smallest k <= the cap whose relative error is at
             most this (in the calibration norm)
+        ridge: relative ridge: lambda * mean(diag(G)) added to G's diagonal before the solve, >= 0 (0: RegMean
+            exactly; > 0 bounds the input directions that few calibration tokens excite)
     """
     check_max_error("regmean", max_error)
-    target, factor = whiten(factors, weights, calibration, shrink)
+    target, factor = whiten(factors, weights, calibration, shrink, ridge)
     cap = target.rank if rank is None else rank
     if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
         raise MethodError(f"regmean: rank must be an integer >= 1; got {rank!r}")
@@ -137,7 +148,7 @@ def lego_calibrated(factors: list[LoraFactors], weights: list[float], *, generat
                     calibration: Sequence[torch.Tensor], n_clusters: int | None = None, shrink: float = 0.9,
                     basis: Literal["regmean", "adapter"] = "regmean", clustering: Literal["rank1", "units"] = "rank1",
                     refit: bool = True, n_init: int = 10, max_iter: int = 300,
-                    tol: float = 1e-4) -> tuple[LoraFactors, dict]:
+                    tol: float = 1e-4, ridge: float = 0.0) -> tuple[LoraFactors, dict]:
     """Beyond the paper (needs calibration): LoRA-LEGO with units clustered by their effect on the calibration inputs.
 
     The u rank-one units are taken in whitened coordinates (see the module docstring), where the
@@ -160,8 +171,9 @@ def lego_calibrated(factors: list[LoraFactors], weights: list[float], *, generat
         n_init: K-means restarts (the lowest inertia is kept), >= 1
         max_iter: K-means iterations per restart, at most, >= 1
         tol: K-means stops when the centroids move less than this (relative to the data's variance), >= 0
+        ridge: relative ridge: lambda * mean(diag(G)) added to G's diagonal before the solve, >= 0 (as regmean's)
     """
-    target, factor = whiten(factors, weights, calibration, shrink)
+    target, factor = whiten(factors, weights, calibration, shrink, ridge)
     k = max(f.rank for f in factors) if n_clusters is None else n_clusters
     if basis == "regmean":
         units = target

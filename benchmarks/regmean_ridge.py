@@ -1,0 +1,117 @@
+"""RegMean's relative ridge (docs/results.md (m)): regmean k=4 with G + lambda mean(diag G) I, lambda in RIDGES, on
+the setup of beyond_regmean.py (four r=4 q_proj/v_proj LoRAs of SmolLM2-135M-Instruct, seed 0, 200 test rows per
+task), calibrated on the first 100 and the first 16 *train* prompts per task (never test rows). Per row: accuracy,
+the norm ratio ||merged delta||_F / ||sum of the task deltas||_F over modules (mean and max), and the paired 95%
+interval against lambda = 0 at the same prompt count (confirm; dev for information). lambda is chosen on the dev
+tasks (hyperbaton, fever): the best dev mean averaged over both prompt counts (ties: the smaller lambda); the
+confirm tasks report it.
+
+    mkdir -p /work/cache/runs/ridge && cp /work/cache/runs/beyond/evaluations.json /work/cache/runs/ridge/
+    PYTHONPATH=src nice python benchmarks/regmean_ridge.py --cache /work/cache --out /work/cache/runs/ridge
+
+The lambda = 0 rows reuse the cached keys of the earlier runs ("beyond regmean k=4 n=100", "evidence regmean
+k=4 n=16": the same prompts, calibration and merge).
+"""
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+from beyond_regmean import CONFIG, TASKS, R, evaluate
+
+import lora_lego as ll
+from lora_lego.bench.assets import base_model_dir, cache_dir
+from lora_lego.bench.calibrated import split_tasks
+from lora_lego.bench.experiments import Bench
+from lora_lego.bench.pool import task_split
+from lora_lego.bench.stats import paired_difference
+from lora_lego.bench.tasks import get_task
+from lora_lego.errors import LoraLegoWarning
+
+PROMPTS = (100, 16)
+RIDGES = (0.0, 1e-3, 1e-2, 1e-1)
+CACHED = {100: "beyond regmean k=4 n=100", 16: "evidence regmean k=4 n=16"}  # the lambda = 0 rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cache")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    warnings.simplefilter("ignore", LoraLegoWarning)
+    started = time.perf_counter()
+    root, out = cache_dir(args.cache), Path(args.out)
+    tasks = [get_task(name) for name in TASKS]
+    bench = Bench(root, base_model_dir(root), tasks, out, config=CONFIG, n_test=200)
+    adapters = [bench.adapter(t) for t in tasks]
+    model, tokenizer = bench.model()
+    union = list(dict.fromkeys(m for a in adapters for m in a))
+    train = [[t.prompt(text) for text, _ in task_split(bench.cache, t, bench.n_test)[0][:max(PROMPTS)]] for t in tasks]
+    rows, seconds = {}, {}
+    for n in PROMPTS:
+        calibrations = [ll.calibrate(model, p[:n], tokenizer=tokenizer, modules=union, max_length=CONFIG.max_length)
+                        for p in train]
+        for ridge in RIDGES:
+            label = f"regmean k={R}, {n} prompts, ridge {ridge:g}"
+            key = CACHED[n] if ridge == 0 else f"ridge regmean k={R} n={n} ridge={ridge:g}"
+            merged = bench.merged(adapters, "regmean", rank=R, calibration=calibrations,
+                                  **({"ridge": ridge} if ridge else {}))
+            row = evaluate(bench, key, lambda merged=merged: merged, tasks, seconds, label)
+            rows[label] = {**row, "prompts": n, "ridge": ridge, "norms": norm_ratios(merged, adapters)}
+    own = {t.name: bench.evaluate(f"own {t.name}", lambda t=t: bench.adapter(t), [t])[t.name] for t in tasks}
+    splits = split_tasks(TASKS)
+    text = report(bench, rows, own, splits, {t.name: t for t in tasks})
+    minutes = (time.perf_counter() - started) / 60
+    (out / "ridge.json").write_text(json.dumps({"rows": rows, "own": own, "splits": splits, "minutes": minutes},
+                                               indent=1))
+    print(text)
+    print(f"wall time: {minutes:.1f} min")
+
+
+def norm_ratios(merged: ll.Adapter, adapters: list[ll.Adapter]) -> dict[str, float]:
+    """Per module ||merged delta||_F / ||sum of the task deltas||_F: the mean and the max over modules, and the
+    module of the max."""
+    ratios = {}
+    for module in merged:
+        total = sum(a[module].delta().double() for a in adapters if module in a)
+        ratios[module] = float(merged[module].delta().double().norm() / total.norm())
+    worst = max(ratios, key=ratios.__getitem__)
+    return {"mean": statistics.fmean(ratios.values()), "max": ratios[worst], "max_module": worst}
+
+
+def report(bench, rows, own, splits, by_name) -> str:
+    """The table, the paired confirm intervals against lambda = 0 and the dev choice of lambda."""
+    lines = [f"| variant | {' | '.join(TASKS)} | dev mean | confirm mean | confirm / own | norm ratio mean | "
+             "norm ratio max | confirm - (ridge 0) [95% CI] | dev - (ridge 0) [95% CI] |",
+             "|---" * (len(TASKS) + 8) + "|"]
+    for label, row in rows.items():
+        acc = row["accuracy"]
+        dev, confirm = (statistics.fmean(acc[t] for t in splits[s]) for s in ("dev", "confirm"))
+        normalised = statistics.fmean(acc[t] / own[t] for t in splits["confirm"])
+        lines.append(f"| {label} | {' | '.join(f'{acc[t]:.3f}' for t in TASKS)} | {dev:.3f} | {confirm:.3f} | "
+                     f"{normalised:.3f} | {row['norms']['mean']:.2f} | {row['norms']['max']:.2f} | "
+                     f"{difference(bench, rows, row, splits['confirm'], by_name)} | "
+                     f"{difference(bench, rows, row, splits['dev'], by_name)} |")
+    dev_means = {ridge: statistics.fmean(statistics.fmean(r["accuracy"][t] for t in splits["dev"])
+                                         for r in rows.values() if r["ridge"] == ridge) for ridge in RIDGES}
+    chosen = max(RIDGES, key=lambda ridge: (round(dev_means[ridge], 6), -ridge))
+    means = ", ".join(f"ridge {r:g}: {m:.4f}" for r, m in dev_means.items())
+    lines += ["", f"dev mean over both prompt counts: {means}", f"dev-chosen ridge: {chosen:g}"]
+    return "\n".join(lines)
+
+
+def difference(bench, rows, row, names, by_name) -> str:
+    """The paired difference of `row` minus the lambda = 0 row of its prompt count, on the tasks `names`."""
+    if row["ridge"] == 0:
+        return "-"
+    zero = next(r for r in rows.values() if r["prompts"] == row["prompts"] and r["ridge"] == 0)
+    a, b = ({t: bench.rows(r["key"], by_name[t]) for t in names} for r in (row, zero))
+    d, low, high = paired_difference(a, b, names)
+    return f"{d:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+if __name__ == "__main__":
+    main()
