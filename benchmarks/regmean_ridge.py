@@ -11,6 +11,12 @@ confirm tasks report it.
 
 The lambda = 0 rows reuse the cached keys of the earlier runs ("beyond regmean k=4 n=100", "evidence regmean
 k=4 n=16": the same prompts, calibration and merge).
+
+Inputs unlike the prompts (`--heldout`): merge three of the four LoRAs (regmean calibrated on their 100 prompts
+each; ties for reference) and evaluate on the fourth task, which no adapter or prompt saw, against the base model's
+zero-shot accuracy; the paired interval pools the four left-out tasks' rows.
+
+    PYTHONPATH=src nice python benchmarks/regmean_ridge.py --cache /work/cache --out /work/cache/runs/ridge --heldout
 """
 
 import argparse
@@ -40,6 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cache")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--heldout", action="store_true", help="merge three, evaluate on the fourth task instead")
     args = parser.parse_args()
     warnings.simplefilter("ignore", LoraLegoWarning)
     started = time.perf_counter()
@@ -50,6 +57,8 @@ def main() -> None:
     model, tokenizer = bench.model()
     union = list(dict.fromkeys(m for a in adapters for m in a))
     train = [[t.prompt(text) for text, _ in task_split(bench.cache, t, bench.n_test)[0][:max(PROMPTS)]] for t in tasks]
+    if args.heldout:
+        return heldout(bench, tasks, adapters, model, tokenizer, union, train, out, started)
     rows, seconds = {}, {}
     for n in PROMPTS:
         calibrations = [ll.calibrate(model, p[:n], tokenizer=tokenizer, modules=union, max_length=CONFIG.max_length)
@@ -69,6 +78,38 @@ def main() -> None:
                                                indent=1))
     print(text)
     print(f"wall time: {minutes:.1f} min")
+
+
+HELDOUT_RIDGES = (0.0, 1e-3, 1e-2)
+
+
+def heldout(bench, tasks, adapters, model, tokenizer, union, train, out, started) -> None:
+    """Each task left out in turn: regmean (per ridge) and ties of the other three, evaluated on the left-out task."""
+    calibrations = [ll.calibrate(model, p[:100], tokenizer=tokenizer, modules=union, max_length=CONFIG.max_length)
+                    for p in train]
+    keys = {"zero-shot (base model)": lambda t: "base", "ties k=4": lambda t: f"heldout ties k={R} without {t}",
+            **{f"regmean k=4, ridge {r:g}": (lambda t, r=r: f"heldout regmean k={R} n=100 ridge={r:g} without {t}")
+               for r in HELDOUT_RIDGES}}
+    rows = {label: {} for label in keys}
+    for i, task in enumerate(tasks):
+        others, grams = [a for j, a in enumerate(adapters) if j != i], [c for j, c in enumerate(calibrations) if j != i]
+        builds = {"zero-shot (base model)": lambda: None, "ties k=4": lambda o=others: bench.merged(o, "ties", rank=R),
+                  **{f"regmean k=4, ridge {r:g}": (lambda o=others, g=grams, r=r: bench.merged(
+                      o, "regmean", rank=R, calibration=g, **({"ridge": r} if r else {}))) for r in HELDOUT_RIDGES}}
+        for label, build in builds.items():
+            rows[label][task.name] = bench.evaluate(keys[label](task.name), build, [task])[task.name]
+    lines = [f"| left out: | {' | '.join(TASKS)} | mean | - (ridge 0) [95% CI, rows of all four] |",
+             "|---" * (len(TASKS) + 3) + "|"]
+    zero = "regmean k=4, ridge 0"
+    for label, row in rows.items():
+        a, b = ({t.name: bench.rows(keys[lab](t.name), t) for t in tasks} for lab in (label, zero))
+        d, low, high = paired_difference(a, b, TASKS)
+        shown = "-" if label == zero else f"{d:+.3f} [{low:+.3f}, {high:+.3f}]"
+        lines.append(f"| {label} | {' | '.join(f'{row[t]:.3f}' for t in TASKS)} | "
+                     f"{statistics.fmean(row.values()):.3f} | {shown} |")
+    minutes = (time.perf_counter() - started) / 60
+    (out / "ridge_heldout.json").write_text(json.dumps({"rows": rows, "minutes": minutes}, indent=1))
+    print("\n".join(lines) + f"\nwall time: {minutes:.1f} min")
 
 
 def norm_ratios(merged: ll.Adapter, adapters: list[ll.Adapter]) -> dict[str, float]:
