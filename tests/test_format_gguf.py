@@ -305,3 +305,13 @@ def test_gguf_wrongly_typed_architecture_and_garbage_infos_are_refused(tmp_path,
     data[at:at + 8] = (2**40).to_bytes(8, "little")
     good.write_bytes(bytes(data))
     one_line_error(capsys, ["inspect", str(good)], str(good))
+
+
+def test_one_reading_of_tied_embeddings_for_gguf_and_apply():
+    """The GGUF writer's lm_head refusal and `apply`'s tied pair read the flag the same way (issue 31: one rule)."""
+    from lora_lego.formats.files import tie_word_embeddings
+
+    assert tie_word_embeddings({"tie_word_embeddings": True}) is True
+    assert tie_word_embeddings({"tie_word_embeddings": False, "text_config": {"tie_word_embeddings": True}}) is False
+    assert tie_word_embeddings({"text_config": {"tie_word_embeddings": True}}) is True  # multimodal configs
+    assert tie_word_embeddings({"model_type": "llama"}) is None

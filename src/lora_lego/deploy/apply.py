@@ -16,6 +16,7 @@ import torch
 from .._version import version
 from ..errors import AdapterFormatError, BaseModelError, IncompatibleAdaptersError, LoraLegoWarning, OutputError, some
 from ..formats import base_family, naming
+from ..formats.files import tie_word_embeddings
 from ..outputs import atomic_folder, cast_finite, check_output_path, dtype_from_name, source_folders
 from ..progress import progress as progress_of
 from ..tensorfile import TensorFileError, TensorInfo, TensorWriter, read_tensor
@@ -150,8 +151,7 @@ def plan_apply(adapter: Adapter, checkpoint: Checkpoint, *, untie: bool) -> Plan
 
 def tied_pair(checkpoint: Checkpoint) -> tuple[str, str] | None:
     """(input embedding key, head key) when the config ties them or the checkpoint has no head; else None."""
-    config = checkpoint.config
-    flag = config.get("tie_word_embeddings", (config.get("text_config") or {}).get("tie_word_embeddings"))
+    flag = tie_word_embeddings(checkpoint.config)
     keys = list(checkpoint.where)
     inputs = [k for k in keys if k.endswith(".weight") and k.split(".")[-2] in INPUT_EMBEDDINGS]
     heads = [k for k in keys if k.removesuffix(".weight") in OUTPUT_EMBEDDINGS and k.endswith(".weight")]

@@ -110,3 +110,10 @@ def provenance_header(adapter: Adapter, *, config_holds_the_rest: bool = False) 
     if config_holds_the_rest:
         return {key: value for key, value in entries.items() if key == PROVENANCE}
     return entries
+
+
+def tie_word_embeddings(config: Mapping) -> bool | None:
+    """A base model config's tie_word_embeddings: at the top level, else in text_config (multimodal models keep
+    the language model's there); None when neither sets it (transformers' default then depends on the model)."""
+    flag = config.get("tie_word_embeddings")
+    return flag if flag is not None else (config.get("text_config") or {}).get("tie_word_embeddings")

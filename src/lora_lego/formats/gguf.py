@@ -21,6 +21,7 @@ from ..errors import AdapterFormatError, some
 from ..hub import resolve
 from ..outputs import atomic_output, cast_finite, check_output_path, output_dtype, source_folders
 from ..types import Adapter, LoraFactors
+from .files import tie_word_embeddings
 from .ranks import alpha_folded
 from .record import record
 
@@ -192,7 +193,7 @@ def _check_modules(adapter: Adapter, config: dict[str, Any], where: str) -> None
     if odd:
         raise AdapterFormatError(
             f"{where}: GGUF adapters hold linear and embedding LoRAs; {some(odd)} are {kinds[odd[0]]}")
-    if config.get("tie_word_embeddings") and "lm_head" in adapter:
+    if tie_word_embeddings(config) is True and "lm_head" in adapter:
         raise AdapterFormatError(f"{where}: the base ties lm_head to the input embeddings, so its GGUF has no output "
                                  f"tensor and llama.cpp cannot apply the adapter's lm_head LoRA (its converter refuses "
                                  f"it too); merge without lm_head, or use `lora-lego apply --untie`")
