@@ -50,7 +50,8 @@ def test_methods_create_no_tensor_on_the_default_device(method, extra):
     module = "model.layers.0.down_proj"
     factors, weights = [a[module] for a in inputs], [1.0, 0.5, 2.0]
     spec = get_method(method)
-    params = spec.resolve(({"rank": 3} if "rank" in spec.aliases or "rank" in spec.parameters else {}) | extra)
+    ranked = "rank" in spec.parameter_aliases or "rank" in spec.parameters
+    params = spec.resolve(({"rank": 3} if ranked else {}) | extra)
     grams = [c.moment(module) for c in random_calibrations(inputs)] if spec.needs_calibration else None
     expected, _ = spec(factors, weights, generator=module_generator(0, module), calibration=grams, **params)
     torch.set_default_device("meta")

@@ -142,7 +142,7 @@ def merge_or_error(adapters: list[Adapter], method: str, weights: list[float], r
 
 def _takes_rank(method: str) -> bool:
     spec = ll.get_method(method)
-    return "rank" in spec.parameters or "rank" in spec.aliases
+    return "rank" in spec.parameters or "rank" in spec.parameter_aliases
 
 
 METHODS = st.sampled_from(ll.available_methods())

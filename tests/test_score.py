@@ -193,5 +193,6 @@ def test_a_candidate_that_sets_its_own_rank_is_refused():
     from lora_lego.errors import MethodError
 
     assert candidate_specs(["tsv", "ties density=0.5"], calibrated=False) == [("tsv", {}), ("ties", {"density": "0.5"})]
-    with pytest.raises(MethodError, match="'tsv rank=4' sets a rank"):
-        candidate_specs(["tsv rank=4"], calibrated=False)
+    for candidate in ("tsv rank=4", "lego n_clusters=4", "lego rank=4"):  # lego's rank is n_clusters
+        with pytest.raises(MethodError, match=f"'{candidate}' sets a rank"):
+            candidate_specs([candidate], calibrated=False)

@@ -84,7 +84,8 @@ def candidate_specs(methods: Sequence[str] | None, calibrated: bool) -> list[tup
         name, *pairs = item.split()
         params = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
         spec = REGMEAN_PP if name == REGMEAN_PP.name else get_method(name)
-        if {"rank", *(alias for alias, target in spec.aliases.items() if target == "rank")} & set(params):
+        rank_names = {"rank", spec.parameter_aliases.get("rank", "rank")}  # lego's rank is n_clusters
+        if rank_names & set(params):
             raise MethodError(f"candidate {item!r} sets a rank; every candidate is compared at one output rank: "
                               "give it once, as rank=")
         if (spec.needs_calibration or spec is REGMEAN_PP) and not calibrated:
@@ -151,7 +152,7 @@ def _candidate_merge(adapters: list[Adapter], rank: int, method: str, params: di
     """The candidate's merge, at output rank `rank` for a method that takes a rank, and that rank parameter
     ({"rank": rank}, or {} for a method without one)."""
     spec = REGMEAN_PP if method == REGMEAN_PP.name else get_method(method)
-    ranked = {"rank": rank} if "rank" in spec.parameters or "rank" in spec.aliases else {}
+    ranked = {"rank": rank} if "rank" in spec.parameters or "rank" in spec.parameter_aliases else {}
     if spec is REGMEAN_PP:  # its Grams come from the model as it merges: the prompts, not `calibration`
         return merge_regmean_pp(adapters, model=model, tokenizer=tokenizer, prompts=texts, weights=weights, seed=seed,
                                 threads=threads, max_length=max_length, batch_size=batch_size, progress=progress,

@@ -41,7 +41,7 @@ def method_specs() -> dict:
 
 def _parameter_line(spec, parameter) -> str:
     """`    name = default (allowed values; --rank): meaning`, as `lora-lego methods` lists a parameter."""
-    names = {parameter.name, *(alias for alias, target in spec.aliases.items() if target == parameter.name)}
+    names = {parameter.name, *(alias for alias, target in spec.parameter_aliases.items() if target == parameter.name)}
     allowed = allowed_values(parameter.annotation) + ("; --rank" if "rank" in names else "")
     meaning = spec.docs.get(parameter.name)
     line = f"{parameter.name} = {shown_value(parameter.default)} ({allowed})" + (f": {meaning}" if meaning else "")

@@ -188,7 +188,7 @@ def _rank_name(method: Any) -> str:
     from ..methods import get_method
 
     try:
-        return get_method(str(method)).aliases.get("rank", "rank")
+        return get_method(str(method)).parameter_aliases.get("rank", "rank")
     except LoraLegoError:
         return "rank"
 

@@ -20,7 +20,7 @@ PAPER = "https://arxiv.org/abs/2409.16167"
 EPS = 1e-12
 
 
-@register("lego", paper=PAPER, aliases={"rank": "n_clusters"})
+@register("lego", paper=PAPER, parameter_aliases={"rank": "n_clusters"})
 def lego(
     factors: list[LoraFactors],
     weights: list[float],

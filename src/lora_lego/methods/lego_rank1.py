@@ -14,7 +14,7 @@ from .lego import EPS, PAPER, cluster_info, output_scale, pool_units, unit_clust
 from .registry import register
 
 
-@register("lego_rank1", paper=PAPER, aliases={"rank": "n_clusters"})
+@register("lego_rank1", paper=PAPER, parameter_aliases={"rank": "n_clusters"})
 def lego_rank1(
     factors: list[LoraFactors],
     weights: list[float],

@@ -34,25 +34,25 @@ _METHOD_ALIASES: dict[str, str] = {}  # another name users know -> registered na
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its function, one-line idea, paper link, parameters (with `docs`: what each means)
-    and aliases."""
+    """A registered method: its function, one-line idea, paper link, parameters (with `docs`: what each means),
+    other names of its parameters (`parameter_aliases`) and of itself (`method_aliases`)."""
 
     name: str
     fn: MethodFn
     summary: str
     paper: str | None
     parameters: dict[str, inspect.Parameter]
-    aliases: dict[str, str]
+    parameter_aliases: dict[str, str]  # another name -> the parameter (lego: rank -> n_clusters)
     method_aliases: tuple[str, ...] = ()
     needs_calibration: bool = False
     whole_rank: bool = False  # without `rank`, the output keeps the merge's whole rank (<= sum of ranks)
     docs: dict[str, str] = field(default_factory=dict)  # parameter -> meaning, from the docstring
 
     def resolve(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Validate and coerce user parameters (values may be strings from the CLI); apply aliases."""
+        """Validate and coerce user parameters (values may be strings from the CLI); apply parameter aliases."""
         resolved: dict[str, Any] = {}
         for given, value in params.items():
-            name = self.aliases.get(given, given)
+            name = self.parameter_aliases.get(given, given)
             if name not in self.parameters:
                 known = ", ".join(sorted(self.parameters)) or "none"
                 raise MethodError(f"method {self.name!r} has no parameter {given!r} (its parameters: {known})")
@@ -71,11 +71,11 @@ class MethodSpec:
         return result if isinstance(result, tuple) else (result, {})
 
 
-def register(name: str, *, paper: str | None = None, aliases: dict[str, str] | None = None,
+def register(name: str, *, paper: str | None = None, parameter_aliases: dict[str, str] | None = None,
              method_aliases: Sequence[str] = (), whole_rank: bool = False):
     """Decorator registering a per-module merge function under `name` (refuses duplicates).
 
-    `aliases` maps extra parameter names to the function's (e.g. rank -> n_clusters); `method_aliases`
+    `parameter_aliases` maps extra parameter names to the function's (e.g. rank -> n_clusters); `method_aliases`
     are other names of the method itself (e.g. PEFT's "svd" for task_arithmetic); `whole_rank`: without
     a rank the method returns the merge's whole rank (else its default is the largest input rank).
     """
@@ -84,15 +84,15 @@ def register(name: str, *, paper: str | None = None, aliases: dict[str, str] | N
         taken = [n for n in (name, *method_aliases) if n in _METHODS or n in _METHOD_ALIASES]
         if taken:
             raise KeyError(f"merge method {taken[0]!r} is already registered")
-        _METHODS[name] = describe(name, fn, paper=paper, aliases=aliases, method_aliases=method_aliases,
-                                  whole_rank=whole_rank)
+        _METHODS[name] = describe(name, fn, paper=paper, parameter_aliases=parameter_aliases,
+                                  method_aliases=method_aliases, whole_rank=whole_rank)
         _METHOD_ALIASES.update({alias: name for alias in method_aliases})
         return fn
 
     return decorator
 
 
-def describe(name: str, fn: Callable, *, paper: str | None = None, aliases: dict[str, str] | None = None,
+def describe(name: str, fn: Callable, *, paper: str | None = None, parameter_aliases: dict[str, str] | None = None,
              method_aliases: Sequence[str] = (), whole_rank: bool = False) -> MethodSpec:
     """The spec of `fn` (its keyword-only parameters, the first line of its docstring), not registered: what
     `register` records, and what a method that runs a model (e.g. `regmean_pp`) uses to check its parameters."""
@@ -104,7 +104,8 @@ def describe(name: str, fn: Callable, *, paper: str | None = None, aliases: dict
         if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in RESERVED
     }
     doc = inspect.getdoc(fn) or ""
-    return MethodSpec(name, fn, doc.split("\n", 1)[0], paper, parameters, dict(aliases or {}), tuple(method_aliases),
+    return MethodSpec(name, fn, doc.split("\n", 1)[0], paper, parameters, dict(parameter_aliases or {}),
+                      tuple(method_aliases),
                       needs_calibration="calibration" in signature.parameters, whole_rank=whole_rank,
                       docs=parameter_docs(doc))
 

@@ -143,7 +143,7 @@ def regmean(factors: list[LoraFactors], weights: list[float], *, generator: torc
     return unwhiten(result, factor, factors[0].A.dtype), info
 
 
-@register("lego_calibrated", paper=LEGO_PAPER, aliases={"rank": "n_clusters"})
+@register("lego_calibrated", paper=LEGO_PAPER, parameter_aliases={"rank": "n_clusters"})
 def lego_calibrated(factors: list[LoraFactors], weights: list[float], *, generator: torch.Generator,
                     calibration: Sequence[torch.Tensor], n_clusters: int | None = None, shrink: float = 0.9,
                     basis: Literal["regmean", "adapter"] = "regmean", clustering: Literal["rank1", "units"] = "rank1",

@@ -47,7 +47,7 @@ def specs_in(module: str) -> dict[str, MethodSpec]:
 
 
 def _spec(name: str, fn: ast.FunctionDef, module: str, *, paper: str | None = None,
-          aliases: dict[str, str] | None = None, method_aliases=(), whole_rank: bool = False) -> MethodSpec:
+          parameter_aliases: dict[str, str] | None = None, method_aliases=(), whole_rank: bool = False) -> MethodSpec:
     """What `registry.describe` makes of the function `fn`, with `fn` None."""
     arguments = fn.args
     parameters = {
@@ -60,8 +60,9 @@ def _spec(name: str, fn: ast.FunctionDef, module: str, *, paper: str | None = No
     every = [arg.arg for arg in (*arguments.posonlyargs, *arguments.args, arguments.vararg, *arguments.kwonlyargs,
                                  arguments.kwarg) if arg is not None]
     doc = ast.get_docstring(fn) or ""
-    return MethodSpec(name, None, doc.split("\n", 1)[0], paper, parameters, dict(aliases or {}), tuple(method_aliases),
-                      needs_calibration="calibration" in every, whole_rank=whole_rank, docs=parameter_docs(doc))
+    return MethodSpec(name, None, doc.split("\n", 1)[0], paper, parameters, dict(parameter_aliases or {}),
+                      tuple(method_aliases), needs_calibration="calibration" in every, whole_rank=whole_rank,
+                      docs=parameter_docs(doc))
 
 
 def _method_modules() -> list[str]:
