@@ -1,7 +1,7 @@
 """ComfyUI's module names ("diffusion_model.<path>" on its LDM UNet or BFL transformer) <-> kohya names, exactly.
 
 ComfyUI's LoRA loader (comfy/lora.py, model_lora_keys_unet) takes kohya's "lora_unet_<path with _>" for the module
-"diffusion_model.<path>". sd-scripts names SDXL UNets with those LDM (SAI) paths (names_sdxl.py) and Flux with
+"diffusion_model.<path>". sd-scripts names SDXL UNets with those LDM (SAI) paths (names_ldm.py) and Flux with
 the BFL ones (names_flux.py), so both families translate by a rename, and on to diffusers names through kohya's.
 SD 1.x / 2.x kohya and diffusers files name the UNet the diffusers way, and no LDM block map of those UNets is
 held here: their ComfyUI names, and those of other models, are refused rather than guessed.
@@ -14,7 +14,7 @@ from typing import Callable, Mapping
 
 from ..errors import AdapterFormatError
 from ..types import Adapter, ModuleInfo
-from . import names_flux, names_sdxl
+from . import names_flux, names_ldm
 from .family import family_from_modules
 from .names import assemble, cross_attention_dim, dotted_name
 from .names_flux import Recipe
@@ -112,7 +112,7 @@ def _comfy_path(module: str, fam: str, where: Callable[[str], str]) -> str | Non
         dotted = dotted_name(module, fam, where)
     except AdapterFormatError:
         return None
-    return names_sdxl.to_sai(dotted.removeprefix("unet.")) if dotted.startswith("unet.") else None
+    return names_ldm.to_ldm(dotted.removeprefix("unet."), fam) if dotted.startswith("unet.") else None
 
 
 def _why_not(fam: str | None) -> str:
