@@ -135,28 +135,37 @@ def test_ldm_block_map_is_diffusers_ldm_converter(unets, family):
     its LDM path, as a checkpoint key, lands on that module in diffusers' convert_ldm_unet_checkpoint (today's, and
     the older one in convert_from_ckpt, which also checks the upsampler's index: it finds it by position), and the
     map takes it back. A norm has no LDM name here (LoRAs leave norms alone)."""
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-    from diffusers.pipelines.stable_diffusion.convert_from_ckpt import convert_ldm_unet_checkpoint as older
-
     unet = unets[1] if family == "sdxl" else tiny_sd_unet(family)
     names = [n.removeprefix("unet.") for n in layer_names(unet, "unet.")]
     ldm = [to_ldm(name, family) for name in names]
     assert None not in ldm and len(set(ldm)) == len(names) > 250
     assert [to_diffusers(path, family) for path in ldm] == names
-    for convert in (convert_ldm_unet_checkpoint, older):
-        checkpoint = {f"model.diffusion_model.{path}.{p}": torch.tensor([float(i)]) for i, path in enumerate(ldm)
-                      for p in ("weight", "bias")}
-        checkpoint.update({f"model.diffusion_model.out.0.{p}": torch.zeros(1) for p in ("weight", "bias")})  # a norm
-        converted = convert(checkpoint, dict(unet.config))
-        landed = {k.removesuffix(".weight"): int(v.item()) for k, v in converted.items()
-                  if k.endswith(".weight") and k != "conv_norm_out.weight"}
-        assert landed == {name: index for index, name in enumerate(names)}, convert.__module__
+    for convert, landed in ldm_converters_land(ldm, dict(unet.config)).items():
+        assert landed == names, convert
     if family != "sdxl":
         assert to_ldm("down_blocks.0.attentions.1.proj_in", family) == "input_blocks.2.1.proj_in"
         assert to_ldm("up_blocks.0.upsamplers.0.conv", family) == "output_blocks.2.1.conv"  # no attention before it
         assert to_ldm("up_blocks.3.attentions.2.proj_out", family) == "output_blocks.11.1.proj_out"
         assert to_ldm("up_blocks.0.resnets.0.norm1", family) is None
     assert to_ldm("down_blocks.0.attentions.0.proj_in", "sdxl") is None  # SDXL's first level has no attention
+
+
+def ldm_converters_land(paths: list[str], config: dict) -> dict[str, list[str | None]]:
+    """Where diffusers' LDM checkpoint converters (convert_ldm_unet_checkpoint: today's, and the older one in
+    convert_from_ckpt, which finds an upsampler by its position) put the module of each LDM UNet path: converter
+    name -> one diffusers path (or None) per path."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from diffusers.pipelines.stable_diffusion.convert_from_ckpt import convert_ldm_unet_checkpoint as older
+
+    found = {}
+    for convert in (convert_ldm_unet_checkpoint, older):
+        checkpoint = {f"model.diffusion_model.{path}.{p}": torch.tensor([float(i)]) for i, path in enumerate(paths)
+                      for p in ("weight", "bias")}
+        checkpoint.update({f"model.diffusion_model.out.0.{p}": torch.zeros(1) for p in ("weight", "bias")})  # a norm
+        landed = {int(v.item()): k.removesuffix(".weight") for k, v in convert(checkpoint, config).items()
+                  if k.endswith(".weight") and k != "conv_norm_out.weight"}
+        found[convert.__module__] = [landed.get(index) for index in range(len(paths))]
+    return found
 
 
 def test_sai_names_match_diffusers_sgm_map(unets):
