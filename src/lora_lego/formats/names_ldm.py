@@ -24,11 +24,12 @@ LAYOUTS = {"sdxl": Layout(3, (1, 2), label_emb=True), "sd1": Layout(4, (0, 1, 2)
 # a resnet's inner layers: (LDM, diffusers)
 _RESNET = (("in_layers.2", "conv1"), ("out_layers.3", "conv2"), ("emb_layers.1", "time_emb_proj"),
            ("skip_connection", "conv_shortcut"))
+Pairs = tuple[tuple[str, str], ...]
 LDM_STARTS = ("input_blocks_", "middle_block_", "output_blocks_", "time_embed_", "label_emb_", "out_")
 
 
 @lru_cache(maxsize=None)
-def block_map(layout: Layout) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
+def block_map(layout: Layout) -> tuple[Pairs, Pairs]:
     """(resnets, others): the (LDM prefix, diffusers prefix) pairs of a layout's blocks; a resnet prefix also maps
     its inner layer names (`_RESNET`), another prefix keeps what follows it."""
     resnets: list[tuple[str, str]] = []
@@ -72,7 +73,8 @@ def to_diffusers(path: str, family: str = "sdxl") -> str | None:
     return _rename(path, resnets, others, dict(_RESNET), reverse=False)
 
 
-def _rename(path: str, resnets, others, inner_names: dict[str, str], *, reverse: bool) -> str | None:
+def _rename(path: str, resnets: Pairs, others: Pairs, inner_names: dict[str, str], *, reverse: bool) -> str | None:
+    """`path` renamed by the first (LDM, diffusers) prefix pair it starts with: diffusers -> LDM when `reverse`."""
     for ldm, dotted in resnets:
         old, new = (dotted, ldm) if reverse else (ldm, dotted)
         if path.startswith(old + "."):
