@@ -20,6 +20,21 @@ def tiny_unet(seed: int = 0):
         cross_attention_dim=8, norm_num_groups=2)
 
 
+# SD 1.x / 2.x UNet layouts, small channels: 4 levels, 2 resnets per level, attention at levels 0-2 (diffusers'
+# default block types, which are SD 1.x's); SD 2.x: OpenCLIP's 1024-wide context and linear proj_in / proj_out
+SD_UNETS = {"sd1": dict(block_out_channels=(8, 16, 16, 16), layers_per_block=2, norm_num_groups=4, attention_head_dim=2,
+                        sample_size=16, cross_attention_dim=768),
+            "sd2": dict(block_out_channels=(8, 16, 16, 16), layers_per_block=2, norm_num_groups=4,
+                        attention_head_dim=(2, 4, 4, 4), sample_size=16, cross_attention_dim=1024,
+                        use_linear_projection=True)}
+
+
+def tiny_sd_unet(family: str, seed: int = 0):
+    """A UNet2DConditionModel of SD 1.x's or 2.x's layout (`family` "sd1" / "sd2") with small channels."""
+    torch.manual_seed(seed)
+    return diffusers.UNet2DConditionModel(**SD_UNETS[family])
+
+
 def tiny_text_encoder(seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel
 

@@ -1,12 +1,13 @@
 """ComfyUI's own LoRA files (LoraSave: diffusion_model.<module>.lora_down / lora_up, fp16, no alpha): read, written,
-merged, translated to kohya / diffusers names (SDXL, Flux) and refused where they cannot go. The format is
+merged, translated to kohya / diffusers names (SD 1.x / 2.x, SDXL, Flux) and refused where they cannot go. The format is
 formats/comfyui.py, its naming formats/names_comfyui.py, plus their registration.
 
 Fixtures are built here. The ComfyUI key layout is LoraSave's (comfy_extras/nodes_lora_extract.py: the model's
 state-dict key "diffusion_model.<path>.weight" becomes "diffusion_model.<path>.lora_up.weight" / ".lora_down.weight",
 fp16, no alpha); the kohya twin of a module is "lora_unet_<path with _>", the name ComfyUI's loader
 (comfy/lora.py, model_lora_keys_unet) maps onto that same key, and the one sd-scripts writes for SDXL (SAI / LDM
-paths) and Flux (BFL paths). The module paths themselves are checked against diffusers' LDM and BFL converters.
+paths) and Flux (BFL paths); SD 1.x / 2.x kohya files name the same modules by their diffusers paths (KOHYA, written
+out by hand). The module paths themselves are checked against diffusers' LDM and BFL converters.
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ def test_what_comfy_files_cannot_do_is_refused_in_one_line(tmp_path):
         ll.merge([adapter, kohya], "concat")  # the library merges one naming; harmonise (the CLI) translates
     with pytest.raises(ll.AdapterFormatError, match=r"a\.safetensors', module '.+': its adapter's module names do"):
         convert_adapter(adapter, "kohya")
-    with pytest.raises(ll.AdapterFormatError, match="'lora_unet_down_blocks_0_attn1_to_q': is an sd1 UNet module"):
+    with pytest.raises(ll.AdapterFormatError, match="'lora_unet_down_blocks_0_attn1_to_q': has no ComfyUI name; "
+                       "expected a Linear / Conv2d of the SD 1.x UNet"):
         ll.save_adapter(kohya, tmp_path / "k.safetensors", format="comfyui")
     with pytest.raises(ll.AdapterFormatError, match="not ComfyUI module paths"):
         ll.save_adapter(ll.Adapter({"to_q": adapter[ATTN]}, {"format": "comfyui"}), tmp_path / "q.safetensors")
@@ -113,7 +115,25 @@ def test_what_comfy_files_cannot_do_is_refused_in_one_line(tmp_path):
 
 # ---------------------------------------------------------------- translation to kohya / diffusers names
 
-# LDM / BFL paths -> (d_out, d_in, kernel) of real SDXL / Flux layers (Flux's kept tiny: its names say the family)
+# SD 1.x: LDM path -> ((d_out, d_in, kernel), the kohya body sd-scripts writes: the module's diffusers path with "_")
+_SD1 = {
+    "input_blocks.1.1.transformer_blocks.0.attn2.to_k": ((320, 768, 1),
+                                                         "down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"),
+    "input_blocks.1.1.proj_in": ((320, 320, 1), "down_blocks_0_attentions_0_proj_in"),
+    "input_blocks.3.0.op": ((320, 320, 3), "down_blocks_0_downsamplers_0_conv"),
+    "input_blocks.10.0.emb_layers.1": ((1280, 1280, 1), "down_blocks_3_resnets_0_time_emb_proj"),
+    "middle_block.2.out_layers.3": ((1280, 1280, 3), "mid_block_resnets_1_conv2"),
+    "output_blocks.2.1.conv": ((1280, 1280, 3), "up_blocks_0_upsamplers_0_conv"),  # no attention at that level
+    "output_blocks.3.0.skip_connection": ((1280, 2560, 1), "up_blocks_1_resnets_0_conv_shortcut"),
+    "output_blocks.5.2.conv": ((1280, 1280, 3), "up_blocks_1_upsamplers_0_conv"),
+    "output_blocks.11.1.transformer_blocks.0.ff.net.2": ((320, 1280, 1),
+                                                         "up_blocks_3_attentions_2_transformer_blocks_0_ff_net_2"),
+    "time_embed.0": ((1280, 320, 1), "time_embedding_linear_1"),
+    "out.2": ((4, 320, 3), "conv_out"),
+}
+SD1 = {path: shape for path, (shape, _) in _SD1.items()}
+# LDM / BFL paths -> (d_out, d_in, kernel) of real SD 1.x / 2.x / SDXL / Flux layers (Flux's kept tiny: its names say
+# the family)
 MODULES = {
     "sdxl": {"input_blocks.4.1.transformer_blocks.1.attn2.to_k": (640, 2048, 1),
              "input_blocks.4.1.proj_in": (640, 640, 1), "middle_block.0.in_layers.2": (1280, 1280, 3),
@@ -121,16 +141,24 @@ MODULES = {
     "flux": {"double_blocks.0.img_attn.qkv": (96, 32, 1), "double_blocks.0.txt_mod.lin": (192, 32, 1),
              "single_blocks.1.linear1": (96 + 128, 32, 1), "final_layer.adaLN_modulation.1": (64, 32, 1),
              "time_in.in_layer": (32, 256, 1)},
+    "sd1": SD1,
+    "sd2": {**SD1, "input_blocks.1.1.transformer_blocks.0.attn2.to_k": (320, 1024, 1)},  # OpenCLIP's context
 }
+_SD_KOHYA = {path: body for path, (_, body) in _SD1.items()}
+KOHYA = {"sd1": _SD_KOHYA, "sd2": _SD_KOHYA, "sdxl": {}, "flux": {}}  # SDXL / Flux: the LDM / BFL path with "_"
 
 
-def lora_file(path, naming: str, modules: dict, seed: int, *, alpha: float | None = None, header=None):
-    """A rank-2 fp16 file of `modules` in ComfyUI ("diffusion_model.<path>") or kohya ("lora_unet_<path with _>")
-    names, the same tensors for the same seed; `alpha` on every module."""
+def kohya_body(fam: str, path: str) -> str:
+    return KOHYA[fam].get(path, path.replace(".", "_"))
+
+
+def lora_file(path, naming: str, fam: str, seed: int, *, alpha: float | None = None, header=None, modules=None):
+    """A rank-2 fp16 file of `modules` (default: MODULES[fam]) in ComfyUI ("diffusion_model.<path>") or kohya names,
+    the same tensors for the same seed; `alpha` on every module."""
     g = torch.Generator().manual_seed(seed)
     tensors = {}
-    for module, (d_out, d_in, k) in modules.items():
-        name = "diffusion_model." + module if naming == "comfyui" else "lora_unet_" + module.replace(".", "_")
+    for module, (d_out, d_in, k) in (modules or MODULES[fam]).items():
+        name = "diffusion_model." + module if naming == "comfyui" else "lora_unet_" + kohya_body(fam, module)
         down, up = torch.randn(2, d_in, k, k, generator=g), torch.randn(d_out, 2, 1, 1, generator=g)
         tensors[f"{name}.lora_down.weight"] = (down if k > 1 else down.flatten(1)).half()
         tensors[f"{name}.lora_up.weight"] = (up if k > 1 else up.flatten(1)).half()
@@ -159,10 +187,10 @@ def test_family_from_comfy_module_names(modules, expected):
     assert family(infos) == expected
 
 
-@pytest.mark.parametrize("fam", ["sdxl", "flux"])
+@pytest.mark.parametrize("fam", ["sd1", "sd2", "sdxl", "flux"])
 def test_merging_comfy_with_kohya_files_is_the_merge_in_one_naming(tmp_path, fam):
     """comfy + kohya (either order) equals, delta for delta, the merge of the same two adapters in one naming."""
-    files = {(naming, seed): lora_file(tmp_path / f"{naming}{seed}.safetensors", naming, MODULES[fam], seed,
+    files = {(naming, seed): lora_file(tmp_path / f"{naming}{seed}.safetensors", naming, fam, seed,
                                        alpha=1.0 if seed == 2 else None)
              for naming in ("comfyui", "kohya") for seed in (1, 2)}
     for first in ("comfyui", "kohya"):
@@ -178,19 +206,19 @@ def test_merging_comfy_with_kohya_files_is_the_merge_in_one_naming(tmp_path, fam
             assert torch.equal(merged["comfyui"][module].delta(), merged["kohya"][module].delta()), module
 
 
-@pytest.mark.parametrize("fam", ["sdxl", "flux"])
+@pytest.mark.parametrize("fam", ["sd1", "sd2", "sdxl", "flux"])
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
 def test_convert_to_kohya_or_diffusers_and_back_is_exact(tmp_path, capsys, fam, fmt):
-    comfy = lora_file(tmp_path / "c.safetensors", "comfyui", MODULES[fam], 3)
+    comfy = lora_file(tmp_path / "c.safetensors", "comfyui", fam, 3)
     middle, back = tmp_path / f"m.{fmt}.safetensors", tmp_path / "back.safetensors"
     code, out, err = run_cli(capsys, "convert", comfy, "-o", middle, "--format", fmt)
     assert (code, err) == (0, "") and f"(comfyui, {fam}, {len(MODULES[fam])} modules)" in out
     assert run_cli(capsys, "convert", middle, "-o", back, "--format", "comfyui")[0] == 0
-    if fmt == "kohya":  # ComfyUI's loader rule: lora_unet_<path with _> is diffusion_model.<path>
-        assert set(ll.load_adapter(middle)) == {"lora_unet_" + m.replace(".", "_") for m in MODULES[fam]}
+    if fmt == "kohya":  # sd-scripts' names: SDXL / Flux lora_unet_<path with _> (ComfyUI's loader rule), SD diffusers'
+        assert set(ll.load_adapter(middle)) == {"lora_unet_" + kohya_body(fam, m) for m in MODULES[fam]}
     written, original = load_file(back), load_file(comfy)
     assert set(written) == set(original)
-    if fmt == "kohya" or fam == "sdxl":  # renames only: the same fp16 tensors
+    if fmt == "kohya" or fam != "flux":  # renames only: the same fp16 tensors
         assert all(torch.equal(written[key], original[key]) for key in original)
     else:  # diffusers splits Flux's fused q / k / v and fuses them back (rank 3r, block-diagonal): the same deltas
         left, right = ll.load_adapter(back), ll.load_adapter(comfy)
@@ -201,7 +229,7 @@ def test_convert_to_kohya_or_diffusers_and_back_is_exact(tmp_path, capsys, fam, 
 def test_the_family_is_recorded_where_the_names_do_not_say_it(tmp_path):
     shared = {"input_blocks.4.1.transformer_blocks.0.attn1.to_q": (640, 640, 1)}  # SD 1.x has it too
     header = {"ss_base_model_version": "sdxl_base_v1-0"}
-    kohya = lora_file(tmp_path / "k.safetensors", "kohya", shared, 4, header=header)
+    kohya = lora_file(tmp_path / "k.safetensors", "kohya", "sdxl", 4, header=header, modules=shared)
     out = ll.save_adapter(ll.load_adapter(kohya), tmp_path / "c.safetensors", format="comfyui")
     assert read_header(out)[1] == header
     assert ll.load_adapter(out).metadata["family"] == "sdxl"
@@ -209,22 +237,31 @@ def test_the_family_is_recorded_where_the_names_do_not_say_it(tmp_path):
 
 
 def test_what_does_not_translate_is_refused_in_one_line(tmp_path, capsys):
-    """SD 1.x: kohya names its UNet the diffusers way, ComfyUI the LDM way (no map here); a text encoder: not in
-    the ComfyUI files read here. Each refusal names the file and the module, and writes nothing."""
-    comfy = lora_file(tmp_path / "c.safetensors", "comfyui", {"input_blocks.1.1.proj_in": (320, 320, 1)}, 5)
-    kohya = lora_file(tmp_path / "k.safetensors", "kohya", {"down_blocks.0.attentions.0.proj_in": (320, 320, 1)}, 6,
-                      header={"ss_base_model_version": "sd_v1"})
-    merged = tmp_path / "m.safetensors"
-    cases = [("merge", comfy, kohya, "-o", merged), ("merge", kohya, comfy, "-o", merged),
-             ("convert", comfy, "-o", tmp_path / "x.safetensors", "--format", "kohya")]
-    for argv, (name, module) in zip(cases, [(kohya, "lora_unet_down_blocks_0_attentions_0_proj_in"),
-                                            (comfy, "diffusion_model.input_blocks.1.1.proj_in"),
-                                            (comfy, "diffusion_model.input_blocks.1.1.proj_in")]):
+    """What still has no name in the other naming: ComfyUI names that do not say their family (a block SD 1.x and
+    SDXL share, no cross-attention, no header), another model's (SD3's joint blocks), a module the family's UNet
+    lacks (SD 1.x's lowest level has no attention), a text encoder (not in the ComfyUI files read here). Each
+    refusal names the file and the module, and writes nothing."""
+    shared = {"input_blocks.4.1.transformer_blocks.0.attn1.to_q": (640, 640, 1)}
+    unknown = lora_file(tmp_path / "u.safetensors", "comfyui", "sd1", 5, modules=shared)
+    sd3 = lora_file(tmp_path / "s.safetensors", "comfyui", "sd1", 5, modules={"joint_blocks.0.x_block.attn.qkv":
+                                                                             (96, 32, 1)})
+    kohya = lora_file(tmp_path / "k.safetensors", "kohya", "sd1", 6)
+    lowest = lora_file(tmp_path / "l.safetensors", "kohya", "sd1", 6, header={"ss_base_model_version": "sd_v1"},
+                       modules={"down_blocks.3.attentions.0.proj_in": (1280, 1280, 1)})
+    unsaid = "its adapter's module names do not say which base model it is for"
+    cases = [(("merge", kohya, unknown, "-o", tmp_path / "m.safetensors"), unknown, ATTN, unsaid),
+             (("convert", unknown, "-o", tmp_path / "x.safetensors", "--format", "kohya"), unknown, ATTN, unsaid),
+             (("convert", sd3, "-o", tmp_path / "x.safetensors", "--format", "diffusers"), sd3,
+              "diffusion_model.joint_blocks.0.x_block.attn.qkv", unsaid),
+             (("convert", lowest, "-o", tmp_path / "x.safetensors", "--format", "comfyui"), lowest,
+              "lora_unet_down_blocks_3_attentions_0_proj_in", "has no ComfyUI name; expected a Linear / Conv2d of the "
+              "SD 1.x UNet (LDM names)")]
+    for argv, name, module, message in cases:
         code, _, err = run_cli(capsys, *argv)
         assert code == 2 and "\n" not in err, argv
-        assert err.startswith(f"error: adapter '{name}', module '{module}': is an sd1 UNet module;") and "SDXL" in err
+        assert err.startswith(f"error: adapter '{name}', module '{module}': {message}"), err
     assert not any(tmp_path.glob("[mx].safetensors"))
-    text = lora_file(tmp_path / "t.safetensors", "kohya", MODULES["sdxl"], 7)
+    text = lora_file(tmp_path / "t.safetensors", "kohya", "sdxl", 7)
     tensors = {**load_file(text), **{f"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.{s}": torch.zeros(2, 2)
                                      for s in ("lora_down.weight", "lora_up.weight")}}
     save_file(tensors, text)
@@ -232,26 +269,33 @@ def test_what_does_not_translate_is_refused_in_one_line(tmp_path, capsys):
     assert code == 2 and "'lora_te1_text_model_encoder_layers_0_self_attn_q_proj': is no diffusion-model module" in err
 
 
-def test_sdxl_names_are_the_ldm_keys_of_diffusers_converter():
-    """Every Linear / Conv2d of the SDXL UNet: its ComfyUI name, as a checkpoint key, lands on the same diffusers
-    module in diffusers' own LDM -> diffusers converter (convert_ldm_unet_checkpoint)."""
+@pytest.mark.parametrize("fam", ["sd1", "sd2", "sdxl"])
+def test_unet_names_are_the_ldm_keys_of_diffusers_converter(fam):
+    """Every Linear / Conv2d of a UNet (tiny SD 1.x / 2.x ones built from configs, SDXL's): its ComfyUI name, as a
+    checkpoint key, lands on the same diffusers module in diffusers' own LDM -> diffusers converters, and its kohya
+    name is sd-scripts' (SDXL: ComfyUI's path with "_"; SD 1.x / 2.x: the diffusers path's)."""
     diffusers = pytest.importorskip("diffusers")
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-    from test_names import SDXL, layer_names
+    from test_names import SDXL, layer_names, ldm_converters_land, tiny_sd_unet
 
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        unet = diffusers.UNet2DConditionModel(**SDXL)
+    if fam == "sdxl":
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            unet = diffusers.UNet2DConditionModel(**SDXL)
+    else:
+        unet = tiny_sd_unet(fam)
     names = layer_names(unet, "unet.")
     dotted = ll.Adapter({n: LoraFactors(torch.full((1, 1), float(i)), torch.ones(1, 1)) for i, n in enumerate(names)},
-                        {"format": "diffusers", "family": "sdxl"})
+                        {"format": "diffusers", "family": fam})
     comfy = convert_adapter(dotted, "comfyui")
-    assert set(convert_adapter(comfy, "kohya")) == {"lora_unet_" + m[len("diffusion_model."):].replace(".", "_")
-                                                    for m in comfy}
-    checkpoint = {f"model.{m}.{p}": comfy[m].A[0] for m in comfy for p in ("weight", "bias")}
-    converted = convert_ldm_unet_checkpoint(checkpoint, dict(unet.config))
-    landed = {"unet." + k.removesuffix(".weight"): int(v.item()) for k, v in converted.items() if k.endswith(".weight")}
-    assert landed == {name: index for index, name in enumerate(names)}
+    kohya = set(convert_adapter(comfy, "kohya"))
+    assert kohya == set(convert_adapter(dotted, "kohya")) and len(kohya) == len(names)
+    if fam == "sdxl":
+        assert kohya == {"lora_unet_" + m[len("diffusion_model."):].replace(".", "_") for m in comfy}
+    else:
+        assert kohya == {"lora_unet_" + n[len("unet."):].replace(".", "_") for n in names}
+    paths = {int(comfy[m].A[0].item()): m.removeprefix("diffusion_model.") for m in comfy}
+    for convert, landed in ldm_converters_land([paths[i] for i in range(len(names))], dict(unet.config)).items():
+        assert ["unet." + (path or "") for path in landed] == names, convert
 
 
 def test_flux_names_are_the_bfl_keys_of_diffusers_converter(monkeypatch):

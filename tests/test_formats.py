@@ -16,7 +16,7 @@ from lora_lego.lowrank import relative_error
 from lora_lego.types import Adapter, LoraFactors
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-TO_Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+TO_Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"  # SD 1.x and SDXL both have it
 CONV = "down_blocks.0.resnets.0.conv1"
 
 

@@ -14,8 +14,9 @@ from test_format_diffusers import assert_fused, fuse_into_flux, fused_sd_weights
 from lora_lego.errors import AdapterFormatError
 from lora_lego.formats import diffusers as dfmt
 from lora_lego.formats.names import canonical_dotted, dotted_name, kohya_name, translate
+from lora_lego.formats.names_ldm import to_diffusers, to_ldm
 from lora_lego.types import Adapter, LazyModules, LoraFactors, conv_kind
-from sd_models import tiny_flux_transformer
+from sd_models import tiny_flux_transformer, tiny_sd_unet
 
 diffusers = pytest.importorskip("diffusers")
 SDXL = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -127,6 +128,45 @@ def test_flux_names_and_fusion_shapes():
 
 
 # ---------------------------------------------------------------- against diffusers' own converters
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_ldm_block_map_is_diffusers_ldm_converter(unets, family):
+    """Every Linear / Conv2d of a UNet of the layout (tiny SD 1.x / 2.x ones built from configs, the SDXL one):
+    its LDM path, as a checkpoint key, lands on that module in diffusers' convert_ldm_unet_checkpoint (today's, and
+    the older one in convert_from_ckpt, which also checks the upsampler's index: it finds it by position), and the
+    map takes it back. A norm has no LDM name here (LoRAs leave norms alone)."""
+    unet = unets[1] if family == "sdxl" else tiny_sd_unet(family)
+    names = [n.removeprefix("unet.") for n in layer_names(unet, "unet.")]
+    ldm = [to_ldm(name, family) for name in names]
+    assert None not in ldm and len(set(ldm)) == len(names) > 250
+    assert [to_diffusers(path, family) for path in ldm] == names
+    for convert, landed in ldm_converters_land(ldm, dict(unet.config)).items():
+        assert landed == names, convert
+    if family != "sdxl":
+        assert to_ldm("down_blocks.0.attentions.1.proj_in", family) == "input_blocks.2.1.proj_in"
+        assert to_ldm("up_blocks.0.upsamplers.0.conv", family) == "output_blocks.2.1.conv"  # no attention before it
+        assert to_ldm("up_blocks.3.attentions.2.proj_out", family) == "output_blocks.11.1.proj_out"
+        assert to_ldm("up_blocks.0.resnets.0.norm1", family) is None
+    assert to_ldm("down_blocks.0.attentions.0.proj_in", "sdxl") is None  # SDXL's first level has no attention
+
+
+def ldm_converters_land(paths: list[str], config: dict) -> dict[str, list[str | None]]:
+    """Where diffusers' LDM checkpoint converters (convert_ldm_unet_checkpoint: today's, and the older one in
+    convert_from_ckpt, which finds an upsampler by its position) put the module of each LDM UNet path: converter
+    name -> one diffusers path (or None) per path."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from diffusers.pipelines.stable_diffusion.convert_from_ckpt import convert_ldm_unet_checkpoint as older
+
+    found = {}
+    for convert in (convert_ldm_unet_checkpoint, older):
+        checkpoint = {f"model.diffusion_model.{path}.{p}": torch.tensor([float(i)]) for i, path in enumerate(paths)
+                      for p in ("weight", "bias")}
+        checkpoint.update({f"model.diffusion_model.out.0.{p}": torch.zeros(1) for p in ("weight", "bias")})  # a norm
+        landed = {int(v.item()): k.removesuffix(".weight") for k, v in convert(checkpoint, config).items()
+                  if k.endswith(".weight") and k != "conv_norm_out.weight"}
+        found[convert.__module__] = [landed.get(index) for index in range(len(paths))]
+    return found
+
 
 def test_sai_names_match_diffusers_sgm_map(unets):
     """Our SDXL kohya names, given to diffusers' kohya loader, land on the same diffusers modules."""

@@ -2,8 +2,8 @@
 ".lora_up.weight" on the module paths of ComfyUI's diffusion model (LDM / BFL names, e.g.
 "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q"), no ".alpha" (scale 1; one is honoured
 when present), fp16. Module names keep their prefix and are a naming of their own, translated to kohya and
-diffusers names for SDXL and Flux (names_comfyui.py). Full differences (".diff", ".diff_b", which LoraSave
-stores for 1-D parameters) are refused: they are not low-rank updates.
+diffusers names for SD 1.x / 2.x, SDXL and Flux (names_comfyui.py). Full differences (".diff", ".diff_b", which
+LoraSave stores for 1-D parameters) are refused: they are not low-rank updates.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ a diffusers component ("unet.down_blocks.0.resnets.0.conv1", "text_encoder.text_
 and kohya names ("lora_unet_down_blocks_0_resnets_0_conv1", "lora_te_text_model_encoder_layers_0_...").
 
 kohya names are the dotted paths with "_" for "."; going back needs the identifiers that contain "_"
-(`_JOINED`). Flux uses BFL names with fused q/k/v (names_flux.py), SDXL kohya files SAI block names
-(names_sdxl.py).
+(`_JOINED`). Flux uses BFL names with fused q/k/v (names_flux.py), SDXL kohya files SAI / LDM block names
+(names_ldm.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Callable, Mapping
 
 from ..errors import AdapterFormatError
 from ..types import Adapter, LazyModules, ModuleInfo
-from . import names_flux, names_sdxl
+from . import names_flux, names_ldm
 from .diffusers_config import split_component
 from .family import family_from_modules
 from .names_flux import Recipe
@@ -148,7 +148,7 @@ def kohya_name(module: str, family: str | None, where: Callable[[str], str]) -> 
     component, rest = split_component(canonical_dotted(module))
     if component == "unet":
         if family == "sdxl":
-            sai = names_sdxl.to_sai(rest)
+            sai = names_ldm.to_ldm(rest, family)
             if sai is None:
                 raise AdapterFormatError(f"{where(module)}: has no SAI (SDXL kohya) name; expected a UNet Linear / "
                                          "Conv2d of SDXL")
@@ -176,11 +176,11 @@ def dotted_name(module: str, family: str | None, where: Callable[[str], str]) ->
         raise AdapterFormatError(f"{where(module)}: lora_te3_ (T5) converts to diffusers names only for Flux "
                                  f"(text_encoder_2); this adapter's family is {family}")
     head = ""
-    if component == "unet" and names_sdxl.is_sai(body):
+    if component == "unet" and names_ldm.is_ldm(body):
         if family != "sdxl":
             raise AdapterFormatError(f"{where(module)}: SAI / LDM UNet names convert to diffusers names only for "
                                      f"SDXL (this adapter's family is {family}); merge and write it as kohya")
-        mapped = names_sdxl.from_sai(body)
+        mapped = names_ldm.from_ldm(body, family)
         if mapped is None:
             raise AdapterFormatError(f"{where(module)}: is no SDXL UNet Linear / Conv2d in SAI naming")
         head, body = mapped

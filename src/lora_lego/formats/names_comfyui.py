@@ -1,10 +1,11 @@
 """ComfyUI's module names ("diffusion_model.<path>" on its LDM UNet or BFL transformer) <-> kohya names, exactly.
 
 ComfyUI's LoRA loader (comfy/lora.py, model_lora_keys_unet) takes kohya's "lora_unet_<path with _>" for the module
-"diffusion_model.<path>". sd-scripts names SDXL UNets with those LDM (SAI) paths (names_sdxl.py) and Flux with
-the BFL ones (names_flux.py), so both families translate by a rename, and on to diffusers names through kohya's.
-SD 1.x / 2.x kohya and diffusers files name the UNet the diffusers way, and no LDM block map of those UNets is
-held here: their ComfyUI names, and those of other models, are refused rather than guessed.
+"diffusion_model.<path>". sd-scripts names SDXL UNets with those LDM (SAI) paths and Flux with the BFL ones
+(names_flux.py), so both translate by a rename. SD 1.x / 2.x kohya and diffusers files name the UNet the diffusers
+way ("lora_unet_down_blocks_0_attentions_0_proj_in"), so their ComfyUI names go through the LDM <-> diffusers block
+map of that UNet layout (names_ldm.py). Everything translates on to diffusers names through kohya's. Other models'
+names, and those that do not say their family, are refused rather than guessed.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ from typing import Callable, Mapping
 
 from ..errors import AdapterFormatError
 from ..types import Adapter, ModuleInfo
-from . import names_flux, names_sdxl
+from . import names_flux, names_ldm
 from .family import family_from_modules
-from .names import assemble, cross_attention_dim, dotted_name
+from .names import assemble, cross_attention_dim, dotted_name, kohya_name
 from .names_flux import Recipe
 
 PREFIX = "diffusion_model."
 KOHYA_PREFIX = "lora_unet_"
-TRANSLATED = ("sdxl", "flux")  # the families whose ComfyUI names have kohya names
+TRANSLATED = ("flux", *names_ldm.LAYOUTS)  # the families whose ComfyUI names have kohya names
+_MODELS = {"flux": "Flux transformer (BFL names)", "sdxl": "SDXL UNet (LDM names)",
+           "sd1": "SD 1.x UNet (LDM names)", "sd2": "SD 2.x UNet (LDM names)"}
 # BFL paths by their kohya body (names_flux's names), inside a double / single block and at the top
 _FLUX_INNER = {f"{side}_{part}_{leaf}": f"{side}_{part}.{leaf}" for side in ("img", "txt")
                for part, leaf in (("attn", "qkv"), ("attn", "proj"), ("mlp", "0"), ("mlp", "2"), ("mod", "lin"))}
@@ -62,7 +65,8 @@ def _ldm_family(paths: Mapping[str, ModuleInfo]) -> str | None:
 
 
 def to_kohya(adapter: Adapter) -> Adapter:
-    """The adapter with kohya names ("lora_unet_<path with _>"): SDXL and Flux only, else AdapterFormatError."""
+    """The adapter with the kohya names sd-scripts writes for its family (SDXL, Flux: "lora_unet_<path with _>";
+    SD 1.x / 2.x: the diffusers UNet path's), else AdapterFormatError."""
     fam = adapter.metadata.get("family") or family({m: adapter.info(m) for m in adapter})
     where = _where(adapter)
     if fam not in TRANSLATED:
@@ -70,16 +74,24 @@ def to_kohya(adapter: Adapter) -> Adapter:
     plan = {}
     for module in adapter:
         path = module.removeprefix(PREFIX)
-        target = KOHYA_PREFIX + path.replace(".", "_")
-        if not module.startswith(PREFIX) or _comfy_path(target, fam, where) != path:
+        target = _kohya_name(path, fam, where) if module.startswith(PREFIX) else None
+        if target is None or _comfy_path(target, fam, where) != path:
             raise AdapterFormatError(f"{where(module)}: has no kohya name; expected a Linear / Conv2d of the "
-                                     f"{'Flux transformer (BFL' if fam == 'flux' else 'SDXL UNet (LDM'} names)")
+                                     f"{_MODELS[fam]}")
         plan[target] = Recipe((module,), adapter.info(module), lambda factors: factors[0])
     return assemble(adapter, plan, "kohya", family=fam)
 
 
+def _kohya_name(path: str, fam: str, where: Callable[[str], str]) -> str | None:
+    """The kohya name of a ComfyUI path (its round trip is checked by the caller), None when it has none."""
+    if fam == "flux":
+        return KOHYA_PREFIX + path.replace(".", "_")
+    dotted = names_ldm.to_diffusers(path, fam)
+    return kohya_name("unet." + dotted, fam, where) if dotted is not None else None
+
+
 def from_kohya(adapter: Adapter) -> Adapter:
-    """The adapter with ComfyUI names, from SDXL or Flux kohya UNet names, else AdapterFormatError."""
+    """The adapter with ComfyUI names, from SD 1.x / 2.x, SDXL or Flux kohya UNet names, else AdapterFormatError."""
     infos = {module: adapter.info(module) for module in adapter}
     fam = adapter.metadata.get("family") or family_from_modules(infos, cross_attention_dim(infos))
     where = _where(adapter)
@@ -94,13 +106,13 @@ def from_kohya(adapter: Adapter) -> Adapter:
         path = _comfy_path(module, fam, where)
         if path is None:
             raise AdapterFormatError(f"{where(module)}: has no ComfyUI name; expected a Linear / Conv2d of the "
-                                     f"{'Flux transformer' if fam == 'flux' else 'SDXL UNet'}")
+                                     f"{_MODELS[fam]}")
         plan[PREFIX + path] = Recipe((module,), infos[module], lambda factors: factors[0])
     return assemble(adapter, plan, "comfyui", family=fam)
 
 
 def _comfy_path(module: str, fam: str, where: Callable[[str], str]) -> str | None:
-    """The LDM / BFL path of a kohya UNet name of an SDXL or Flux adapter, None when it names no such module."""
+    """The LDM / BFL path of a kohya UNet name of an adapter of `fam`, None when it names no such module."""
     body = module.removeprefix(KOHYA_PREFIX)
     if fam == "flux":
         match = re.fullmatch(r"(double_blocks|single_blocks)_(\d+)_(.+)", body)
@@ -112,20 +124,18 @@ def _comfy_path(module: str, fam: str, where: Callable[[str], str]) -> str | Non
         dotted = dotted_name(module, fam, where)
     except AdapterFormatError:
         return None
-    return names_sdxl.to_sai(dotted.removeprefix("unet.")) if dotted.startswith("unet.") else None
+    return names_ldm.to_ldm(dotted.removeprefix("unet."), fam) if dotted.startswith("unet.") else None
 
 
 def _why_not(fam: str | None) -> str:
     """Why a family's modules have no name in the other naming (the end of a one-line error)."""
-    if fam in ("sd1", "sd2"):
-        said = (f"is an {fam} UNet module; kohya and diffusers files name {fam} UNets the diffusers way, ComfyUI's "
-                "the LDM way, and no block map between the two is held here")
-    elif fam is None:
+    if fam is None:
         said = ("its adapter's module names do not say which base model it is for (no block or width that only SDXL "
                 "or only SD 1.x / 2.x has, or another model's names)")
     else:
         said = f"its adapter is for {fam}"
-    return f"{said}; expected SDXL (LDM UNet) or Flux (BFL) modules, whose ComfyUI and kohya / diffusers names match"
+    return (f"{said}; expected SD 1.x / 2.x or SDXL (LDM UNet) or Flux (BFL) modules, whose ComfyUI and kohya / "
+            "diffusers names translate")
 
 
 def _where(adapter: Adapter) -> Callable[[str], str]:
