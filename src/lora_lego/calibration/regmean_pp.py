@@ -273,7 +273,8 @@ class _Task:
         """The chunk's Grams on this task's inputs at block `index` (with its `own` deltas applied if given)."""
         resumed.start(index, self.states)
         with AppliedAdapter(model, own if own is not None and len(own) else None, "model"):
-            grams = dict(accumulate(model, targets, chunk, self.batches, _NoBar(), early_exit=True))
+            grams = dict(accumulate(model, targets, chunk, self.batches,
+                                    progress_of(None, "", "", enabled=False), early_exit=True))
         keys = {module: group[0] for group in chunk for module in group}
         return Calibration(grams, keys, self.tokens, {})
 
@@ -294,8 +295,3 @@ class _Task:
         finally:
             handle.remove()
         self.states = outputs
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
