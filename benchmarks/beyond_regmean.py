@@ -15,7 +15,7 @@ import json
 import statistics
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lora_lego as ll
@@ -38,6 +38,28 @@ SCORED = 16  # prompts per task on which scale=auto scores its candidates
 R, SUM = 4, 16
 
 
+@dataclass
+class Setup:
+    """The four-task benchmark of (j)-(m): its Bench, tasks, task LoRAs, base model and the modules they touch."""
+
+    bench: Bench
+    tasks: list
+    adapters: list
+    model: object
+    tokenizer: object
+    union: list[str]
+
+
+def setup(cache: str | None, out: str, *, seed: int = 0) -> Setup:
+    """The benchmark of CONFIG (training `seed`) on TASKS, 200 test rows each, results cached in `out`."""
+    root = cache_dir(cache)
+    tasks = [get_task(name) for name in TASKS]
+    bench = Bench(root, base_model_dir(root), tasks, Path(out), config=replace(CONFIG, seed=seed), n_test=200)
+    adapters = [bench.adapter(t) for t in tasks]
+    model, tokenizer = bench.model()
+    return Setup(bench, tasks, adapters, model, tokenizer, list(dict.fromkeys(m for a in adapters for m in a)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cache")
@@ -47,13 +69,10 @@ def main() -> None:
                         "trained on first use)")
     args = parser.parse_args()
     warnings.simplefilter("ignore", LoraLegoWarning)
-    root, out = cache_dir(args.cache), Path(args.out)
-    tasks = [get_task(name) for name in TASKS]
-    bench = Bench(root, base_model_dir(root), tasks, out, config=replace(CONFIG, seed=args.seed), n_test=200)
-    adapters = [bench.adapter(t) for t in tasks]
-    model, tokenizer = bench.model()
+    out = Path(args.out)
+    s = setup(args.cache, args.out, seed=args.seed)
+    bench, tasks, adapters, model, tokenizer, union = s.bench, s.tasks, s.adapters, s.model, s.tokenizer, s.union
     prompts = [[t.prompt(text) for text, _ in task_split(bench.cache, t, bench.n_test)[0][:N]] for t in tasks]
-    union = list(dict.fromkeys(m for a in adapters for m in a))
     length = CONFIG.max_length
     started = time.perf_counter()
     calibrations = [ll.calibrate(model, p, tokenizer=tokenizer, modules=union, max_length=length) for p in prompts]

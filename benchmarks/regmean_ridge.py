@@ -26,15 +26,12 @@ import time
 import warnings
 from pathlib import Path
 
-from beyond_regmean import CONFIG, TASKS, R, evaluate
+from beyond_regmean import CONFIG, TASKS, R, evaluate, setup
 
 import lora_lego as ll
-from lora_lego.bench.assets import base_model_dir, cache_dir
 from lora_lego.bench.calibrated import split_tasks
-from lora_lego.bench.experiments import Bench
 from lora_lego.bench.pool import task_split
 from lora_lego.bench.stats import paired_difference
-from lora_lego.bench.tasks import get_task
 from lora_lego.errors import LoraLegoWarning
 
 PROMPTS = (100, 16)
@@ -50,12 +47,9 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore", LoraLegoWarning)
     started = time.perf_counter()
-    root, out = cache_dir(args.cache), Path(args.out)
-    tasks = [get_task(name) for name in TASKS]
-    bench = Bench(root, base_model_dir(root), tasks, out, config=CONFIG, n_test=200)
-    adapters = [bench.adapter(t) for t in tasks]
-    model, tokenizer = bench.model()
-    union = list(dict.fromkeys(m for a in adapters for m in a))
+    out = Path(args.out)
+    s = setup(args.cache, args.out)
+    bench, tasks, adapters, model, tokenizer, union = s.bench, s.tasks, s.adapters, s.model, s.tokenizer, s.union
     train = [[t.prompt(text) for text, _ in task_split(bench.cache, t, bench.n_test)[0][:max(PROMPTS)]] for t in tasks]
     if args.heldout:
         return heldout(bench, tasks, adapters, model, tokenizer, union, train, out, started)

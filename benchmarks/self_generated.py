@@ -16,16 +16,12 @@ import statistics
 import time
 from pathlib import Path
 
+from beyond_regmean import CONFIG, TASKS, setup
+
 import lora_lego as ll
-from lora_lego.bench.assets import base_model_dir, cache_dir
 from lora_lego.bench.calibrated import split_tasks
-from lora_lego.bench.experiments import Bench
-from lora_lego.bench.lm import TrainConfig
-from lora_lego.bench.tasks import get_task
 from lora_lego.calibration.generate import STARTS, generate_prompts
 
-CONFIG = TrainConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"))
-TASKS = ["rt_polarity", "hyperbaton", "snips_intent", "fever"]
 REAL = "evidence regmean k=4 n=16"  # the evidence experiment's keys (cached in its evaluations.json)
 DATA_FREE = "evidence tsv k=4 x1.0"
 
@@ -41,12 +37,9 @@ def main() -> None:
     parser.add_argument("--activations", choices=["base", "adapted"], default="base",
                         help="each task's Grams through the base model, or with its adapter applied")
     args = parser.parse_args()
-    root, out = cache_dir(args.cache), Path(args.out)
-    tasks = [get_task(name) for name in TASKS]
-    bench = Bench(root, base_model_dir(root), tasks, out, config=CONFIG, n_test=200)
-    adapters = [bench.adapter(t) for t in tasks]
-    model, tokenizer = bench.model()
-    union = list(dict.fromkeys(m for a in adapters for m in a))
+    out = Path(args.out)
+    s = setup(args.cache, args.out)
+    bench, tasks, adapters, model, tokenizer, union = s.bench, s.tasks, s.adapters, s.model, s.tokenizer, s.union
     rows = {"tsv k=4 (data-free)": bench.evaluate(DATA_FREE, _missing, tasks),
             "regmean k=4, 16 real prompts": bench.evaluate(REAL, _missing, tasks)}
     for start in args.starts:
